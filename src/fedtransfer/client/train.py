@@ -1,0 +1,128 @@
+"""The one local training loop: minibatch SGD or Adam on exactly the plan's trainable keys."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedtransfer.data.federated import TensorData
+from fedtransfer.errors import ConfigError
+from fedtransfer.types import Metrics
+
+if TYPE_CHECKING:
+    from fedtransfer.transfer.policy import ParamPlan
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """How a client trains: optimiser, learning rate, and either ``epochs`` or ``steps``.
+
+    Set exactly one of ``epochs`` and ``steps``. A step is one minibatch of ``batch_size``.
+    """
+
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    epochs: int | None = 1
+    steps: int | None = None
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if (self.epochs is None) == (self.steps is None):
+            raise ConfigError(
+                f"LocalTraining: set exactly one of epochs and steps, got epochs={self.epochs}, "
+                f"steps={self.steps}; hint: steps: null to train by epochs"
+            )
+        count = self.epochs if self.epochs is not None else self.steps
+        if count is None or count < 1:
+            raise ConfigError(f"LocalTraining: epochs/steps must be >= 1, got {count}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"LocalTraining: optimizer {self.optimizer!r} not in ['sgd', 'adam']")
+        if not self.lr > 0:
+            raise ConfigError(f"LocalTraining: lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"LocalTraining: batch_size must be >= 1, got {self.batch_size}")
+
+    def num_steps(self, num_examples: int) -> int:
+        """Minibatch steps this spec takes on ``num_examples`` examples."""
+        if self.steps is not None:
+            return self.steps
+        assert self.epochs is not None  # invariant from __post_init__
+        return self.epochs * math.ceil(num_examples / self.batch_size)
+
+
+def _optimizer(spec: LocalTraining, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(
+        params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+    )
+
+
+def set_modes(model: nn.Module, plan: ParamPlan) -> None:
+    """Train mode, except modules whose state is entirely frozen: those run in eval mode, so
+    a frozen pre-trained trunk keeps its BatchNorm statistics and computes the same features."""
+    model.train()
+    keys_by_prefix: dict[str, list[str]] = {}
+    for key in plan.labels:
+        parts = key.split(".")
+        for i in range(len(parts)):
+            keys_by_prefix.setdefault(".".join(parts[:i]), []).append(key)
+    for path, module in model.named_modules():
+        keys = keys_by_prefix.get(path, [])
+        if keys and all(plan.labels[k] == "frozen" for k in keys):
+            module.eval()
+
+
+def local_train(
+    model: nn.Module,
+    plan: ParamPlan,
+    data: TensorData,
+    spec: LocalTraining,
+    *,
+    generator: torch.Generator,
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+) -> Metrics:
+    """Train ``model`` in place on ``data``; only ``plan.trainable`` parameters get gradients.
+
+    Minibatch order (and ``augment``'s draws, if given) come from ``generator`` alone. Returns the mean training loss, the number
+    of steps and of examples seen.
+    """
+    named = dict(model.named_parameters())
+    for name, p in named.items():
+        p.requires_grad_(name in plan.trainable)
+    trainable = [p for name, p in named.items() if name in plan.trainable]
+    total_steps = spec.num_steps(len(data)) if len(data) else 0
+    if not trainable or total_steps == 0:
+        return {"loss": float("nan"), "steps": 0.0, "examples": 0.0}
+    opt = _optimizer(spec, trainable)
+    set_modes(model, plan)
+    n, bs = len(data), min(spec.batch_size, len(data))
+    loss_sum, seen, step = 0.0, 0, 0
+    while step < total_steps:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, bs):
+            if step == total_steps:
+                break
+            idx = order[start : start + bs]
+            x, y = data.x[idx], data.y[idx]
+            if augment is not None:
+                x = augment(x, generator)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            step += 1
+    model.eval()
+    for p in named.values():
+        p.requires_grad_(True)
+    return {"loss": loss_sum / max(seen, 1), "steps": float(step), "examples": float(seen)}

@@ -1,0 +1,109 @@
+"""One client's work in a round: verify start ▸ decode ▸ train ▸ delta ▸ encode. No orchestration."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fedtransfer import tree
+from fedtransfer.client.train import local_train
+from fedtransfer.codecs import Float32, Payload
+from fedtransfer.data.federated import TensorData
+from fedtransfer.errors import CompatibilityError, FedTransferError
+from fedtransfer.recipe import Recipe
+from fedtransfer.seeding import derive_seed, generator
+from fedtransfer.types import Metrics, Params
+
+log = logging.getLogger(__name__)
+
+SETUP_CODEC = Float32()
+"""The set-up distribution of the starting weights is always lossless."""
+
+
+@dataclass(frozen=True, eq=False)
+class ClientTask:
+    """What the server sends a client for one round (plus, in simulation, its private data).
+
+    ``setup`` carries the encoded starting weights on a client's first participation; the
+    client checks their hash against ``start_sha256`` before it trains.
+    """
+
+    client: str
+    round: int
+    seed: int
+    downlink: bytes
+    data: TensorData
+    local: dict[str, Tensor]
+    frozen: Params
+    start_sha256: str
+    setup: bytes | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class ClientResult:
+    """What comes back: the encoded update, its weight, the client's new local keys, metrics."""
+
+    client: str
+    uplink: bytes
+    num_examples: int
+    local: dict[str, Tensor] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=dict)
+
+
+def verify_start(setup: bytes, expected_sha256: str, *, client: str) -> dict[str, Tensor]:
+    """Decode the set-up payload and check its weights' hash (the identical-start guarantee)."""
+    weights = SETUP_CODEC.decode(Payload.from_bytes(setup))
+    seen = tree.sha256(weights)
+    if seen != expected_sha256:
+        raise CompatibilityError(
+            f"client {client}: starting weights sha256 {seen[:16]}… does not match the run's "
+            f"recorded {expected_sha256[:16]}…; every client must start from the same checkpoint "
+            "(was the pre-trained checkpoint replaced after the run began?)"
+        )
+    return weights
+
+
+def client_update(task: ClientTask, *, recipe: Recipe, model_fn: Callable[[], nn.Module]) -> ClientResult:
+    """Run one client's round; errors name the client and the round."""
+    try:
+        return _client_update(task, recipe, model_fn)
+    except FedTransferError as exc:
+        log.error("client %s, round %d failed: %s", task.client, task.round, exc)
+        raise
+    except Exception as exc:
+        raise RuntimeError(f"client {task.client}, round {task.round} failed: {exc!r}") from exc
+
+
+def _client_update(task: ClientTask, recipe: Recipe, model_fn: Callable[[], nn.Module]) -> ClientResult:
+    model = recipe.policy.prepare(model_fn())
+    plan = recipe.policy.plan(model)
+    frozen: Params = task.frozen
+    local = task.local
+    if task.setup is not None:
+        start = verify_start(task.setup, task.start_sha256, client=task.client)
+        frozen = tree.select(start, plan.frozen)
+        local = local or tree.clone(tree.select(start, plan.local))
+    global_shared = recipe.downlink.decode(Payload.from_bytes(task.downlink))
+    weights = {**frozen, **local, **global_shared}
+    model.load_state_dict(weights, strict=True)
+    with torch.random.fork_rng(devices=[]):
+        # user models may draw from the global RNG (dropout): seed it per (run, round, client)
+        torch.manual_seed(derive_seed(task.seed, "torch", task.round, task.client))
+        metrics = local_train(
+            model, plan, task.data, recipe.local,
+            generator=generator(task.seed, "batches", task.round, task.client),
+        )
+    trained = model.state_dict()
+    delta = tree.sub(tree.select(trained, plan.shared), global_shared)
+    payload = recipe.uplink.encode(delta)
+    return ClientResult(
+        client=task.client,
+        uplink=payload.to_bytes(),
+        num_examples=len(task.data),
+        local=tree.clone(tree.select(trained, plan.local)),
+        metrics=metrics,
+    )

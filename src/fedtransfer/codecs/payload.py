@@ -1,0 +1,196 @@
+"""The wire format: a validated, self-describing byte string of named tensors.
+
+Layout (all integers little-endian)::
+
+    b"FTPL" | version: u8 | header_len: u32 | header: UTF-8 JSON | data: raw tensor bytes
+
+The header is ``{"codec": str, "meta": {...}, "tensors": [{"key", "dtype", "shape", "meta"}, ...]}``
+and the data section is the tensors' bytes, in header order, with nothing before, between or
+after them. :meth:`Payload.from_bytes` checks every one of these facts and raises
+:class:`~fedtransfer.errors.PayloadError` naming the first that fails. ``nbytes`` is the exact
+length of :meth:`Payload.to_bytes`; byte counts are never estimated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedtransfer.errors import PayloadError
+
+MAGIC = b"FTPL"
+VERSION = 1
+_PREFIX = struct.Struct("<4sBI")
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a torch dtype; unsupported dtypes are an error."""
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise PayloadError(
+            f"dtype {dtype} cannot travel; supported dtypes are {sorted(DTYPES)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One named tensor of a payload, with codec-specific metadata (scales, indices' shape …)."""
+
+    key: str
+    tensor: Tensor
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class Payload:
+    """What a codec produces: named tensors plus the codec name and metadata.
+
+    >>> import torch
+    >>> p = Payload("float32", (Entry("w", torch.ones(2)),))
+    >>> q = Payload.from_bytes(p.to_bytes())
+    >>> q.codec, q.entries[0].key, q.nbytes == len(p.to_bytes())
+    ('float32', 'w', True)
+    """
+
+    codec: str
+    entries: tuple[Entry, ...]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def _bytes(self) -> bytes:
+        header = {
+            "codec": self.codec,
+            "meta": dict(self.meta),
+            "tensors": [
+                {
+                    "key": e.key,
+                    "dtype": dtype_name(e.tensor.dtype),
+                    "shape": list(e.tensor.shape),
+                    "meta": dict(e.meta),
+                }
+                for e in self.entries
+            ],
+        }
+        head = json.dumps(header, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+        parts = [_PREFIX.pack(MAGIC, VERSION, len(head)), head]
+        for e in self.entries:
+            t = e.tensor.detach().contiguous().cpu()
+            if t.numel():
+                parts.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return b"".join(parts)
+
+    def to_bytes(self) -> bytes:
+        """The payload as it travels."""
+        return self._bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Exactly ``len(self.to_bytes())``."""
+        return len(self._bytes)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Payload:
+        """Parse and validate bytes produced by :meth:`to_bytes`."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if len(data) < _PREFIX.size:
+            raise PayloadError(
+                f"payload truncated: {len(data)} bytes, shorter than the {_PREFIX.size}-byte prefix"
+            )
+        magic, version, head_len = _PREFIX.unpack_from(data)
+        if magic != MAGIC:
+            raise PayloadError(f"not a fedtransfer payload: magic {magic!r}, expected {MAGIC!r}")
+        if version != VERSION:
+            raise PayloadError(f"payload version {version} unsupported; this build reads {VERSION}")
+        if head_len > min(MAX_HEADER_BYTES, len(data) - _PREFIX.size):
+            raise PayloadError(
+                f"payload header length {head_len} exceeds the {len(data) - _PREFIX.size} bytes "
+                "that follow the prefix (truncated or garbled payload)"
+            )
+        start = _PREFIX.size + head_len
+        header = _parse_header(data[_PREFIX.size : start])
+        entries, offset = [], start
+        for spec in header["tensors"]:
+            dtype = DTYPES[spec["dtype"]]
+            count = math.prod(spec["shape"])
+            size = count * torch.empty((), dtype=dtype).element_size()
+            if offset + size > len(data):
+                raise PayloadError(
+                    f"payload truncated: tensor {spec['key']!r} needs {size} bytes at offset "
+                    f"{offset}, only {len(data) - offset} remain"
+                )
+            raw = np.frombuffer(data, dtype=np.uint8, count=size, offset=offset).copy()
+            tensor = torch.from_numpy(raw).view(dtype).reshape(spec["shape"])
+            entries.append(Entry(spec["key"], tensor, spec["meta"]))
+            offset += size
+        if offset != len(data):
+            raise PayloadError(
+                f"payload has {len(data) - offset} unexpected trailing bytes after the last "
+                "tensor (oversized or garbled payload)"
+            )
+        return cls(header["codec"], tuple(entries), header["meta"])
+
+
+def _parse_header(raw: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadError(f"payload header is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict) or set(header) != {"codec", "meta", "tensors"}:
+        raise PayloadError(
+            "payload header must be an object with exactly the keys codec, meta, tensors; "
+            f"got {sorted(header) if isinstance(header, dict) else type(header).__name__}"
+        )
+    if not isinstance(header["codec"], str) or not isinstance(header["meta"], dict):
+        raise PayloadError("payload header: 'codec' must be a string and 'meta' an object")
+    if not isinstance(header["tensors"], list):
+        raise PayloadError("payload header: 'tensors' must be a list")
+    seen: set[str] = set()
+    for i, spec in enumerate(header["tensors"]):
+        _check_spec(i, spec, seen)
+    return header
+
+
+def _check_spec(i: int, spec: Any, seen: set[str]) -> None:
+    if not isinstance(spec, dict) or set(spec) != {"key", "dtype", "shape", "meta"}:
+        raise PayloadError(f"payload header: tensor #{i} must have keys key, dtype, shape, meta")
+    key, dtype, shape = spec["key"], spec["dtype"], spec["shape"]
+    if not isinstance(key, str) or not key:
+        raise PayloadError(f"payload header: tensor #{i} key must be a non-empty string, got {key!r}")
+    if key in seen:
+        raise PayloadError(f"payload header: duplicate tensor key {key!r}")
+    seen.add(key)
+    if dtype not in DTYPES:
+        raise PayloadError(f"payload header: tensor {key!r} dtype {dtype!r} not in {sorted(DTYPES)}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise PayloadError(f"payload header: tensor {key!r} shape {shape!r} is not a list of ints >= 0")
+    if not isinstance(spec["meta"], dict):
+        raise PayloadError(f"payload header: tensor {key!r} meta must be an object")

@@ -1,0 +1,30 @@
+"""Federated data: sources, seeded partitioners, per-client splits and partition statistics."""
+
+from fedtransfer.data.federated import FederatedDataset, TensorData, federate
+from fedtransfer.data.partition import (
+    IID,
+    Dirichlet,
+    QuantitySkew,
+    Shards,
+    dirichlet,
+    iid,
+    quantity_skew,
+    shards,
+)
+from fedtransfer.data.sources import Digits, MNIST5k
+
+__all__ = [
+    "IID",
+    "Digits",
+    "Dirichlet",
+    "FederatedDataset",
+    "MNIST5k",
+    "QuantitySkew",
+    "Shards",
+    "TensorData",
+    "dirichlet",
+    "federate",
+    "iid",
+    "quantity_skew",
+    "shards",
+]

@@ -1,0 +1,56 @@
+"""A small CNN with BatchNorm for 28×28 single-channel images (MNIST, resized digits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+class SmallCNN(nn.Module):
+    """Two conv–BN–ReLU–pool blocks, a hidden linear layer and a linear head.
+
+    The head is ``classifier``, the last block, so ``HeadOnly()`` trains only it.
+
+    >>> import torch
+    >>> SmallCNN()(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(self, num_classes: int = 10, *, channels: tuple[int, int] = (16, 32), hidden: int = 64):
+        super().__init__()
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(c2 * 7 * 7, hidden), nn.ReLU())
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.embed(self.features(x)))
+
+
+@dataclass(frozen=True)
+class CNN:
+    """Model factory for :class:`SmallCNN`, as it appears in configs (``kind: cnn``)."""
+
+    num_classes: int = 10
+    channels: tuple[int, int] = (16, 32)
+    hidden: int = 64
+
+    def __call__(self) -> nn.Module:
+        return SmallCNN(self.num_classes, channels=self.channels, hidden=self.hidden)
+
+    def init(self, seed: int) -> nn.Module:
+        """A freshly initialised model whose weights depend only on ``seed``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self()

@@ -1,0 +1,71 @@
+"""``Recipe``: the frozen bundle of everything that defines a federated algorithm."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from fedtransfer.client.train import LocalTraining
+from fedtransfer.codecs import Codec, Float32
+from fedtransfer.errors import CompatibilityError, ConfigError
+from fedtransfer.server.aggregate import Aggregator
+from fedtransfer.server.optimizers import UpdateTransform
+from fedtransfer.server.pipeline import ServerPipeline
+from fedtransfer.server.sample import Sampler, Uniform
+from fedtransfer.transfer.policies import Full
+from fedtransfer.transfer.policy import ParamPlan, TransferPolicy
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Policy, local training, codecs, server pipeline and sampler: one federated algorithm.
+
+    >>> from fedtransfer.models import CNN
+    >>> plan = Recipe().validate(CNN()(), population=[str(i) for i in range(10)])
+    >>> len(plan.shared) > 0
+    True
+    """
+
+    policy: TransferPolicy = field(default_factory=Full)
+    local: LocalTraining = field(default_factory=LocalTraining)
+    downlink: Codec = field(default_factory=Float32)
+    uplink: Codec = field(default_factory=Float32)
+    pipeline: ServerPipeline = field(default_factory=ServerPipeline)
+    sampler: Sampler = field(default_factory=Uniform)
+
+    def plan(self, model: nn.Module) -> ParamPlan:
+        """The policy's plan for ``model`` after the policy's structural edits."""
+        return self.policy.plan(self.policy.prepare(model))
+
+    def validate(self, model: nn.Module, *, population: Sequence[str] | None = None) -> ParamPlan:
+        """Fail fast, before round 1, on components that cannot work together; return the plan."""
+        checks: list[tuple[str, object, type]] = [
+            ("policy", self.policy, TransferPolicy),
+            ("local", self.local, LocalTraining),
+            ("downlink", self.downlink, Codec),
+            ("uplink", self.uplink, Codec),
+            ("pipeline.aggregator", self.pipeline.aggregator, Aggregator),
+            ("sampler", self.sampler, Sampler),
+        ]
+        checks += [(f"pipeline.post[{i}]", t, UpdateTransform) for i, t in enumerate(self.pipeline.post)]
+        checks += [
+            (f"pipeline.per_client[{i}]", t, UpdateTransform)
+            for i, t in enumerate(self.pipeline.per_client)
+        ]
+        for name, value, proto in checks:
+            if not isinstance(value, proto):
+                raise ConfigError(
+                    f"Recipe.{name}: {type(value).__name__} is not a {proto.__name__}; "
+                    "hint: build components from fedtransfer's classes or implement the protocol"
+                )
+        plan = self.plan(model)
+        if not plan.shared:
+            raise CompatibilityError(
+                f"Recipe: policy {self.policy!r} shares no keys, so nothing would be federated; "
+                "hint: use a policy that labels at least one key 'shared'"
+            )
+        if population is not None:
+            self.sampler.sample(list(population), seed=0, round=1)
+        return plan

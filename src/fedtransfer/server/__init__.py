@@ -1,0 +1,27 @@
+"""The server side: update validation, aggregators, server optimisers and their pipeline."""
+
+from fedtransfer.server.aggregate import Aggregator, Mean
+from fedtransfer.server.optimizers import (
+    ServerAdagrad,
+    ServerAdam,
+    ServerSGD,
+    ServerYogi,
+    UpdateTransform,
+)
+from fedtransfer.server.pipeline import ServerPipeline
+from fedtransfer.server.sample import AllClients, Uniform
+from fedtransfer.server.validate import validate_update
+
+__all__ = [
+    "Aggregator",
+    "AllClients",
+    "Mean",
+    "ServerAdagrad",
+    "ServerAdam",
+    "ServerPipeline",
+    "ServerSGD",
+    "ServerYogi",
+    "Uniform",
+    "UpdateTransform",
+    "validate_update",
+]

@@ -1,0 +1,76 @@
+"""``ServerPipeline``: per-client transforms ▸ aggregator ▸ post transforms (server optimiser)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from fedtransfer.server.aggregate import Aggregator, Mean
+from fedtransfer.server.optimizers import ServerSGD, UpdateTransform
+from fedtransfer.types import Metrics, Out, Params, State
+
+
+def _sub(state: State, prefix: str) -> State:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _put(into: State, prefix: str, part: State) -> None:
+    into.update({prefix + k: v for k, v in part.items()})
+
+
+@dataclass(frozen=True)
+class ServerPipeline:
+    """Everything the server does with the valid updates of a round.
+
+    ``apply`` returns the *step* to add to the global shared parameters. State is one flat
+    mapping, namespaced ``per_client/<i>/``, ``aggregator/`` and ``post/<i>/``.
+
+    >>> import torch
+    >>> pipe = ServerPipeline()
+    >>> params = {"w": torch.zeros(1)}
+    >>> pipe.apply([{"w": torch.ones(1)}], [1.0], params=params, state=pipe.init(params)).value
+    {'w': tensor([1.])}
+    """
+
+    per_client: tuple[UpdateTransform, ...] = ()
+    aggregator: Aggregator = field(default_factory=Mean)
+    post: tuple[UpdateTransform, ...] = field(default_factory=lambda: (ServerSGD(),))
+
+    def init(self, params: Params) -> State:
+        state: State = {}
+        for i, t in enumerate(self.per_client):
+            _put(state, f"per_client/{i}/", t.init(params))
+        _put(state, "aggregator/", self.aggregator.init(params))
+        for i, t in enumerate(self.post):
+            _put(state, f"post/{i}/", t.init(params))
+        return state
+
+    def apply(
+        self,
+        updates: Sequence[Params],
+        weights: Sequence[float],
+        *,
+        params: Params,
+        state: State,
+    ) -> Out[dict[str, Tensor]]:
+        new_state: State = {}
+        metrics: Metrics = {}
+        prepared: list[Params] = list(updates)
+        for i, t in enumerate(self.per_client):
+            sub = _sub(state, f"per_client/{i}/")
+            for j, u in enumerate(prepared):
+                out = t.apply(u, sub, params)
+                prepared[j], sub = out.value, out.state
+            _put(new_state, f"per_client/{i}/", sub)
+        agg = self.aggregator.aggregate(prepared, weights, _sub(state, "aggregator/"))
+        _put(new_state, "aggregator/", agg.state)
+        metrics.update({f"aggregator/{k}": v for k, v in agg.metrics.items()})
+        step: dict[str, Tensor] = agg.value
+        for i, t in enumerate(self.post):
+            out = t.apply(step, _sub(state, f"post/{i}/"), params)
+            step = out.value
+            _put(new_state, f"post/{i}/", out.state)
+            metrics.update({f"post/{i}/{k}": v for k, v in out.metrics.items()})
+        return Out(step, new_state, metrics)

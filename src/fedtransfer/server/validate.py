@@ -1,0 +1,50 @@
+"""Validation of decoded client updates: a bad update is rejected, never aggregated."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from fedtransfer.errors import UpdateRejected
+
+
+def validate_update(
+    update: Mapping[str, Tensor],
+    weight: object,
+    *,
+    reference: Mapping[str, Tensor],
+    client: str,
+    round: int,
+) -> None:
+    """Raise :class:`UpdateRejected` unless ``update`` matches ``reference`` (the global shared
+    parameters) key for key in shape and dtype, holds only finite values, and ``weight`` is a
+    finite number > 0."""
+
+    def reject(why: str) -> UpdateRejected:
+        return UpdateRejected(f"client {client}, round {round}: {why}", client=client, round=round)
+
+    if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(float(weight)):
+        raise reject(f"weight {weight!r} is not a finite number; expected the client's example count")
+    if not float(weight) > 0:
+        raise reject(f"weight {weight!r} must be > 0")
+    missing = [k for k in reference if k not in update]
+    extra = [k for k in update if k not in reference]
+    if missing or extra:
+        raise reject(
+            f"keys differ from the plan's shared keys: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for key, ref in reference.items():
+        value = update[key]
+        if not isinstance(value, Tensor):
+            raise reject(f"{key!r} is a {type(value).__name__}, expected a tensor")
+        if value.shape != ref.shape:
+            raise reject(f"{key!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        if value.dtype != ref.dtype:
+            raise reject(f"{key!r} has dtype {value.dtype}, expected {ref.dtype}")
+        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise reject(f"{key!r} holds {bad} non-finite values (NaN or inf)")

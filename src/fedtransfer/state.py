@@ -1,0 +1,166 @@
+"""``ServerState`` as plain data, saved atomically as safetensors (tensors) + JSON (everything else)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from fedtransfer import tree
+from fedtransfer.errors import CompatibilityError
+from fedtransfer.recipe import Recipe
+from fedtransfer.types import State
+
+FORMAT = "fedtransfer-state/1"
+
+
+@dataclass(frozen=True, eq=False)
+class ServerState:
+    """Everything the server knows after ``round`` rounds.
+
+    * ``params`` — the global shared parameters θ;
+    * ``start`` — the full starting weights (set-up distribution), hash ``start_sha256``;
+    * ``server`` — the server pipeline's state;
+    * ``clients`` — each client's local keys, as the client keeps them (simulation);
+    * ``set_up`` — clients that have received and verified the starting weights;
+    * ``ledger`` — cumulative bytes: ``setup``, ``up``, ``down``;
+    * ``history`` — one metrics record per finished round (JSON-safe).
+    """
+
+    round: int
+    seed: int
+    params: dict[str, Tensor]
+    start: dict[str, Tensor]
+    start_sha256: str
+    server: State = field(default_factory=dict)
+    clients: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    set_up: tuple[str, ...] = ()
+    ledger: dict[str, int] = field(default_factory=lambda: {"setup": 0, "up": 0, "down": 0})
+    history: tuple[dict[str, Any], ...] = ()
+
+    @classmethod
+    def initial(cls, recipe: Recipe, model: nn.Module, *, seed: int) -> ServerState:
+        """Round-0 state from a (pre-trained or freshly initialised) model."""
+        prepared = recipe.policy.prepare(model)
+        plan = recipe.policy.plan(prepared)
+        start = tree.clone(prepared.state_dict())
+        params = tree.clone(tree.select(start, plan.shared))
+        return cls(
+            round=0,
+            seed=seed,
+            params=params,
+            start=start,
+            start_sha256=tree.sha256(start),
+            server=recipe.pipeline.init(params),
+        )
+
+    def weights_for(self, client: str | None = None) -> dict[str, Tensor]:
+        """Full state dict of the model a client holds: start ▸ global shared ▸ its local keys."""
+        out = dict(self.start)
+        out.update(self.params)
+        if client is not None:
+            out.update(self.clients.get(client, {}))
+        return out
+
+    def replace(self, **changes: Any) -> ServerState:
+        return replace(self, **changes)
+
+
+def _flatten(state: ServerState) -> dict[str, Tensor]:
+    flat: dict[str, Tensor] = {}
+    for prefix, part in (("params/", state.params), ("start/", state.start), ("server/", state.server)):
+        flat.update({prefix + k: v.detach().clone() for k, v in part.items()})
+    for i, client in enumerate(sorted(state.clients)):
+        flat.update({f"clients/{i}/{k}": v.detach().clone() for k, v in state.clients[client].items()})
+    return flat
+
+
+def save_state(state: ServerState, directory: str | os.PathLike[str], *, keep: int = 2) -> Path:
+    """Write ``state`` to ``directory/round-NNNNN/`` atomically and point ``latest.json`` at it.
+
+    A crash at any moment leaves ``latest.json`` naming a complete checkpoint. Older round
+    folders beyond the last ``keep`` are removed.
+    """
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"round-{state.round:05d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_flatten(state), str(tmp / "state.safetensors"))
+    meta = {
+        "format": FORMAT,
+        "round": state.round,
+        "seed": state.seed,
+        "start_sha256": state.start_sha256,
+        "clients": sorted(state.clients),
+        "set_up": list(state.set_up),
+        "ledger": state.ledger,
+        "history": list(state.history),
+    }
+    _write_json(tmp / "state.json", meta)
+    _fsync_dir(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_json(root / "latest.json", {"checkpoint": final.name, "round": state.round})
+    rounds = sorted(p for p in root.glob("round-*") if p.is_dir())
+    for old in rounds[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(directory: str | os.PathLike[str]) -> ServerState:
+    """Load the checkpoint ``latest.json`` points at, verifying the starting weights' hash."""
+    root = Path(directory)
+    pointer = root / "latest.json"
+    if not pointer.exists():
+        raise CompatibilityError(f"no checkpoint in {root}: latest.json is missing")
+    folder = root / json.loads(pointer.read_text())["checkpoint"]
+    meta = json.loads((folder / "state.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise CompatibilityError(f"{folder}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    flat = load_file(str(folder / "state.safetensors"))
+
+    def part(prefix: str) -> dict[str, Tensor]:
+        return {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+
+    clients = {c: part(f"clients/{i}/") for i, c in enumerate(meta["clients"])}
+    start = part("start/")
+    if tree.sha256(start) != meta["start_sha256"]:
+        raise CompatibilityError(
+            f"{folder}: starting weights hash {tree.sha256(start)[:12]}… does not match the "
+            f"recorded {meta['start_sha256'][:12]}…; the checkpoint is corrupted"
+        )
+    return ServerState(
+        round=int(meta["round"]),
+        seed=int(meta["seed"]),
+        params=part("params/"),
+        start=start,
+        start_sha256=meta["start_sha256"],
+        server=part("server/"),
+        clients=clients,
+        set_up=tuple(meta["set_up"]),
+        ledger={k: int(v) for k, v in meta["ledger"].items()},
+        history=tuple(meta["history"]),
+    )
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True, allow_nan=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    for item in path.iterdir():
+        with open(item, "rb") as f:
+            os.fsync(f.fileno())
