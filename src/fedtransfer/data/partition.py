@@ -7,6 +7,7 @@ The dataclasses (``IID``, ``Dirichlet``, ``Shards``, ``QuantitySkew``) are their
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -154,3 +155,11 @@ class QuantitySkew:
 
     def __call__(self, labels: np.ndarray, num_clients: int, seed: int) -> Parts:
         return quantity_skew(labels, num_clients, alpha=self.alpha, seed=seed, min_size=self.min_size)
+
+
+@runtime_checkable
+class Partitioner(Protocol):
+    """Labels, client count and seed to per-client index arrays."""
+
+    def __call__(self, labels: np.ndarray, num_clients: int, seed: int) -> Parts:
+        """The partition."""

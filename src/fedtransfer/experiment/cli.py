@@ -1,0 +1,174 @@
+"""The ``fedtransfer`` command: run, pretrain, resume, report, partition. Only the CLI prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedtransfer.errors import FedTransferError
+from fedtransfer.experiment import config as cfgio
+from fedtransfer.experiment import report
+from fedtransfer.experiment.run import (
+    build_population,
+    load_config,
+    new_run_dir,
+    resume,
+    run_experiment,
+)
+from fedtransfer.transfer.pretrain import pretrain
+
+console = Console()
+
+
+class _Display:
+    """Progress bar, one line per round, and the closing table."""
+
+    def __init__(self, total_rounds: int) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = self.progress.add_task("rounds", total=total_rounds)
+
+    def __call__(self, event: str, payload: dict[str, Any]) -> None:
+        if event == "pretrain_start":
+            console.print(f"pre-training on {payload['source'].get('kind')} …")
+        elif event == "pretrain_done":
+            m = payload.get("metrics", {})
+            acc = m.get("holdout_accuracy")
+            extra = f", source hold-out accuracy {acc:.3f}" if acc is not None else ""
+            console.print(f"pre-trained checkpoint sha256 {payload['sha256'][:16]}…{extra}")
+        elif event == "arm_start":
+            self.progress.update(self.task, description=payload["arm"])
+            self.progress.advance(self.task, payload["round"])
+        elif event == "round":
+            r = payload
+            console.print(
+                f"[cyan]{r['arm']:>16}[/] round {r['round']:>3}  acc {r['accuracy']:.3f}  "
+                f"p10 {r['client_accuracy_p10']:.3f}  ↑{r['bytes_up'] / 1e6:.3f} MB  "
+                f"↓{r['bytes_down'] / 1e6:.3f} MB  {r['seconds']:.2f} s"
+                + (f"  [red]{r['rejected']} rejected[/]" if r["rejected"] else "")
+            )
+            self.progress.advance(self.task)
+        elif event == "done":
+            self.progress.stop()
+            print_summary(payload["summary"])
+            console.print(f"report: [bold]{payload['report']}[/]")
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title=f"{summary['name']}: target accuracy {summary['target_accuracy']:.0%}")
+    for h in report.HEADERS:
+        table.add_column(h, justify="left" if h == "arm" else "right")
+    for row in report.summary_rows(summary):
+        table.add_row(*row)
+    console.print(table)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedtransfer", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("config", nargs="?", help="YAML experiment file (default: built-in demo)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set rounds=40 --set arms.scratch.local.lr=0.1")
+
+    run = sub.add_parser("run", help="run an experiment (default: the offline demo)")
+    with_config(run)
+    run.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
+    run.add_argument("--name", help="run directory name (default: the config's name)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+    pre = sub.add_parser("pretrain", help="pre-train centrally and write a checkpoint")
+    with_config(pre)
+    pre.add_argument("--out", default="checkpoints/pretrained", help="checkpoint folder")
+
+    res = sub.add_parser("resume", help="continue a stopped run")
+    res.add_argument("run_dir")
+
+    rep = sub.add_parser("report", help="rewrite report.md and plots of a finished run")
+    rep.add_argument("run_dir")
+
+    part = sub.add_parser("partition", help="show how the config partitions its data")
+    with_config(part)
+    part.add_argument("--out", help="also write partition.json and a histogram plot here")
+
+    show = sub.add_parser("config", help="print the resolved configuration as YAML")
+    with_config(show)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except FedTransferError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted; finished rounds are checkpointed: `fedtransfer resume RUN_DIR`")
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        cfg = load_config(args.config, args.set)
+        run_dir = new_run_dir(args.runs_dir, args.name or cfg.name, overwrite=args.overwrite)
+        console.print(f"run directory: [bold]{run_dir}[/]")
+        run_experiment(cfg, run_dir, observer=_Display(cfg.rounds * len(cfg.arms)))
+    elif args.command == "resume":
+        cfg = load_config(Path(args.run_dir) / "config.resolved.yaml")
+        resume(args.run_dir, observer=_Display(cfg.rounds * len(cfg.arms)))
+    elif args.command == "report":
+        path = report.write_report(args.run_dir)
+        print_summary(json.loads((Path(args.run_dir) / "summary.json").read_text()))
+        console.print(f"report: [bold]{path}[/]")
+    elif args.command == "pretrain":
+        cfg = load_config(args.config, args.set)
+        pc = cfg.pretrain
+        from fedtransfer.seeding import derive_seed
+
+        ck = pretrain(
+            cfg.model.init(derive_seed(cfg.seed, "pretrain-init")), pc.source.load(),
+            spec=pc.spec(), seed=cfg.seed, out_dir=args.out,
+            provenance={"source": cfgio.dump(pc.source), "model": cfgio.dump(cfg.model)},
+        )
+        console.print_json(json.dumps({"checkpoint": str(ck.path), "sha256": ck.sha256,
+                                       "metrics": ck.provenance["metrics"]}))
+        console.print(f"use it with: --set pretrain.checkpoint={ck.path} --set pretrain.sha256={ck.sha256}")
+    elif args.command == "partition":
+        cfg = load_config(args.config, args.set)
+        stats = report.partition_stats(build_population(cfg))
+        table = Table(title=f"{cfg.data.partition!r} over {cfg.data.num_clients} clients")
+        for h in ("client", "train", "test", "classes", "label histogram"):
+            table.add_column(h)
+        for row in zip(stats["clients"], stats["train_sizes"], stats["test_sizes"],
+                       stats["classes_per_client"], stats["label_counts"], strict=True):
+            table.add_row(row[0], str(row[1]), str(row[2]), str(row[3]), " ".join(map(str, row[4])))
+        console.print(table)
+        if args.out:
+            path = report.write_partition(stats, args.out)
+            console.print(f"partition report: [bold]{path}[/]")
+    elif args.command == "config":
+        console.print(cfgio.to_yaml(load_config(args.config, args.set)), highlight=False, markup=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

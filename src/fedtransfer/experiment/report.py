@@ -1,0 +1,281 @@
+"""The run report: per-arm summary, ``report.md`` and its PNG plots, from files on disk only."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedtransfer.data.federated import FederatedDataset
+
+if TYPE_CHECKING:
+    from fedtransfer.experiment.schema import ExperimentConfig
+
+MB = 1e6
+
+
+def partition_stats(population: FederatedDataset) -> dict[str, Any]:
+    """Per-client sizes and label histograms, JSON-ready."""
+    counts = population.label_counts("train")
+    return {
+        "clients": list(population.clients),
+        "num_classes": population.num_classes,
+        "train_sizes": [len(population.train[c]) for c in population.clients],
+        "test_sizes": [len(population.test[c]) for c in population.clients],
+        "label_counts": counts.tolist(),
+        "classes_per_client": [int((row > 0).sum()) for row in counts],
+    }
+
+
+def arm_summary(history: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """Final accuracy, rounds / bytes to ``target``, total bytes and set-up bytes of one arm."""
+    last = history[-1]
+    reached = next((r for r in history if r["accuracy"] >= target), None)
+    rounds = [r for r in history if r["round"] > 0]
+    return {
+        "final_accuracy": last["accuracy"],
+        "final_loss": last["loss"],
+        "client_accuracy_mean": last["client_accuracy_mean"],
+        "client_accuracy_p10": last["client_accuracy_p10"],
+        "start_accuracy": history[0]["accuracy"],
+        "best_accuracy": max(r["accuracy"] for r in history),
+        "rounds": last["round"],
+        "rounds_to_target": reached["round"] if reached else None,
+        "bytes_to_target": reached["cum_bytes"] if reached else None,
+        "total_bytes": last["cum_bytes"],
+        "bytes_per_round": (last["cum_bytes"] / len(rounds)) if rounds else 0.0,
+        "setup_bytes": last["cum_setup_bytes"],
+        "rejected_updates": sum(r["rejected"] for r in history),
+        "seconds": sum(r["seconds"] + r.get("eval_seconds", 0.0) for r in history),
+    }
+
+
+def summarize(
+    config: ExperimentConfig, histories: dict[str, list[dict[str, Any]]], *, pretrained: Any = None
+) -> dict[str, Any]:
+    """``summary.json``: per-arm figures plus each arm compared with the first scratch arm."""
+    target = config.target_accuracy
+    arms = {name: arm_summary(h, target) for name, h in histories.items()}
+    baseline = next((a.name for a in config.arms if a.init == "scratch"), None)
+    if baseline is not None:
+        base = arms[baseline]
+        for summary in arms.values():
+            summary["vs_baseline"] = _compare(summary, base)
+    return {
+        "name": config.name,
+        "seed": config.seed,
+        "target_accuracy": target,
+        "baseline": baseline,
+        "pretrained": pretrained,
+        "arms": arms,
+    }
+
+
+def _compare(arm: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return (a / b) if a is not None and b else None
+
+    return {
+        "accuracy_gain": arm["final_accuracy"] - base["final_accuracy"],
+        "rounds_to_target_ratio": ratio(arm["rounds_to_target"], base["rounds_to_target"]),
+        "bytes_per_round_reduction": ratio(base["bytes_per_round"], arm["bytes_per_round"]),
+        "bytes_to_target_reduction": ratio(base["bytes_to_target"], arm["bytes_to_target"]),
+    }
+
+
+def fmt_mb(nbytes: float | None) -> str:
+    return "not reached" if nbytes is None else f"{nbytes / MB:,.2f}"
+
+
+def summary_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """Rows of the final table (shared by the CLI and ``report.md``)."""
+    rows = []
+    for name, s in summary["arms"].items():
+        rows.append(
+            [
+                name,
+                f"{s['final_accuracy']:.3f}",
+                str(s["rounds_to_target"]) if s["rounds_to_target"] is not None else "not reached",
+                fmt_mb(s["bytes_to_target"]),
+                fmt_mb(s["total_bytes"]),
+                f"{s['bytes_per_round'] / MB:,.3f}",
+                fmt_mb(s["setup_bytes"]),
+                f"{s['client_accuracy_p10']:.3f}",
+            ]
+        )
+    return rows
+
+
+HEADERS = [
+    "arm",
+    "final acc",
+    "rounds to target",
+    "MB to target",
+    "total MB",
+    "MB / round",
+    "set-up MB",
+    "p10 client acc",
+]
+
+
+def write_report(run_dir: str | os.PathLike[str]) -> Path:
+    """(Re)write ``report.md`` and ``plots/*.png`` from ``metrics.jsonl``, ``summary.json``,
+    ``partition.json``."""
+    root = Path(run_dir)
+    summary = json.loads((root / "summary.json").read_text())
+    records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines() if line]
+    partition = json.loads((root / "partition.json").read_text())
+    plots = _plots(root, records, partition, summary)
+    text = _markdown(summary, partition, plots)
+    (root / "report.md").write_text(text)
+    return root / "report.md"
+
+
+def _markdown(summary: dict[str, Any], partition: dict[str, Any], plots: dict[str, str]) -> str:
+    target = summary["target_accuracy"]
+    lines = [
+        f"# Run `{summary['name']}` (seed {summary['seed']})",
+        "",
+        f"Target accuracy: {target:.0%}. Bytes are exact wire bytes (uplink + downlink) of the rounds; "
+        "the one-time set-up distribution of the starting model is counted apart (set-up MB).",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "|".join("---" for _ in HEADERS) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(summary)]
+    base = summary.get("baseline")
+    if base:
+        lines += ["", f"## Against `{base}`", ""]
+        for name, s in summary["arms"].items():
+            if name == base:
+                continue
+            v = s["vs_baseline"]
+            bits = [f"accuracy {v['accuracy_gain']:+.3f}"]
+            if v["rounds_to_target_ratio"] is not None:
+                bits.append(f"rounds to target ×{v['rounds_to_target_ratio']:.2f}")
+            elif s["rounds_to_target"] is not None:
+                bits.append(f"reaches the target in {s['rounds_to_target']} rounds; `{base}` never does")
+            if v["bytes_per_round_reduction"]:
+                bits.append(f"{v['bytes_per_round_reduction']:.1f}× fewer bytes per round")
+            lines.append(f"- `{name}`: " + ", ".join(bits))
+    pre = summary.get("pretrained")
+    if pre:
+        lines += ["", f"Pre-trained checkpoint `{pre['path']}`, sha256 `{pre['sha256']}`."]
+        if pre.get("metrics"):
+            m = pre["metrics"]
+            lines.append(
+                "Source hold-out accuracy "
+                f"{m.get('holdout_accuracy', float('nan')):.3f} after {int(m.get('steps', 0))} steps."
+            )
+    lines += ["", "## Plots", ""]
+    lines += [f"![{title}]({path})" for title, path in plots.items()]
+    lines += ["", "## Partition", "", *partition_markdown(partition)]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(
+    root: Path, records: list[dict[str, Any]], partition: dict[str, Any], summary: dict[str, Any]
+) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = root / "plots"
+    out.mkdir(exist_ok=True)
+    arms = list(summary["arms"])
+    by_arm = {a: [r for r in records if r["arm"] == a] for a in arms}
+    target = summary["target_accuracy"]
+    made: dict[str, str] = {}
+
+    for key, xlabel, fname, title in (
+        ("round", "round", "accuracy_vs_round.png", "Accuracy vs round"),
+        ("cum_bytes", "cumulative MB (up + down, rounds only)", "accuracy_vs_mb.png", "Accuracy vs MB"),
+    ):
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for a in arms:
+            xs = [r[key] / (MB if key == "cum_bytes" else 1) for r in by_arm[a]]
+            ax.plot(xs, [r["accuracy"] for r in by_arm[a]], marker=".", label=a)
+        ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label=f"target {target:.0%}")
+        if key == "cum_bytes":
+            ax.set_xscale("symlog", linthresh=0.1)
+        ax.set(xlabel=xlabel, ylabel="test accuracy", title=title, ylim=(0, 1))
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        made[title] = f"plots/{fname}"
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    finals = [list(by_arm[a][-1]["client_accuracy"].values()) for a in arms]
+    ax.boxplot(finals, showmeans=True)
+    ax.set_xticks(range(1, len(arms) + 1), arms)
+    ax.set(ylabel="client test accuracy", title="Per-client accuracy, final round", ylim=(0, 1.02))
+    fig.tight_layout()
+    fig.savefig(out / "client_accuracy.png", dpi=110)
+    plt.close(fig)
+    made["Per-client accuracy, final round"] = "plots/client_accuracy.png"
+
+    plot_partition(partition, out / "partition.png")
+    made["Partition label histogram"] = "plots/partition.png"
+    return made
+
+
+def plot_partition(partition: dict[str, Any], path: Path) -> None:
+    """Stacked bar chart: each client's training examples by label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.array(partition["label_counts"])
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    bottom = np.zeros(len(counts))
+    cmap = plt.get_cmap("tab10" if counts.shape[1] <= 10 else "tab20")
+    for k in range(counts.shape[1]):
+        ax.bar(range(len(counts)), counts[:, k], bottom=bottom, color=cmap(k % cmap.N), label=str(k))
+        bottom += counts[:, k]
+    ax.set_xticks(range(len(counts)), partition["clients"], rotation=90, fontsize=7)
+    ax.set(xlabel="client", ylabel="train examples", title="Partition: label histogram per client")
+    ax.legend(title="label", fontsize=7, ncol=2, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def partition_markdown(partition: dict[str, Any]) -> list[str]:
+    """Summary line and per-client table of a partition."""
+    sizes = partition["train_sizes"]
+    lines = [
+        f"{len(sizes)} clients; train sizes min {min(sizes)}, median {int(np.median(sizes))}, "
+        f"max {max(sizes)}; classes per client mean "
+        f"{np.mean(partition['classes_per_client']):.1f}.",
+        "",
+        "| client | train | test | classes | label histogram |",
+        "|---|---|---|---|---|",
+    ]
+    rows = zip(
+        partition["clients"],
+        sizes,
+        partition["test_sizes"],
+        partition["classes_per_client"],
+        partition["label_counts"],
+        strict=True,
+    )
+    for c, n, t, k, row in rows:
+        lines.append(f"| {c} | {n} | {t} | {k} | {' '.join(str(x) for x in row)} |")
+    return lines
+
+
+def write_partition(partition: dict[str, Any], directory: str | os.PathLike[str]) -> Path:
+    """``partition.json``, ``partition.png`` and ``partition.md`` in ``directory``."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "partition.json").write_text(json.dumps(partition))
+    plot_partition(partition, root / "partition.png")
+    text = ["# Partition", "", *partition_markdown(partition), "", "![partition](partition.png)"]
+    (root / "partition.md").write_text("\n".join(text) + "\n")
+    return root / "partition.md"

@@ -1,0 +1,274 @@
+"""Running an experiment: pre-train once, run every arm round by round, checkpoint, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from torch import nn
+
+from fedtransfer import tree
+from fedtransfer.client.evaluate import evaluate
+from fedtransfer.data.federated import FederatedDataset, federate
+from fedtransfer.errors import CompatibilityError, ConfigError
+from fedtransfer.experiment import config as cfgio
+from fedtransfer.experiment import report
+from fedtransfer.experiment.schema import ArmConfig, ExperimentConfig
+from fedtransfer.recipe import Recipe
+from fedtransfer.round import RoundReport, run_round
+from fedtransfer.runtime.serial import Runtime, SerialRuntime
+from fedtransfer.seeding import derive_seed
+from fedtransfer.state import ServerState, load_state, save_state
+from fedtransfer.transfer.pretrain import pretrain
+from fedtransfer.transfer.pretrained import Checkpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+Observer = Callable[[str, dict[str, Any]], None]
+CONFIG_FILE, METRICS_FILE, MANIFEST = "config.resolved.yaml", "metrics.jsonl", "run.json"
+
+
+def _quiet(event: str, payload: dict[str, Any]) -> None:
+    log.debug("%s %s", event, payload)
+
+
+def build_population(config: ExperimentConfig) -> FederatedDataset:
+    """The federated data of ``config``: deterministic in the config's seed."""
+    data = config.data.source.load()
+    labels = data.y.numpy()
+    parts = config.data.partition(labels, config.data.num_clients, config.seed)
+    num_classes = int(labels.max()) + 1
+    return federate(
+        data, parts, num_classes=num_classes, test_fraction=config.data.test_fraction, seed=config.seed
+    )
+
+
+def new_run_dir(runs_dir: str | os.PathLike[str], name: str, *, overwrite: bool = False) -> Path:
+    """``runs_dir/name``, or ``name-2``, ``name-3`` … when it already holds a run."""
+    root = Path(runs_dir)
+    candidate, i = root / name, 1
+    while candidate.exists() and any(candidate.iterdir()) and not overwrite:
+        i += 1
+        candidate = root / f"{name}-{i}"
+    if overwrite and candidate.exists():
+        import shutil
+
+        shutil.rmtree(candidate)
+    candidate.mkdir(parents=True, exist_ok=True)
+    return candidate
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    run_dir: str | os.PathLike[str],
+    *,
+    observer: Observer | None = None,
+    runtime: Runtime | None = None,
+) -> dict[str, Any]:
+    """Run (or continue) ``config`` in ``run_dir``; returns the summary also written to disk."""
+    root = Path(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    written = root / CONFIG_FILE
+    text = cfgio.to_yaml(config)
+    if written.exists() and written.read_text() != text:
+        raise ConfigError(
+            f"{written} holds a different configuration; use `fedtransfer resume {root}` to "
+            "continue that run, or a new run directory"
+        )
+    _atomic_write(written, text)
+    return _Run(config, root, observer or _quiet, runtime or SerialRuntime()).execute()
+
+
+def resume(run_dir: str | os.PathLike[str], *, observer: Observer | None = None) -> dict[str, Any]:
+    """Continue a stopped run from its last checkpoint; results equal an uninterrupted run."""
+    root = Path(run_dir)
+    path = root / CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(f"{root} is not a run directory: {CONFIG_FILE} is missing")
+    config = cfgio.parse(ExperimentConfig, yaml.safe_load(path.read_text()))
+    return run_experiment(config, root, observer=observer)
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """The default experiment, or the YAML file at ``path``, with ``--set`` overrides applied."""
+    if path is None:
+        data = cfgio.dump(ExperimentConfig())
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist; hint: see configs/default.yaml")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
+    return cfgio.parse(ExperimentConfig, cfgio.apply_overrides(data, list(overrides)))
+
+
+@dataclass
+class _Run:
+    config: ExperimentConfig
+    root: Path
+    observer: Observer
+    runtime: Runtime
+
+    def execute(self) -> dict[str, Any]:
+        cfg = self.config
+        population = build_population(cfg)
+        _atomic_write(self.root / "partition.json", json.dumps(report.partition_stats(population)))
+        manifest = self._manifest()
+        checkpoint = self._pretrained(manifest) if cfg.needs_pretrained else None
+        histories: dict[str, list[dict[str, Any]]] = {}
+        for arm in cfg.arms:
+            histories[arm.name] = self._run_arm(arm, population, checkpoint, histories)
+        summary = report.summarize(cfg, histories, pretrained=manifest.get("pretrained"))
+        _atomic_write(self.root / "summary.json", json.dumps(summary, indent=1))
+        report.write_report(self.root)
+        manifest["status"] = "complete"
+        _atomic_write(self.root / MANIFEST, json.dumps(manifest, indent=1))
+        self.observer("done", {"summary": summary, "report": str(self.root / "report.md")})
+        return summary
+
+    def _manifest(self) -> dict[str, Any]:
+        path = self.root / MANIFEST
+        if path.exists():
+            manifest: dict[str, Any] = json.loads(path.read_text())
+        else:
+            manifest = {"format": "fedtransfer-run/1", "name": self.config.name, "created": time.time()}
+        manifest["status"] = "running"
+        _atomic_write(path, json.dumps(manifest, indent=1))
+        return manifest
+
+    def _pretrained(self, manifest: dict[str, Any]) -> Checkpoint:
+        pc, cfg = self.config.pretrain, self.config
+        recorded = manifest.get("pretrained", {}).get("sha256")
+        if pc.checkpoint is not None:
+            ck = load_checkpoint(pc.checkpoint, expected_sha256=pc.sha256 or recorded)
+        elif (self.root / "pretrain" / "model.json").exists():
+            ck = load_checkpoint(self.root / "pretrain", expected_sha256=recorded)
+        else:
+            self.observer("pretrain_start", {"source": cfgio.dump(pc.source)})
+            ck = pretrain(
+                cfg.model.init(derive_seed(cfg.seed, "pretrain-init")),
+                pc.source.load(),
+                spec=pc.spec(),
+                seed=cfg.seed,
+                out_dir=self.root / "pretrain",
+                provenance={"source": cfgio.dump(pc.source), "model": cfgio.dump(cfg.model)},
+            )
+        manifest["pretrained"] = {
+            "path": str(ck.path if pc.checkpoint is not None else "pretrain"),
+            "sha256": ck.sha256,
+            "metrics": ck.provenance.get("metrics", {}),
+        }
+        _atomic_write(self.root / MANIFEST, json.dumps(manifest, indent=1))
+        self.observer("pretrain_done", manifest["pretrained"])
+        return ck
+
+    def _start_model(self, arm: ArmConfig, checkpoint: Checkpoint | None) -> nn.Module:
+        model = self.config.model.init(derive_seed(self.config.seed, "scratch-init"))
+        if arm.init == "pretrained":
+            assert checkpoint is not None  # needs_pretrained guarantees it
+            try:
+                model.load_state_dict(checkpoint.weights, strict=True)
+            except RuntimeError as exc:
+                raise CompatibilityError(
+                    f"arm {arm.name}: checkpoint {checkpoint.path} does not fit the model "
+                    f"{self.config.model!r}: {exc}"
+                ) from None
+        return model
+
+    def _run_arm(
+        self,
+        arm: ArmConfig,
+        population: FederatedDataset,
+        checkpoint: Checkpoint | None,
+        done: dict[str, list[dict[str, Any]]],
+    ) -> list[dict[str, Any]]:
+        cfg, model_fn = self.config, self.config.model
+        recipe = cfg.recipe(arm)
+        recipe.validate(model_fn(), population=population.clients)
+        folder = self.root / "checkpoints" / arm.name
+        if (folder / "latest.json").exists():
+            state = load_state(folder)
+        else:
+            state = ServerState.initial(recipe, self._start_model(arm, checkpoint), seed=cfg.seed)
+            record = self._evaluate(arm, recipe, state, population, None)
+            state = state.replace(history=(record,))
+            save_state(state, folder)
+        self._write_metrics({**done, arm.name: list(state.history)})
+        self.observer("arm_start", {"arm": arm.name, "round": state.round, "rounds": cfg.rounds})
+        while state.round < cfg.rounds:
+            state, rr = run_round(recipe, state, population, self.runtime, model_fn=model_fn)
+            record = self._evaluate(arm, recipe, state, population, rr)
+            state = state.replace(history=(*state.history, record))
+            save_state(state, folder)
+            with open(self.root / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.observer("round", record)
+        return list(state.history)
+
+    def _evaluate(
+        self,
+        arm: ArmConfig,
+        recipe: Recipe,
+        state: ServerState,
+        population: FederatedDataset,
+        rr: RoundReport | None,
+    ) -> dict[str, Any]:
+        began = time.perf_counter()
+        model = recipe.policy.prepare(self.config.model())
+        personal = bool(recipe.plan(model).local)
+        model.load_state_dict(state.weights_for(), strict=True)
+        per_client, correct, loss_sum, total = {}, 0.0, 0.0, 0
+        for c in population.clients:
+            if personal:
+                model.load_state_dict(state.weights_for(c), strict=True)
+            ev = evaluate(model, population.test[c])
+            per_client[c] = ev["accuracy"]
+            n = len(population.test[c])
+            correct, loss_sum, total = correct + ev["accuracy"] * n, loss_sum + ev["loss"] * n, total + n
+        accs = np.array(list(per_client.values()))
+        record: dict[str, Any] = {
+            "arm": arm.name,
+            "round": state.round,
+            "accuracy": round(correct) / total,
+            "loss": loss_sum / total,
+            "client_accuracy_mean": float(accs.mean()),
+            "client_accuracy_p10": float(np.percentile(accs, 10)),
+            "bytes_up": rr.bytes_up if rr else 0,
+            "bytes_down": rr.bytes_down if rr else 0,
+            "round_bytes": (rr.bytes_up + rr.bytes_down) if rr else 0,
+            "cum_bytes": state.ledger["up"] + state.ledger["down"],
+            "setup_bytes": rr.setup_bytes if rr else 0,
+            "cum_setup_bytes": state.ledger["setup"],
+            "accepted": len(rr.accepted) if rr else 0,
+            "rejected": len(rr.rejected) if rr else 0,
+            "rejected_clients": [c for c, _ in rr.rejected] if rr else [],
+            "train_loss": rr.metrics.get("client/train_loss") if rr else None,
+            "seconds": rr.seconds if rr else 0.0,
+            "eval_seconds": time.perf_counter() - began,
+            "client_accuracy": per_client,
+        }
+        return record
+
+    def _write_metrics(self, histories: dict[str, list[dict[str, Any]]]) -> None:
+        lines = [json.dumps(r) for arm in self.config.arms for r in histories.get(arm.name, [])]
+        _atomic_write(self.root / METRICS_FILE, "".join(line + "\n" for line in lines))
+
+
+def final_weights(run_dir: str | os.PathLike[str], arm: str) -> dict[str, Any]:
+    """The global weights an arm's latest checkpoint holds (for tests and exports)."""
+    return tree.clone(load_state(Path(run_dir) / "checkpoints" / arm).weights_for())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,132 @@
+"""The experiment schema: dataclasses whose defaults *are* the default offline experiment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fedtransfer.client.train import LocalTraining
+from fedtransfer.codecs import Codec, Float32
+from fedtransfer.data.augment import RandomAffine
+from fedtransfer.data.partition import Dirichlet, Partitioner
+from fedtransfer.data.sources import Digits, MNIST5k, Source
+from fedtransfer.errors import ConfigError
+from fedtransfer.models import CNN, ModelFactory
+from fedtransfer.recipe import Recipe
+from fedtransfer.server.aggregate import Aggregator, Mean
+from fedtransfer.server.optimizers import ServerSGD, UpdateTransform
+from fedtransfer.server.pipeline import ServerPipeline
+from fedtransfer.server.sample import Sampler, Uniform
+from fedtransfer.transfer.policies import Full, HeadOnly
+from fedtransfer.transfer.policy import TransferPolicy
+from fedtransfer.transfer.pretrain import PretrainSpec
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The federated (target) data: a source split over ``num_clients`` by a partitioner."""
+
+    source: Source = field(default_factory=Digits)
+    partition: Partitioner = field(default_factory=lambda: Dirichlet(alpha=0.3))
+    num_clients: int = 20
+    test_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Where pre-trained weights come from: train on ``source`` here, or load ``checkpoint``."""
+
+    source: Source = field(default_factory=MNIST5k)
+    checkpoint: str | None = None
+    sha256: str | None = None
+    training: LocalTraining = field(
+        default_factory=lambda: LocalTraining(optimizer="adam", lr=1e-3, epochs=10, batch_size=64)
+    )
+    augment: RandomAffine | None = field(default_factory=RandomAffine)
+    holdout_fraction: float = 0.1
+
+    def spec(self) -> PretrainSpec:
+        return PretrainSpec(self.training, self.augment, self.holdout_fraction)
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    """One arm: a name, where it starts, and what it changes from the experiment's recipe."""
+
+    name: str
+    init: Literal["scratch", "pretrained"] = "pretrained"
+    policy: TransferPolicy | None = None
+    local: LocalTraining | None = None
+    sampler: Sampler | None = None
+    aggregator: Aggregator | None = None
+    server_optimizer: UpdateTransform | None = None
+    downlink: Codec | None = None
+    uplink: Codec | None = None
+
+
+def _default_arms() -> tuple[ArmConfig, ...]:
+    return (
+        ArmConfig(name="scratch", init="scratch", policy=Full()),
+        ArmConfig(name="pretrained-full", init="pretrained", policy=Full()),
+        ArmConfig(name="pretrained-head", init="pretrained", policy=HeadOnly()),
+    )
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment; ``ExperimentConfig()`` is the default offline demo.
+
+    Pre-train the CNN on MNIST 5k, federate on sklearn digits over 20 clients (Dirichlet
+    α = 0.3, 10 per round) and compare arms scratch / pretrained-full / pretrained-head.
+    """
+
+    name: str = "default"
+    seed: int = 0
+    rounds: int = 30
+    target_accuracy: float = 0.9
+    model: ModelFactory = field(default_factory=CNN)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    policy: TransferPolicy = field(default_factory=Full)
+    local: LocalTraining = field(
+        default_factory=lambda: LocalTraining(lr=0.01, momentum=0.9, epochs=1, batch_size=32)
+    )
+    sampler: Sampler = field(default_factory=lambda: Uniform(clients_per_round=10))
+    aggregator: Aggregator = field(default_factory=Mean)
+    server_optimizer: UpdateTransform = field(default_factory=ServerSGD)
+    downlink: Codec = field(default_factory=Float32)
+    uplink: Codec = field(default_factory=Float32)
+    arms: tuple[ArmConfig, ...] = field(default_factory=_default_arms)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"rounds: must be >= 1, got {self.rounds}")
+        if not 0.0 < self.target_accuracy <= 1.0:
+            raise ConfigError(f"target_accuracy: must be in (0, 1], got {self.target_accuracy}")
+        if not self.arms:
+            raise ConfigError("arms: at least one arm is needed, e.g. [{name: scratch, init: scratch}]")
+        names = [a.name for a in self.arms]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"arms: names must be unique; repeated {dupes}")
+        for i, arm in enumerate(self.arms):
+            if not arm.name or "/" in arm.name or arm.name.startswith("."):
+                raise ConfigError(f"arms.{i}.name: {arm.name!r} must be non-empty, without '/' or a leading '.'")
+
+    def recipe(self, arm: ArmConfig) -> Recipe:
+        """The recipe of ``arm``: the experiment's components with the arm's overrides."""
+        return Recipe(
+            policy=arm.policy or self.policy,
+            local=arm.local or self.local,
+            downlink=arm.downlink or self.downlink,
+            uplink=arm.uplink or self.uplink,
+            pipeline=ServerPipeline(
+                aggregator=arm.aggregator or self.aggregator,
+                post=(arm.server_optimizer or self.server_optimizer,),
+            ),
+            sampler=arm.sampler or self.sampler,
+        )
+
+    @property
+    def needs_pretrained(self) -> bool:
+        return any(a.init == "pretrained" for a in self.arms)
