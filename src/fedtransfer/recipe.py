@@ -49,7 +49,9 @@ class Recipe:
             ("pipeline.aggregator", self.pipeline.aggregator, Aggregator),
             ("sampler", self.sampler, Sampler),
         ]
-        checks += [(f"pipeline.post[{i}]", t, UpdateTransform) for i, t in enumerate(self.pipeline.post)]
+        checks += [
+            (f"pipeline.post[{i}]", t, UpdateTransform) for i, t in enumerate(self.pipeline.post)
+        ]
         checks += [
             (f"pipeline.per_client[{i}]", t, UpdateTransform)
             for i, t in enumerate(self.pipeline.per_client)

@@ -65,8 +65,14 @@ def run_round(
     frozen = tree.select(state.start, plan.frozen)
     tasks = [
         ClientTask(
-            client=c, round=r, seed=state.seed, downlink=downlink, data=population.train[c],
-            local=state.clients.get(c, {}), frozen=frozen, start_sha256=state.start_sha256,
+            client=c,
+            round=r,
+            seed=state.seed,
+            downlink=downlink,
+            data=population.train[c],
+            local=state.clients.get(c, {}),
+            frozen=frozen,
+            start_sha256=state.start_sha256,
             setup=setup if c in new_clients else None,
         )
         for c in cohort
@@ -101,13 +107,23 @@ def run_round(
         "down": state.ledger["down"] + bytes_down,
     }
     new_state = state.replace(
-        round=r, params=params, server=server, clients=clients,
-        set_up=tuple(sorted({*state.set_up, *new_clients})), ledger=ledger,
+        round=r,
+        params=params,
+        server=server,
+        clients=clients,
+        set_up=tuple(sorted({*state.set_up, *new_clients})),
+        ledger=ledger,
     )
     report = RoundReport(
-        round=r, cohort=tuple(cohort), accepted=tuple(accepted), rejected=tuple(rejected),
-        bytes_up=bytes_up, bytes_down=bytes_down, setup_bytes=setup_bytes,
-        seconds=time.perf_counter() - began, metrics=metrics,
+        round=r,
+        cohort=tuple(cohort),
+        accepted=tuple(accepted),
+        rejected=tuple(rejected),
+        bytes_up=bytes_up,
+        bytes_down=bytes_down,
+        setup_bytes=setup_bytes,
+        seconds=time.perf_counter() - began,
+        metrics=metrics,
     )
     return new_state, report
 
@@ -119,7 +135,9 @@ def _decode_valid(
         update = recipe.uplink.decode(Payload.from_bytes(res.uplink))
     except FedTransferError as exc:
         raise UpdateRejected(
-            f"client {res.client}, round {r}: payload does not decode: {exc}", client=res.client, round=r
+            f"client {res.client}, round {r}: payload does not decode: {exc}",
+            client=res.client,
+            round=r,
         ) from None
     validate_update(update, res.num_examples, reference=reference, client=res.client, round=r)
     return update

@@ -74,10 +74,16 @@ class ServerState:
 
 def _flatten(state: ServerState) -> dict[str, Tensor]:
     flat: dict[str, Tensor] = {}
-    for prefix, part in (("params/", state.params), ("start/", state.start), ("server/", state.server)):
+    for prefix, part in (
+        ("params/", state.params),
+        ("start/", state.start),
+        ("server/", state.server),
+    ):
         flat.update({prefix + k: v.detach().clone() for k, v in part.items()})
     for i, client in enumerate(sorted(state.clients)):
-        flat.update({f"clients/{i}/{k}": v.detach().clone() for k, v in state.clients[client].items()})
+        flat.update(
+            {f"clients/{i}/{k}": v.detach().clone() for k, v in state.clients[client].items()}
+        )
     return flat
 
 

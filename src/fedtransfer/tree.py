@@ -19,7 +19,9 @@ def _check_same_keys(a: Params, b: Params, op: str) -> None:
     if a.keys() != b.keys():
         missing = sorted(set(a) - set(b))[:5]
         extra = sorted(set(b) - set(a))[:5]
-        raise ValueError(f"tree.{op}: key sets differ; only in first {missing}, only in second {extra}")
+        raise ValueError(
+            f"tree.{op}: key sets differ; only in first {missing}, only in second {extra}"
+        )
 
 
 def _cast_like(value: Tensor, like: Tensor) -> Tensor:

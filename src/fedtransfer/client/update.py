@@ -67,7 +67,9 @@ def verify_start(setup: bytes, expected_sha256: str, *, client: str) -> dict[str
     return weights
 
 
-def client_update(task: ClientTask, *, recipe: Recipe, model_fn: Callable[[], nn.Module]) -> ClientResult:
+def client_update(
+    task: ClientTask, *, recipe: Recipe, model_fn: Callable[[], nn.Module]
+) -> ClientResult:
     """Run one client's round; errors name the client and the round."""
     try:
         return _client_update(task, recipe, model_fn)
@@ -78,7 +80,9 @@ def client_update(task: ClientTask, *, recipe: Recipe, model_fn: Callable[[], nn
         raise RuntimeError(f"client {task.client}, round {task.round} failed: {exc!r}") from exc
 
 
-def _client_update(task: ClientTask, recipe: Recipe, model_fn: Callable[[], nn.Module]) -> ClientResult:
+def _client_update(
+    task: ClientTask, recipe: Recipe, model_fn: Callable[[], nn.Module]
+) -> ClientResult:
     model = recipe.policy.prepare(model_fn())
     plan = recipe.policy.plan(model)
     frozen: Params = task.frozen
@@ -94,7 +98,10 @@ def _client_update(task: ClientTask, recipe: Recipe, model_fn: Callable[[], nn.M
         # user models may draw from the global RNG (dropout): seed it per (run, round, client)
         torch.manual_seed(derive_seed(task.seed, "torch", task.round, task.client))
         metrics = local_train(
-            model, plan, task.data, recipe.local,
+            model,
+            plan,
+            task.data,
+            recipe.local,
             generator=generator(task.seed, "batches", task.round, task.client),
         )
     trained = model.state_dict()

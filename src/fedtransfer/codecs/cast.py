@@ -47,6 +47,8 @@ class Float32:
                     f"Float32.decode: tensor {e.key!r} has dtype {e.tensor.dtype}, expected float32"
                 )
             if e.meta:
-                raise PayloadError(f"Float32.decode: tensor {e.key!r} carries unexpected meta {e.meta}")
+                raise PayloadError(
+                    f"Float32.decode: tensor {e.key!r} carries unexpected meta {e.meta}"
+                )
             out[e.key] = e.tensor
         return out

@@ -182,15 +182,21 @@ def _check_spec(i: int, spec: Any, seen: set[str]) -> None:
         raise PayloadError(f"payload header: tensor #{i} must have keys key, dtype, shape, meta")
     key, dtype, shape = spec["key"], spec["dtype"], spec["shape"]
     if not isinstance(key, str) or not key:
-        raise PayloadError(f"payload header: tensor #{i} key must be a non-empty string, got {key!r}")
+        raise PayloadError(
+            f"payload header: tensor #{i} key must be a non-empty string, got {key!r}"
+        )
     if key in seen:
         raise PayloadError(f"payload header: duplicate tensor key {key!r}")
     seen.add(key)
     if dtype not in DTYPES:
-        raise PayloadError(f"payload header: tensor {key!r} dtype {dtype!r} not in {sorted(DTYPES)}")
+        raise PayloadError(
+            f"payload header: tensor {key!r} dtype {dtype!r} not in {sorted(DTYPES)}"
+        )
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise PayloadError(f"payload header: tensor {key!r} shape {shape!r} is not a list of ints >= 0")
+        raise PayloadError(
+            f"payload header: tensor {key!r} shape {shape!r} is not a list of ints >= 0"
+        )
     if not isinstance(spec["meta"], dict):
         raise PayloadError(f"payload header: tensor {key!r} meta must be an object")

@@ -45,7 +45,9 @@ class FederatedDataset:
 
     def __post_init__(self) -> None:
         if list(self.train) != list(self.test):
-            raise ValueError("FederatedDataset: train and test must have the same client ids in order")
+            raise ValueError(
+                "FederatedDataset: train and test must have the same client ids in order"
+            )
 
     @property
     def clients(self) -> tuple[str, ...]:

@@ -154,7 +154,9 @@ class QuantitySkew:
     min_size: int = 10
 
     def __call__(self, labels: np.ndarray, num_clients: int, seed: int) -> Parts:
-        return quantity_skew(labels, num_clients, alpha=self.alpha, seed=seed, min_size=self.min_size)
+        return quantity_skew(
+            labels, num_clients, alpha=self.alpha, seed=seed, min_size=self.min_size
+        )
 
 
 @runtime_checkable

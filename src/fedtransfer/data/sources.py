@@ -50,7 +50,9 @@ class Digits:
         images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / 16.0)
         boxed = F.interpolate(images[:, None], size=(20, 20), mode="bilinear", align_corners=False)
         framed = F.pad(boxed.clamp(0.0, 1.0), (4, 4, 4, 4))
-        return TensorData(_normalise(framed), torch.from_numpy(np.asarray(bunch.target, dtype=np.int64)))
+        return TensorData(
+            _normalise(framed), torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+        )
 
 
 @runtime_checkable

@@ -31,7 +31,7 @@ console = Console()
 class _Display:
     """Progress bar, one line per round, and the closing table."""
 
-    def __init__(self, total_rounds: int) -> None:
+    def __init__(self) -> None:
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -40,7 +40,7 @@ class _Display:
             console=console,
             transient=True,
         )
-        self.task = self.progress.add_task("rounds", total=total_rounds)
+        self.task = self.progress.add_task("rounds", total=None)
 
     def __call__(self, event: str, payload: dict[str, Any]) -> None:
         if event == "pretrain_start":
@@ -51,7 +51,9 @@ class _Display:
             extra = f", source hold-out accuracy {acc:.3f}" if acc is not None else ""
             console.print(f"pre-trained checkpoint sha256 {payload['sha256'][:16]}…{extra}")
         elif event == "arm_start":
-            self.progress.update(self.task, description=payload["arm"])
+            self.progress.start()
+            total = payload["rounds"] * payload["arms"]
+            self.progress.update(self.task, description=payload["arm"], total=total)
             self.progress.advance(self.task, payload["round"])
         elif event == "round":
             r = payload
@@ -74,7 +76,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         table.add_column(h, justify="left" if h == "arm" else "right")
     for row in report.summary_rows(summary):
         table.add_row(*row)
-    console.print(table)
+    console.print(table, width=max(console.width, 110))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,8 +86,13 @@ def _parser() -> argparse.ArgumentParser:
 
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("config", nargs="?", help="YAML experiment file (default: built-in demo)")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set rounds=40 --set arms.scratch.local.lr=0.1")
+        sp.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set rounds=40 --set arms.scratch.local.lr=0.1",
+        )
 
     run = sub.add_parser("run", help="run an experiment (default: the offline demo)")
     with_config(run)
@@ -114,12 +121,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return _dispatch(args)
     except FedTransferError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted; finished rounds are checkpointed: `fedtransfer resume RUN_DIR`")
@@ -131,10 +140,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set)
         run_dir = new_run_dir(args.runs_dir, args.name or cfg.name, overwrite=args.overwrite)
         console.print(f"run directory: [bold]{run_dir}[/]")
-        run_experiment(cfg, run_dir, observer=_Display(cfg.rounds * len(cfg.arms)))
+        run_experiment(cfg, run_dir, observer=_Display())
     elif args.command == "resume":
-        cfg = load_config(Path(args.run_dir) / "config.resolved.yaml")
-        resume(args.run_dir, observer=_Display(cfg.rounds * len(cfg.arms)))
+        resume(args.run_dir, observer=_Display())
     elif args.command == "report":
         path = report.write_report(args.run_dir)
         print_summary(json.loads((Path(args.run_dir) / "summary.json").read_text()))
@@ -145,28 +153,48 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fedtransfer.seeding import derive_seed
 
         ck = pretrain(
-            cfg.model.init(derive_seed(cfg.seed, "pretrain-init")), pc.source.load(),
-            spec=pc.spec(), seed=cfg.seed, out_dir=args.out,
+            cfg.model.init(derive_seed(cfg.seed, "pretrain-init")),
+            pc.source.load(),
+            spec=pc.spec(),
+            seed=cfg.seed,
+            out_dir=args.out,
             provenance={"source": cfgio.dump(pc.source), "model": cfgio.dump(cfg.model)},
         )
-        console.print_json(json.dumps({"checkpoint": str(ck.path), "sha256": ck.sha256,
-                                       "metrics": ck.provenance["metrics"]}))
-        console.print(f"use it with: --set pretrain.checkpoint={ck.path} --set pretrain.sha256={ck.sha256}")
+        console.print_json(
+            json.dumps(
+                {
+                    "checkpoint": str(ck.path),
+                    "sha256": ck.sha256,
+                    "metrics": ck.provenance["metrics"],
+                }
+            )
+        )
+        console.print(
+            f"use it with: --set pretrain.checkpoint={ck.path} --set pretrain.sha256={ck.sha256}"
+        )
     elif args.command == "partition":
         cfg = load_config(args.config, args.set)
         stats = report.partition_stats(build_population(cfg))
         table = Table(title=f"{cfg.data.partition!r} over {cfg.data.num_clients} clients")
         for h in ("client", "train", "test", "classes", "label histogram"):
             table.add_column(h)
-        for row in zip(stats["clients"], stats["train_sizes"], stats["test_sizes"],
-                       stats["classes_per_client"], stats["label_counts"], strict=True):
+        for row in zip(
+            stats["clients"],
+            stats["train_sizes"],
+            stats["test_sizes"],
+            stats["classes_per_client"],
+            stats["label_counts"],
+            strict=True,
+        ):
             table.add_row(row[0], str(row[1]), str(row[2]), str(row[3]), " ".join(map(str, row[4])))
         console.print(table)
         if args.out:
             path = report.write_partition(stats, args.out)
             console.print(f"partition report: [bold]{path}[/]")
     elif args.command == "config":
-        console.print(cfgio.to_yaml(load_config(args.config, args.set)), highlight=False, markup=False)
+        console.print(
+            cfgio.to_yaml(load_config(args.config, args.set)), highlight=False, markup=False
+        )
     return 0
 
 

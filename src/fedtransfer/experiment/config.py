@@ -90,7 +90,7 @@ def _parse_sequence(tp: Any, data: Any, path: str) -> Any:
     if get_origin(tp) is tuple and not (len(args) == 2 and args[1] is Ellipsis):
         if len(data) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} items, got {len(data)}")
-        return tuple(parse(a, v, _join(path, str(i))) for i, (a, v) in enumerate(zip(args, data)))
+        return tuple(parse(a, v, _join(path, str(i))) for i, (a, v) in enumerate(zip(args, data, strict=True)))
     item = args[0] if args else Any
     values = [parse(item, v, _join(path, str(i))) for i, v in enumerate(data)]
     return tuple(values) if get_origin(tp) is tuple else values
@@ -107,7 +107,9 @@ def _parse_component(tp: Any, data: Any, path: str) -> Any:
     if kind not in kinds:
         near = difflib.get_close_matches(str(kind), kinds, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"{_join(path, 'kind')}: unknown kind {kind!r}; expected one of {sorted(kinds)}{hint}")
+        raise ConfigError(
+            f"{_join(path, 'kind')}: unknown kind {kind!r}; expected one of {sorted(kinds)}{hint}"
+        )
     return _parse_dataclass(kinds[kind], {k: v for k, v in data.items() if k != "kind"}, path)
 
 
@@ -122,7 +124,7 @@ def _parse_dataclass(cls: type[T], data: Any, path: str) -> T:
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = str(unknown[0])
-        near = difflib.get_close_matches(key, list(fields), n=1)
+        near = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.4)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise ConfigError(
             f"{_join(path, key)}: unknown key for {cls.__name__}; expected one of {sorted(fields)}{hint}"
@@ -168,7 +170,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     """
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. rounds=40 or arms.scratch.local.lr=0.1")
+            raise ConfigError(
+                f"--set {item!r}: expected KEY=VALUE, e.g. rounds=40 or arms.scratch.local.lr=0.1"
+            )
         dotted, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw.strip() else None
         parts = dotted.strip().split(".")
@@ -190,7 +194,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                         node[part] = {}
                     node = node[part]
             else:
-                raise ConfigError(f"--set {dotted}: {here} is a {type(node).__name__}, not a mapping or list")
+                raise ConfigError(
+                    f"--set {dotted}: {here} is a {type(node).__name__}, not a mapping or list"
+                )
     return data
 
 
@@ -201,7 +207,9 @@ def _list_index(node: list[Any], part: str, here: str) -> int:
         if isinstance(item, dict) and item.get("name") == part:
             return idx
     names = [item.get("name") for item in node if isinstance(item, dict)]
-    raise ConfigError(f"--set {here}: no list item {part!r}; use an index < {len(node)} or a name in {names}")
+    raise ConfigError(
+        f"--set {here}: no list item {part!r}; use an index < {len(node)} or a name in {names}"
+    )
 
 
 def _join(path: str, key: str) -> str:

@@ -126,7 +126,9 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     ``partition.json``."""
     root = Path(run_dir)
     summary = json.loads((root / "summary.json").read_text())
-    records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines() if line]
+    records = [
+        json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines() if line
+    ]
     partition = json.loads((root / "partition.json").read_text())
     plots = _plots(root, records, partition, summary)
     text = _markdown(summary, partition, plots)
@@ -157,7 +159,9 @@ def _markdown(summary: dict[str, Any], partition: dict[str, Any], plots: dict[st
             if v["rounds_to_target_ratio"] is not None:
                 bits.append(f"rounds to target ×{v['rounds_to_target_ratio']:.2f}")
             elif s["rounds_to_target"] is not None:
-                bits.append(f"reaches the target in {s['rounds_to_target']} rounds; `{base}` never does")
+                bits.append(
+                    f"reaches the target in {s['rounds_to_target']} rounds; `{base}` never does"
+                )
             if v["bytes_per_round_reduction"]:
                 bits.append(f"{v['bytes_per_round_reduction']:.1f}× fewer bytes per round")
             lines.append(f"- `{name}`: " + ", ".join(bits))
@@ -193,13 +197,20 @@ def _plots(
 
     for key, xlabel, fname, title in (
         ("round", "round", "accuracy_vs_round.png", "Accuracy vs round"),
-        ("cum_bytes", "cumulative MB (up + down, rounds only)", "accuracy_vs_mb.png", "Accuracy vs MB"),
+        (
+            "cum_bytes",
+            "cumulative MB (up + down, rounds only)",
+            "accuracy_vs_mb.png",
+            "Accuracy vs MB",
+        ),
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         for a in arms:
             xs = [r[key] / (MB if key == "cum_bytes" else 1) for r in by_arm[a]]
             ax.plot(xs, [r["accuracy"] for r in by_arm[a]], marker=".", label=a)
-        ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label=f"target {target:.0%}")
+        ax.axhline(
+            target, color="grey", linestyle="--", linewidth=0.8, label=f"target {target:.0%}"
+        )
         if key == "cum_bytes":
             ax.set_xscale("symlog", linthresh=0.1)
         ax.set(xlabel=xlabel, ylabel="test accuracy", title=title, ylim=(0, 1))
@@ -236,7 +247,9 @@ def plot_partition(partition: dict[str, Any], path: Path) -> None:
     bottom = np.zeros(len(counts))
     cmap = plt.get_cmap("tab10" if counts.shape[1] <= 10 else "tab20")
     for k in range(counts.shape[1]):
-        ax.bar(range(len(counts)), counts[:, k], bottom=bottom, color=cmap(k % cmap.N), label=str(k))
+        ax.bar(
+            range(len(counts)), counts[:, k], bottom=bottom, color=cmap(k % cmap.N), label=str(k)
+        )
         bottom += counts[:, k]
     ax.set_xticks(range(len(counts)), partition["clients"], rotation=90, fontsize=7)
     ax.set(xlabel="client", ylabel="train examples", title="Partition: label histogram per client")

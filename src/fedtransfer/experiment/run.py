@@ -47,7 +47,11 @@ def build_population(config: ExperimentConfig) -> FederatedDataset:
     parts = config.data.partition(labels, config.data.num_clients, config.seed)
     num_classes = int(labels.max()) + 1
     return federate(
-        data, parts, num_classes=num_classes, test_fraction=config.data.test_fraction, seed=config.seed
+        data,
+        parts,
+        num_classes=num_classes,
+        test_fraction=config.data.test_fraction,
+        seed=config.seed,
     )
 
 
@@ -97,7 +101,9 @@ def resume(run_dir: str | os.PathLike[str], *, observer: Observer | None = None)
     return run_experiment(config, root, observer=observer)
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
     """The default experiment, or the YAML file at ``path``, with ``--set`` overrides applied."""
     if path is None:
         data = cfgio.dump(ExperimentConfig())
@@ -140,7 +146,11 @@ class _Run:
         if path.exists():
             manifest: dict[str, Any] = json.loads(path.read_text())
         else:
-            manifest = {"format": "fedtransfer-run/1", "name": self.config.name, "created": time.time()}
+            manifest = {
+                "format": "fedtransfer-run/1",
+                "name": self.config.name,
+                "created": time.time(),
+            }
         manifest["status"] = "running"
         _atomic_write(path, json.dumps(manifest, indent=1))
         return manifest
@@ -203,7 +213,10 @@ class _Run:
             state = state.replace(history=(record,))
             save_state(state, folder)
         self._write_metrics({**done, arm.name: list(state.history)})
-        self.observer("arm_start", {"arm": arm.name, "round": state.round, "rounds": cfg.rounds})
+        self.observer(
+            "arm_start",
+            {"arm": arm.name, "round": state.round, "rounds": cfg.rounds, "arms": len(cfg.arms)},
+        )
         while state.round < cfg.rounds:
             state, rr = run_round(recipe, state, population, self.runtime, model_fn=model_fn)
             record = self._evaluate(arm, recipe, state, population, rr)
@@ -233,7 +246,11 @@ class _Run:
             ev = evaluate(model, population.test[c])
             per_client[c] = ev["accuracy"]
             n = len(population.test[c])
-            correct, loss_sum, total = correct + ev["accuracy"] * n, loss_sum + ev["loss"] * n, total + n
+            correct, loss_sum, total = (
+                correct + ev["accuracy"] * n,
+                loss_sum + ev["loss"] * n,
+                total + n,
+            )
         accs = np.array(list(per_client.values()))
         record: dict[str, Any] = {
             "arm": arm.name,

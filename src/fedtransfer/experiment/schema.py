@@ -104,14 +104,18 @@ class ExperimentConfig:
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ConfigError(f"target_accuracy: must be in (0, 1], got {self.target_accuracy}")
         if not self.arms:
-            raise ConfigError("arms: at least one arm is needed, e.g. [{name: scratch, init: scratch}]")
+            raise ConfigError(
+                "arms: at least one arm is needed, e.g. [{name: scratch, init: scratch}]"
+            )
         names = [a.name for a in self.arms]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"arms: names must be unique; repeated {dupes}")
         for i, arm in enumerate(self.arms):
             if not arm.name or "/" in arm.name or arm.name.startswith("."):
-                raise ConfigError(f"arms.{i}.name: {arm.name!r} must be non-empty, without '/' or a leading '.'")
+                raise ConfigError(
+                    f"arms.{i}.name: {arm.name!r} must be non-empty, without '/' or a leading '.'"
+                )
 
     def recipe(self, arm: ArmConfig) -> Recipe:
         """The recipe of ``arm``: the experiment's components with the arm's overrides."""

@@ -18,7 +18,9 @@ class SmallCNN(nn.Module):
     torch.Size([2, 10])
     """
 
-    def __init__(self, num_classes: int = 10, *, channels: tuple[int, int] = (16, 32), hidden: int = 64):
+    def __init__(
+        self, num_classes: int = 10, *, channels: tuple[int, int] = (16, 32), hidden: int = 64
+    ):
         super().__init__()
         c1, c2 = channels
         self.features = nn.Sequential(

@@ -33,7 +33,9 @@ class Uniform:
 
     def __post_init__(self) -> None:
         if isinstance(self.clients_per_round, bool) or self.clients_per_round < 1:
-            raise ConfigError(f"Uniform: clients_per_round must be >= 1, got {self.clients_per_round}")
+            raise ConfigError(
+                f"Uniform: clients_per_round must be >= 1, got {self.clients_per_round}"
+            )
 
     def sample(self, population: Sequence[str], *, seed: int, round: int) -> list[str]:
         if self.clients_per_round > len(population):

@@ -28,7 +28,9 @@ def validate_update(
         return UpdateRejected(f"client {client}, round {round}: {why}", client=client, round=round)
 
     if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(float(weight)):
-        raise reject(f"weight {weight!r} is not a finite number; expected the client's example count")
+        raise reject(
+            f"weight {weight!r} is not a finite number; expected the client's example count"
+        )
     if not float(weight) > 0:
         raise reject(f"weight {weight!r} must be > 0")
     missing = [k for k in reference if k not in update]

@@ -52,14 +52,18 @@ def pretrain(
     """
     began = time.perf_counter()
     order = torch.randperm(len(source), generator=generator(seed, "pretrain-holdout"))
-    n_hold = int(round(spec.holdout_fraction * len(source)))
+    n_hold = round(spec.holdout_fraction * len(source))
     holdout, train = source.subset(order[:n_hold]), source.subset(order[n_hold:])
     plan = Full().plan(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "pretrain-torch"))
         fit = local_train(
-            model, plan, train, spec.training,
-            generator=generator(seed, "pretrain-batches"), augment=spec.augment,
+            model,
+            plan,
+            train,
+            spec.training,
+            generator=generator(seed, "pretrain-batches"),
+            augment=spec.augment,
         )
     metrics = {"train_loss": fit["loss"], "steps": fit["steps"]}
     if n_hold:

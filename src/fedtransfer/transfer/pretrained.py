@@ -30,7 +30,9 @@ class Checkpoint:
     provenance: dict[str, Any]
 
 
-def save_checkpoint(directory: str | os.PathLike[str], weights: Params, *, provenance: dict[str, Any]) -> Path:
+def save_checkpoint(
+    directory: str | os.PathLike[str], weights: Params, *, provenance: dict[str, Any]
+) -> Path:
     """Write ``model.safetensors`` and ``model.json`` into ``directory`` atomically.
 
     The provenance gains ``format``, ``sha256`` (content hash of the weights, see
@@ -54,7 +56,9 @@ def save_checkpoint(directory: str | os.PathLike[str], weights: Params, *, prove
     return root
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, expected_sha256: str | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike[str], *, expected_sha256: str | None = None
+) -> Checkpoint:
     """Load a checkpoint folder (or its ``model.safetensors``) and verify its hashes.
 
     Raises :class:`CompatibilityError` when a file is missing, the weights do not match the

@@ -1,0 +1,122 @@
+"""Strict config parsing: dotted-path errors, kind tags, overrides, the default file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedtransfer.errors import ConfigError
+from fedtransfer.experiment import config as cfgio
+from fedtransfer.experiment import registry
+from fedtransfer.experiment.run import load_config
+from fedtransfer.experiment.schema import ExperimentConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _parse(data: dict) -> ExperimentConfig:
+    return cfgio.parse(ExperimentConfig, data)
+
+
+def test_config_default_file_is_the_default_object():
+    data = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    assert _parse(data) == ExperimentConfig()
+
+
+def test_config_round_trips_through_yaml():
+    cfg = load_config(None, ["arms.1.policy={kind: last_k, k: 2}", "aggregator.weighted=false"])
+    assert cfgio.parse(ExperimentConfig, yaml.safe_load(cfgio.to_yaml(cfg))) == cfg
+
+
+def test_config_unknown_key_names_dotted_path():
+    with pytest.raises(ConfigError, match=r"^local\.lr_rate: unknown key .*did you mean 'lr'"):
+        _parse({"local": {"lr_rate": 0.1}})
+
+
+def test_config_type_mismatch_names_dotted_path():
+    with pytest.raises(ConfigError, match=r"^arms\.1\.local\.lr: expected a number, got str"):
+        _parse({"arms": [{"name": "a"}, {"name": "b", "local": {"lr": "fast"}}]})
+
+
+def test_config_bool_is_not_an_integer():
+    with pytest.raises(ConfigError, match=r"^rounds: expected an integer, got bool"):
+        _parse({"rounds": True})
+
+
+def test_config_unknown_kind_lists_choices():
+    with pytest.raises(
+        ConfigError, match=r"^arms\.0\.policy\.kind: unknown kind 'head_onyl'.*head_only"
+    ):
+        _parse({"arms": [{"name": "a", "policy": {"kind": "head_onyl"}}]})
+
+
+def test_config_missing_kind_is_an_error():
+    with pytest.raises(ConfigError, match=r"^policy: expected a mapping with a 'kind:' tag"):
+        _parse({"policy": {"head": "classifier"}})
+
+
+def test_config_component_validation_error_names_path():
+    with pytest.raises(ConfigError, match=r"^local: .*set exactly one of epochs and steps"):
+        _parse({"local": {"epochs": 1, "steps": 5}})
+
+
+def test_config_literal_rejects_other_values():
+    with pytest.raises(ConfigError, match=r"^arms\.0\.init: 'random' is not one of"):
+        _parse({"arms": [{"name": "a", "init": "random"}]})
+
+
+def test_config_fixed_tuple_length_checked():
+    with pytest.raises(ConfigError, match=r"^model\.channels: expected a list of 2 items, got 3"):
+        _parse({"model": {"kind": "cnn", "channels": [1, 2, 3]}})
+
+
+def test_config_duplicate_arm_names_rejected():
+    with pytest.raises(ConfigError, match="repeated"):
+        _parse({"arms": [{"name": "a"}, {"name": "a"}]})
+
+
+def test_config_set_override_by_arm_name_and_index():
+    cfg = load_config(None, ["arms.scratch.local={lr: 0.2}", "arms.2.init=scratch", "rounds=7"])
+    assert cfg.rounds == 7
+    assert cfg.arms[0].local is not None and cfg.arms[0].local.lr == 0.2
+    assert cfg.arms[2].init == "scratch"
+
+
+def test_config_set_override_type_error_names_path():
+    with pytest.raises(ConfigError, match=r"^sampler\.clients_per_round: expected an integer"):
+        load_config(None, ["sampler.clients_per_round=ten"])
+
+
+def test_config_set_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["rounds"])
+
+
+def test_config_set_unknown_arm_is_an_error():
+    with pytest.raises(ConfigError, match="no list item 'nope'"):
+        load_config(None, ["arms.nope.init=scratch"])
+
+
+def test_config_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    ("group", "kind"), [(g, k) for g, table in registry.GROUPS.items() for k in table]
+)
+def test_registry_every_kind_round_trips(group, kind):
+    cls = registry.kinds(group)[kind]
+    obj = cls()
+    data = cfgio.dump(obj)
+    assert data["kind"] == kind
+    assert cfgio.parse(group, data) == obj
+
+
+def test_recipe_of_arm_applies_overrides():
+    cfg = ExperimentConfig()
+    head = cfg.recipe(cfg.arms[2])
+    assert type(head.policy).__name__ == "HeadOnly"
+    assert head.local == cfg.local
