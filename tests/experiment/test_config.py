@@ -58,8 +58,8 @@ def test_config_missing_kind_is_an_error():
 
 
 def test_config_component_validation_error_names_path():
-    with pytest.raises(ConfigError, match=r"^local: .*set exactly one of epochs and steps"):
-        _parse({"local": {"epochs": 1, "steps": 5}})
+    with pytest.raises(ConfigError, match=r"^arms\.0\.local: .*lr must be > 0"):
+        _parse({"arms": [{"name": "a", "local": {"lr": 0}}]})
 
 
 def test_config_literal_rejects_other_values():

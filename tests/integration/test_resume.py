@@ -17,7 +17,6 @@ SMALL = [
     "rounds=6",
     "data.num_clients=8",
     "sampler.clients_per_round=4",
-    "pretrain.training.epochs=null",
     "pretrain.training.steps=25",
     "arms=[{name: scratch, init: scratch}, {name: head, policy: {kind: head_only}}]",
 ]

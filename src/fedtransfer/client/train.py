@@ -21,32 +21,35 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LocalTraining:
-    """How a client trains: optimiser, learning rate, and either ``epochs`` or ``steps``.
+    """How a client trains: optimiser, learning rate, and ``epochs`` or, when set, ``steps``.
 
-    Set exactly one of ``epochs`` and ``steps``. A step is one minibatch of ``batch_size``.
+    A step is one minibatch of ``batch_size``; ``steps`` (when not ``None``) replaces
+    ``epochs`` as the amount of training.
     """
 
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
-    epochs: int | None = 1
+    epochs: int = 1
     steps: int | None = None
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if (self.epochs is None) == (self.steps is None):
+        if isinstance(self.epochs, bool) or self.epochs < 1:
+            raise ConfigError(f"LocalTraining: epochs must be an integer >= 1, got {self.epochs!r}")
+        if self.steps is not None and (isinstance(self.steps, bool) or self.steps < 1):
             raise ConfigError(
-                f"LocalTraining: set exactly one of epochs and steps, got epochs={self.epochs}, "
-                f"steps={self.steps}; hint: steps: null to train by epochs"
+                f"LocalTraining: steps must be >= 1 or null (train by epochs), got {self.steps!r}"
             )
-        count = self.epochs if self.epochs is not None else self.steps
-        if count is None or count < 1:
-            raise ConfigError(f"LocalTraining: epochs/steps must be >= 1, got {count}")
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"LocalTraining: optimizer {self.optimizer!r} not in ['sgd', 'adam']")
         if not self.lr > 0:
             raise ConfigError(f"LocalTraining: lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"LocalTraining: momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"LocalTraining: weight_decay must be >= 0, got {self.weight_decay}")
         if self.batch_size < 1:
             raise ConfigError(f"LocalTraining: batch_size must be >= 1, got {self.batch_size}")
 
@@ -54,7 +57,6 @@ class LocalTraining:
         """Minibatch steps this spec takes on ``num_examples`` examples."""
         if self.steps is not None:
             return self.steps
-        assert self.epochs is not None  # invariant from __post_init__
         return self.epochs * math.ceil(num_examples / self.batch_size)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedtransfer import tree
 from fedtransfer.client.evaluate import evaluate
 from fedtransfer.client.train import LocalTraining, local_train
 from fedtransfer.data.augment import RandomAffine
@@ -47,8 +48,8 @@ def pretrain(
     """Train ``model`` on ``source`` centrally and write a verified checkpoint to ``out_dir``.
 
     A seeded ``holdout_fraction`` of the source is kept aside to report source accuracy. The
-    checkpoint's provenance records the source, the spec, the seed, the metrics and the
-    weights' sha256.
+    checkpoint's provenance records the source (and the sha256 of its tensors), the spec, the
+    seed, the metrics and the weights' sha256.
     """
     began = time.perf_counter()
     order = torch.randperm(len(source), generator=generator(seed, "pretrain-holdout"))
@@ -76,6 +77,7 @@ def pretrain(
         "seed": seed,
         "spec": asdict(spec),
         "examples": {"train": len(train), "holdout": n_hold},
+        "source_sha256": tree.sha256({"x": source.x, "y": source.y}),
         "metrics": metrics,
     }
     save_checkpoint(out_dir, model.state_dict(), provenance=record)
