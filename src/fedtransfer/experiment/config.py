@@ -90,7 +90,10 @@ def _parse_sequence(tp: Any, data: Any, path: str) -> Any:
     if get_origin(tp) is tuple and not (len(args) == 2 and args[1] is Ellipsis):
         if len(data) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} items, got {len(data)}")
-        return tuple(parse(a, v, _join(path, str(i))) for i, (a, v) in enumerate(zip(args, data, strict=True)))
+        return tuple(
+            parse(a, v, _join(path, str(i)))
+            for i, (a, v) in enumerate(zip(args, data, strict=True))
+        )
     item = args[0] if args else Any
     values = [parse(item, v, _join(path, str(i))) for i, v in enumerate(data)]
     return tuple(values) if get_origin(tp) is tuple else values
