@@ -26,6 +26,8 @@ from fedtransfer.experiment.run import (
 from fedtransfer.transfer.pretrain import pretrain
 
 console = Console()
+if not console.is_terminal:
+    console.width = max(console.width, 120)  # logs and CI: keep the summary table unwrapped
 
 
 class _Display:
@@ -76,7 +78,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         table.add_column(h, justify="left" if h == "arm" else "right")
     for row in report.summary_rows(summary):
         table.add_row(*row)
-    console.print(table, width=max(console.width, 110))
+    console.print(table)
 
 
 def _parser() -> argparse.ArgumentParser:

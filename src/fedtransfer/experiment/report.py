@@ -154,16 +154,22 @@ def _markdown(summary: dict[str, Any], partition: dict[str, Any], plots: dict[st
         for name, s in summary["arms"].items():
             if name == base:
                 continue
-            v = s["vs_baseline"]
-            bits = [f"accuracy {v['accuracy_gain']:+.3f}"]
-            if v["rounds_to_target_ratio"] is not None:
-                bits.append(f"rounds to target ×{v['rounds_to_target_ratio']:.2f}")
-            elif s["rounds_to_target"] is not None:
+            v, b = s["vs_baseline"], summary["arms"][base]
+            bits = [f"final accuracy {v['accuracy_gain']:+.3f}"]
+            if s["rounds_to_target"] is not None and b["rounds_to_target"] is not None:
                 bits.append(
-                    f"reaches the target in {s['rounds_to_target']} rounds; `{base}` never does"
+                    f"target in {s['rounds_to_target']} rounds vs {b['rounds_to_target']} "
+                    f"({b['rounds_to_target'] / max(s['rounds_to_target'], 1):.1f}× fewer)"
                 )
-            if v["bytes_per_round_reduction"]:
-                bits.append(f"{v['bytes_per_round_reduction']:.1f}× fewer bytes per round")
+            elif s["rounds_to_target"] is not None:
+                bits.append(f"target in {s['rounds_to_target']} rounds; `{base}` never reaches it")
+            elif b["rounds_to_target"] is not None:
+                bits.append("never reaches the target")
+            reduction = v["bytes_per_round_reduction"]
+            if reduction and abs(reduction - 1.0) > 1e-9:
+                bits.append(f"{reduction:.1f}× fewer bytes per round")
+            if v["bytes_to_target_reduction"]:
+                bits.append(f"{v['bytes_to_target_reduction']:.1f}× fewer bytes to target")
             lines.append(f"- `{name}`: " + ", ".join(bits))
     pre = summary.get("pretrained")
     if pre:
@@ -213,6 +219,7 @@ def _plots(
         )
         if key == "cum_bytes":
             ax.set_xscale("symlog", linthresh=0.1)
+            ax.set_xlim(left=0)
         ax.set(xlabel=xlabel, ylabel="test accuracy", title=title, ylim=(0, 1))
         ax.legend(loc="lower right")
         fig.tight_layout()
