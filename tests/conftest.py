@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -56,6 +56,23 @@ def make_tiny_data(seed: int = 0) -> FederatedDataset:
         train[f"c{i}"] = TensorData(x[:TRAIN_PER_CLIENT], y[:TRAIN_PER_CLIENT])
         test[f"c{i}"] = TensorData(x[TRAIN_PER_CLIENT:], y[TRAIN_PER_CLIENT:])
     return FederatedDataset(train, test, NUM_CLASSES)
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread for the test, then restore the previous setting.
+
+    The models here are tiny: intra-op threads only add synchronisation, which on a busy 2-core
+    machine turns microsecond kernels into tens of milliseconds. Scoped per test (not set
+    globally) because numerics depend on the thread count, and other suites compare in-process
+    results with subprocess runs that use the default.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -88,16 +89,16 @@ def _flatten(state: ServerState) -> dict[str, Tensor]:
 
 
 def save_state(state: ServerState, directory: str | os.PathLike[str], *, keep: int = 2) -> Path:
-    """Write ``state`` to ``directory/round-NNNNN/`` atomically and point ``latest.json`` at it.
+    """Write ``state`` to a new ``directory/round-NNNNN-<id>/`` and point ``latest.json`` at it.
 
-    A crash at any moment leaves ``latest.json`` naming a complete checkpoint. Older round
-    folders beyond the last ``keep`` are removed.
+    The new folder is complete before ``latest.json`` is atomically replaced, and no folder is
+    removed until then, so a crash at any moment leaves ``latest.json`` naming a complete
+    checkpoint. Afterwards only the newest ``keep`` folders remain.
     """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"round-{state.round:05d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    final = root / f"round-{state.round:05d}-{uuid.uuid4().hex[:8]}"
+    tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
     save_file(_flatten(state), str(tmp / "state.safetensors"))
     meta = {
@@ -112,12 +113,13 @@ def save_state(state: ServerState, directory: str | os.PathLike[str], *, keep: i
     }
     _write_json(tmp / "state.json", meta)
     _fsync_dir(tmp)
-    shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _write_json(root / "latest.json", {"checkpoint": final.name, "round": state.round})
-    rounds = sorted(p for p in root.glob("round-*") if p.is_dir())
-    for old in rounds[:-keep]:
+    older = sorted(p for p in root.glob("round-*") if p.is_dir() and p != final)
+    for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-round-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

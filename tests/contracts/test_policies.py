@@ -127,17 +127,17 @@ def test_rules_unmatched_type_selector_lists_module_types() -> None:
 
 
 def test_rules_first_matching_rule_wins() -> None:
-    plan = Rules(
-        rules=(("classifier", "local"), ("type:Linear", "shared")), default="frozen"
-    ).plan(CNN()())
+    plan = Rules(rules=(("classifier", "local"), ("type:Linear", "shared")), default="frozen").plan(
+        CNN()()
+    )
     assert plan.local == ("classifier.weight", "classifier.bias")
     assert plan.shared == ("embed.1.weight", "embed.1.bias")
 
 
 def test_rules_first_matching_rule_wins_in_reverse_order() -> None:
-    plan = Rules(
-        rules=(("type:Linear", "shared"), ("classifier", "local")), default="frozen"
-    ).plan(CNN()())
+    plan = Rules(rules=(("type:Linear", "shared"), ("classifier", "local")), default="frozen").plan(
+        CNN()()
+    )
     assert plan.local == ()
     assert plan.shared == ("embed.1.weight", "embed.1.bias", "classifier.weight", "classifier.bias")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -36,12 +35,10 @@ def _latest_round(run_dir: Path, arm: str) -> int:
 
 def _kill_after(run_dir: Path, arm: str, round_: int) -> None:
     sets = [x for item in SMALL for x in ("--set", item)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         _cli("run", *sets, "--runs-dir", str(run_dir.parent), "--name", run_dir.name),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=env,
     )
     deadline = time.monotonic() + 300
     while _latest_round(run_dir, arm) < round_:
@@ -62,8 +59,16 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     done = subprocess.run(_cli("resume", str(killed)), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
 
+    # the reference runs in a subprocess too: same environment, same torch thread count
     reference = tmp_path / "reference"
-    run_experiment(load_config(None, SMALL), reference)
+    sets = [x for item in SMALL for x in ("--set", item)]
+    straight = subprocess.run(
+        _cli("run", *sets, "--runs-dir", str(tmp_path), "--name", "reference"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert straight.returncode == 0, straight.stdout + straight.stderr
     for arm in ("scratch", "head"):
         assert tree.equal(final_weights(killed, arm), final_weights(reference, arm)), arm
 

@@ -145,8 +145,11 @@ class Payload:
                     f"payload truncated: tensor {spec['key']!r} needs {size} bytes at offset "
                     f"{offset}, only {len(data) - offset} remain"
                 )
-            raw = np.frombuffer(data, dtype=np.uint8, count=size, offset=offset).copy()
-            tensor = torch.from_numpy(raw).view(dtype).reshape(spec["shape"])
+            if count == 0:
+                tensor = torch.empty(spec["shape"], dtype=dtype)
+            else:
+                raw = np.frombuffer(data, dtype=np.uint8, count=size, offset=offset).copy()
+                tensor = torch.from_numpy(raw).view(dtype).reshape(spec["shape"])
             entries.append(Entry(spec["key"], tensor, spec["meta"]))
             offset += size
         if offset != len(data):

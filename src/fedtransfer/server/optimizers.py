@@ -84,8 +84,10 @@ class _Adaptive:
             raise ConfigError(f"{name}: lr and tau must be > 0, got lr={self.lr}, tau={self.tau}")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
             raise ConfigError(f"{name}: betas must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.initial_accumulator < 0:
-            raise ConfigError(f"{name}: initial_accumulator must be >= 0")
+        if not self.initial_accumulator >= 0:
+            raise ConfigError(
+                f"{name}: initial_accumulator must be >= 0, got {self.initial_accumulator}"
+            )
 
     def init(self, params: Params) -> State:
         state: State = {}

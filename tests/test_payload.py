@@ -1,0 +1,154 @@
+"""Wire-format specifics of :class:`fedtransfer.codecs.Payload` beyond the codec contract."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from fedtransfer import Payload, PayloadError
+from fedtransfer.codecs import Entry
+from fedtransfer.codecs.payload import DTYPES, MAGIC, VERSION
+
+
+def _payload() -> Payload:
+    return Payload(
+        "float32",
+        (
+            Entry("b", torch.tensor([1.0, -2.0])),
+            Entry("a", torch.tensor([[7]], dtype=torch.int64), {"note": "x"}),
+        ),
+        {"round": 3},
+    )
+
+
+def test_payload_prefix_is_magic_version_and_header_length() -> None:
+    data = _payload().to_bytes()
+    magic, version, head_len = struct.unpack_from("<4sBI", data)
+    assert (magic, version) == (b"FTPL", 1) == (MAGIC, VERSION)
+    assert json.loads(data[9 : 9 + head_len])["codec"] == "float32"
+
+
+def test_payload_header_describes_entries_in_order() -> None:
+    data = _payload().to_bytes()
+    (head_len,) = struct.unpack_from("<I", data, 5)
+    header = json.loads(data[9 : 9 + head_len])
+    assert header == {
+        "codec": "float32",
+        "meta": {"round": 3},
+        "tensors": [
+            {"key": "b", "dtype": "float32", "shape": [2], "meta": {}},
+            {"key": "a", "dtype": "int64", "shape": [1, 1], "meta": {"note": "x"}},
+        ],
+    }
+
+
+def test_payload_data_section_is_raw_little_endian_tensor_bytes() -> None:
+    data = _payload().to_bytes()
+    (head_len,) = struct.unpack_from("<I", data, 5)
+    body = data[9 + head_len :]
+    assert body == struct.pack("<2f", 1.0, -2.0) + struct.pack("<q", 7)
+
+
+def test_payload_nbytes_is_length_of_bytes() -> None:
+    payload = _payload()
+    assert payload.nbytes == len(payload.to_bytes())
+
+
+def test_payload_roundtrip_keeps_codec_meta_and_entry_meta() -> None:
+    back = Payload.from_bytes(_payload().to_bytes())
+    assert back.codec == "float32" and dict(back.meta) == {"round": 3}
+    assert [(e.key, dict(e.meta)) for e in back.entries] == [("b", {}), ("a", {"note": "x"})]
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+def test_payload_roundtrips_every_supported_dtype_bit_exactly(name: str) -> None:
+    dtype = DTYPES[name]
+    raw = torch.arange(48, dtype=torch.uint8).mul(37)
+    if dtype == torch.bool:
+        tensor = (raw % 2).bool().reshape(2, 3, 8)
+    else:
+        tensor = raw.view(dtype).reshape(2, -1)
+    back = Payload.from_bytes(Payload("t", (Entry("x", tensor),)).to_bytes()).entries[0].tensor
+    assert back.dtype == dtype and back.shape == tensor.shape
+    assert torch.equal(back.view(torch.uint8), tensor.view(torch.uint8))
+
+
+def test_payload_roundtrips_a_scalar_tensor() -> None:
+    back = Payload.from_bytes(Payload("t", (Entry("s", torch.tensor(2.5)),)).to_bytes())
+    assert back.entries[0].tensor.shape == () and float(back.entries[0].tensor) == 2.5
+
+
+def test_payload_roundtrips_non_contiguous_tensors() -> None:
+    t = torch.arange(6.0).reshape(2, 3).t()
+    back = Payload.from_bytes(Payload("t", (Entry("w", t),)).to_bytes())
+    assert torch.equal(back.entries[0].tensor, t)
+
+
+def test_payload_with_no_entries_roundtrips() -> None:
+    back = Payload.from_bytes(Payload("t", ()).to_bytes())
+    assert back.codec == "t" and back.entries == ()
+
+
+def test_payload_unsupported_dtype_raises_payload_error() -> None:
+    with pytest.raises(PayloadError, match="complex64"):
+        Payload("t", (Entry("z", torch.zeros(2, dtype=torch.complex64)),)).to_bytes()
+
+
+def test_payload_bytes_are_deterministic() -> None:
+    assert _payload().to_bytes() == _payload().to_bytes()
+
+
+@pytest.mark.parametrize("wrap", [bytearray, memoryview])
+def test_payload_from_bytes_accepts_bytes_like(wrap: type) -> None:
+    back = Payload.from_bytes(wrap(_payload().to_bytes()))
+    assert [e.key for e in back.entries] == ["b", "a"]
+
+
+@pytest.mark.parametrize("data", ["FTPL", None, 42, [1, 2]])
+def test_payload_from_bytes_rejects_non_bytes(data: object) -> None:
+    with pytest.raises(PayloadError, match="must be bytes"):
+        Payload.from_bytes(data)  # type: ignore[arg-type]
+
+
+def test_payload_from_empty_bytes_raises_payload_error() -> None:
+    with pytest.raises(PayloadError, match="truncated"):
+        Payload.from_bytes(b"")
+
+
+def test_payload_rejects_header_that_is_not_an_object() -> None:
+    head = b"[1, 2]"
+    with pytest.raises(PayloadError, match="object"):
+        Payload.from_bytes(struct.pack("<4sBI", MAGIC, VERSION, len(head)) + head)
+
+
+def test_payload_rejects_header_with_extra_field() -> None:
+    head = json.dumps({"codec": "t", "meta": {}, "tensors": [], "extra": 1}).encode()
+    with pytest.raises(PayloadError, match="exactly the keys"):
+        Payload.from_bytes(struct.pack("<4sBI", MAGIC, VERSION, len(head)) + head)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"key": "w", "dtype": "float32", "shape": [1]},
+        {"key": "", "dtype": "float32", "shape": [1], "meta": {}},
+        {"key": 3, "dtype": "float32", "shape": [1], "meta": {}},
+        {"key": "w", "dtype": "float32", "shape": [1], "meta": []},
+        "w",
+    ],
+    ids=["no-meta", "empty-key", "int-key", "list-meta", "string-spec"],
+)
+def test_payload_rejects_malformed_tensor_spec(spec: object) -> None:
+    head = json.dumps({"codec": "t", "meta": {}, "tensors": [spec]}).encode()
+    frame = struct.pack("<4sBI", MAGIC, VERSION, len(head)) + head + b"\x00" * 4
+    with pytest.raises(PayloadError, match="tensor"):
+        Payload.from_bytes(frame)
+
+
+def test_payload_rejects_non_string_codec() -> None:
+    head = json.dumps({"codec": 1, "meta": {}, "tensors": []}).encode()
+    with pytest.raises(PayloadError, match="codec"):
+        Payload.from_bytes(struct.pack("<4sBI", MAGIC, VERSION, len(head)) + head)
