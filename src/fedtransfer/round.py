@@ -60,7 +60,8 @@ def run_round(
     plan = recipe.plan(model_fn())
     cohort = recipe.sampler.sample(population.clients, seed=state.seed, round=r)
     downlink = recipe.downlink.encode(state.params).to_bytes()
-    new_clients = [c for c in cohort if c not in set(state.set_up)]
+    set_up = set(state.set_up)
+    new_clients = [c for c in cohort if c not in set_up]
     setup = SETUP_CODEC.encode(state.start).to_bytes() if new_clients else None
     frozen = tree.select(state.start, plan.frozen)
     tasks = [
@@ -111,7 +112,7 @@ def run_round(
         params=params,
         server=server,
         clients=clients,
-        set_up=tuple(sorted({*state.set_up, *new_clients})),
+        set_up=tuple(sorted(set_up | set(new_clients))),
         ledger=ledger,
     )
     report = RoundReport(
