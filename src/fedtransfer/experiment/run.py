@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -268,7 +269,7 @@ class _Run:
             "accepted": len(rr.accepted) if rr else 0,
             "rejected": len(rr.rejected) if rr else 0,
             "rejected_clients": [c for c, _ in rr.rejected] if rr else [],
-            "train_loss": rr.metrics.get("client/train_loss") if rr else None,
+            "train_loss": _finite_or_none(rr.metrics.get("client/train_loss")) if rr else None,
             "seconds": rr.seconds if rr else 0.0,
             "eval_seconds": time.perf_counter() - began,
             "client_accuracy": per_client,
@@ -283,6 +284,11 @@ class _Run:
 def final_weights(run_dir: str | os.PathLike[str], arm: str) -> dict[str, Any]:
     """The global weights an arm's latest checkpoint holds (for tests and exports)."""
     return tree.clone(load_state(Path(run_dir) / "checkpoints" / arm).weights_for())
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN: a mean over no training steps is recorded as null."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _atomic_write(path: Path, text: str) -> None:
