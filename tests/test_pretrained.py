@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from fedtransfer import (
     CompatibilityError,
     FederatedDataset,
-    Float32,
     Recipe,
     SerialRuntime,
     ServerState,
@@ -25,6 +24,7 @@ from fedtransfer import (
     tree,
 )
 from fedtransfer.client import verify_start
+from fedtransfer.client.update import SETUP_CODEC
 from fedtransfer.transfer.pretrained import PROVENANCE, WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -104,7 +104,7 @@ def test_load_checkpoint_refuses_unknown_format(checkpoint_dir: Path) -> None:
 
 
 def test_verify_start_returns_weights_on_match(weights: dict[str, Tensor]) -> None:
-    setup = Float32().encode(weights).to_bytes()
+    setup = SETUP_CODEC.encode(weights).to_bytes()
     assert tree.equal(verify_start(setup, tree.sha256(weights), client="c3"), weights)
 
 
@@ -112,7 +112,7 @@ def test_verify_start_mismatch_raises_compatibility_error_naming_client(
     weights: dict[str, Tensor],
 ) -> None:
     other = {k: v + 1 if v.dtype.is_floating_point else v for k, v in weights.items()}
-    setup = Float32().encode(other).to_bytes()
+    setup = SETUP_CODEC.encode(other).to_bytes()
     with pytest.raises(CompatibilityError, match="client c3: starting weights sha256"):
         verify_start(setup, tree.sha256(weights), client="c3")
 
@@ -155,7 +155,7 @@ def test_run_round_sends_setup_only_on_first_participation(
         tiny_recipe, tiny_state, tiny_data, SerialRuntime(), model_fn=tiny_model_fn
     )
     _, second = run_round(tiny_recipe, one, tiny_data, SerialRuntime(), model_fn=tiny_model_fn)
-    setup_len = len(Float32().encode(tiny_state.start).to_bytes())
+    setup_len = len(SETUP_CODEC.encode(tiny_state.start).to_bytes())
     assert first.setup_bytes == setup_len * len(tiny_data.clients)
     assert second.setup_bytes == 0
     assert one.set_up == tiny_data.clients

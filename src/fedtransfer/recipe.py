@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from fedtransfer.client.train import LocalTraining
-from fedtransfer.codecs import Codec, Float32
+from fedtransfer.codecs import Codec, Float32, Payload
 from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.server.aggregate import Aggregator
 from fedtransfer.server.optimizers import UpdateTransform
@@ -68,6 +69,23 @@ class Recipe:
                 f"Recipe: policy {self.policy!r} shares no keys, so nothing would be federated; "
                 "hint: use a policy that labels at least one key 'shared'"
             )
+        prepared = self.policy.prepare(model)
+        shared = {
+            k: torch.zeros_like(v)
+            for k, v in prepared.state_dict().items()
+            if k in set(plan.shared)
+        }
+        for name, codec in (("downlink", self.downlink), ("uplink", self.uplink)):
+            back = codec.decode(Payload.from_bytes(codec.encode(shared).to_bytes()))
+            wrong = [k for k in shared if k not in back or back[k].dtype != shared[k].dtype]
+            if wrong:
+                k = wrong[0]
+                raise CompatibilityError(
+                    f"Recipe.{name}: {type(codec).__name__} does not return shared key {k!r} in "
+                    f"the model's dtype {shared[k].dtype} (got "
+                    f"{back[k].dtype if k in back else 'nothing'}); hint: use a float32 model "
+                    "or a codec for this dtype"
+                )
         if population is not None:
             self.sampler.sample(list(population), seed=0, round=1)
         return plan

@@ -64,6 +64,8 @@ def run_round(
     new_clients = [c for c in cohort if c not in set_up]
     setup = SETUP_CODEC.encode(state.start).to_bytes() if new_clients else None
     frozen = tree.select(state.start, plan.frozen)
+    # a client with no stored local keys (new, or only ever rejected) starts them from the start
+    start_local = tree.select(state.start, plan.local)
     tasks = [
         ClientTask(
             client=c,
@@ -71,7 +73,7 @@ def run_round(
             seed=state.seed,
             downlink=downlink,
             data=population.train[c],
-            local=state.clients.get(c, {}),
+            local=state.clients.get(c) or start_local,
             frozen=frozen,
             start_sha256=state.start_sha256,
             setup=setup if c in new_clients else None,
@@ -93,7 +95,9 @@ def run_round(
         accepted.append(res.client)
         clients[res.client] = res.local
 
-    params, server, metrics = state.params, state.server, _client_metrics(results)
+    kept = set(accepted)
+    params, server = state.params, state.server
+    metrics = _client_metrics([res for res in results if res.client in kept])
     if updates:
         out = recipe.pipeline.apply(updates, weights, params=state.params, state=state.server)
         params, server = tree.add(state.params, out.value), out.state
@@ -134,7 +138,8 @@ def _decode_valid(
 ) -> dict[str, Tensor]:
     try:
         update = recipe.uplink.decode(Payload.from_bytes(res.uplink))
-    except FedTransferError as exc:
+    except (FedTransferError, RuntimeError, TypeError, ValueError, OverflowError) as exc:
+        # whatever a client sends, a bad payload is that client's rejection, not the round's end
         raise UpdateRejected(
             f"client {res.client}, round {r}: payload does not decode: {exc}",
             client=res.client,

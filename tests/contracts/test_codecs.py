@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from fedtransfer import Codec, Float32, Payload, PayloadError, tree
-from fedtransfer.codecs import Entry
+from fedtransfer.codecs import Entry, Exact
 
-CODECS: list[Codec] = [Float32()]
+CODECS: list[Codec] = [Float32(), Exact()]
 LOSSLESS: list[Codec] = [c for c in CODECS if c.error_bound == 0]
 
 

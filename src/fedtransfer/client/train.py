@@ -44,6 +44,17 @@ class LocalTraining:
             )
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"LocalTraining: optimizer {self.optimizer!r} not in ['sgd', 'adam']")
+        for name in ("lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"LocalTraining: {name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"LocalTraining: {name} must be finite, got {value!r}")
+        for name in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(
+                    f"LocalTraining: {name} must be an integer, got {getattr(self, name)!r}"
+                )
         if not self.lr > 0:
             raise ConfigError(f"LocalTraining: lr must be > 0, got {self.lr}")
         if not 0.0 <= self.momentum < 1.0:

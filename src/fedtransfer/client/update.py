@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from fedtransfer import tree
 from fedtransfer.client.train import local_train
-from fedtransfer.codecs import Float32, Payload
+from fedtransfer.codecs import Exact, Payload
 from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import CompatibilityError, FedTransferError
 from fedtransfer.recipe import Recipe
@@ -20,7 +20,7 @@ from fedtransfer.types import Metrics, Params
 
 log = logging.getLogger(__name__)
 
-SETUP_CODEC = Float32()
+SETUP_CODEC = Exact()
 """The set-up distribution of the starting weights is always lossless."""
 
 
@@ -90,7 +90,7 @@ def _client_update(
     if task.setup is not None:
         start = verify_start(task.setup, task.start_sha256, client=task.client)
         frozen = tree.select(start, plan.frozen)
-        local = local or tree.clone(tree.select(start, plan.local))
+        local = {**tree.select(start, plan.local), **local}
     global_shared = recipe.downlink.decode(Payload.from_bytes(task.downlink))
     weights = {**frozen, **local, **global_shared}
     model.load_state_dict(weights, strict=True)

@@ -1,7 +1,7 @@
 """Codecs and the wire format: what travels between clients and server, byte-exact."""
 
 from fedtransfer.codecs.base import Codec
-from fedtransfer.codecs.cast import Float32
+from fedtransfer.codecs.cast import Exact, Float32
 from fedtransfer.codecs.payload import Entry, Payload
 
-__all__ = ["Codec", "Entry", "Float32", "Payload"]
+__all__ = ["Codec", "Entry", "Exact", "Float32", "Payload"]

@@ -31,6 +31,8 @@ MAGIC = b"FTPL"
 VERSION = 1
 _PREFIX = struct.Struct("<4sBI")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_DIMS = 16
+MAX_ELEMENTS = 1 << 40
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -128,7 +130,12 @@ class Payload:
             raise PayloadError(f"not a fedtransfer payload: magic {magic!r}, expected {MAGIC!r}")
         if version != VERSION:
             raise PayloadError(f"payload version {version} unsupported; this build reads {VERSION}")
-        if head_len > min(MAX_HEADER_BYTES, len(data) - _PREFIX.size):
+        if head_len > MAX_HEADER_BYTES:
+            raise PayloadError(
+                f"payload header length {head_len} exceeds the {MAX_HEADER_BYTES}-byte limit "
+                "(garbled payload)"
+            )
+        if head_len > len(data) - _PREFIX.size:
             raise PayloadError(
                 f"payload header length {head_len} exceeds the {len(data) - _PREFIX.size} bytes "
                 "that follow the prefix (truncated or garbled payload)"
@@ -149,6 +156,8 @@ class Payload:
                 tensor = torch.empty(spec["shape"], dtype=dtype)
             else:
                 raw = np.frombuffer(data, dtype=np.uint8, count=size, offset=offset).copy()
+                if dtype == torch.bool and bool((raw > 1).any()):
+                    raise PayloadError(f"payload tensor {spec['key']!r}: bool bytes must be 0 or 1")
                 tensor = torch.from_numpy(raw).view(dtype).reshape(spec["shape"])
             entries.append(Entry(spec["key"], tensor, spec["meta"]))
             offset += size
@@ -162,8 +171,8 @@ class Payload:
 
 def _parse_header(raw: bytes) -> dict[str, Any]:
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, PayloadError) as exc:
         raise PayloadError(f"payload header is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict) or set(header) != {"codec", "meta", "tensors"}:
         raise PayloadError(
@@ -178,6 +187,10 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
     for i, spec in enumerate(header["tensors"]):
         _check_spec(i, spec, seen)
     return header
+
+
+def _reject_constant(name: str) -> Any:
+    raise PayloadError(f"non-finite number {name} in the header")
 
 
 def _check_spec(i: int, spec: Any, seen: set[str]) -> None:
@@ -200,6 +213,11 @@ def _check_spec(i: int, spec: Any, seen: set[str]) -> None:
     ):
         raise PayloadError(
             f"payload header: tensor {key!r} shape {shape!r} is not a list of ints >= 0"
+        )
+    if len(shape) > MAX_DIMS or math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise PayloadError(
+            f"payload header: tensor {key!r} shape {shape!r} exceeds the limits of {MAX_DIMS} "
+            f"dimensions and {MAX_ELEMENTS} elements"
         )
     if not isinstance(spec["meta"], dict):
         raise PayloadError(f"payload header: tensor {key!r} meta must be an object")

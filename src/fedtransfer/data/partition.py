@@ -6,6 +6,7 @@ The dataclasses (``IID``, ``Dirichlet``, ``Shards``, ``QuantitySkew``) are their
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -117,6 +118,14 @@ def quantity_skew(
     return _finish(np.split(order, np.cumsum(sizes)[:-1]))
 
 
+def _check_positive(owner: object, **values: float) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not (isinstance(value, int | float) and value > 0):
+            raise ValueError(f"{type(owner).__name__}: {name} must be > 0, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{type(owner).__name__}: {name} must be finite, got {value!r}")
+
+
 @dataclass(frozen=True)
 class IID:
     """Config form of :func:`iid`."""
@@ -132,6 +141,9 @@ class Dirichlet:
     alpha: float = 0.3
     min_size: int = 10
 
+    def __post_init__(self) -> None:
+        _check_positive(self, alpha=self.alpha, min_size=self.min_size)
+
     def __call__(self, labels: np.ndarray, num_clients: int, seed: int) -> Parts:
         return dirichlet(labels, num_clients, alpha=self.alpha, seed=seed, min_size=self.min_size)
 
@@ -141,6 +153,9 @@ class Shards:
     """Config form of :func:`shards`."""
 
     shards_per_client: int = 2
+
+    def __post_init__(self) -> None:
+        _check_positive(self, shards_per_client=self.shards_per_client)
 
     def __call__(self, labels: np.ndarray, num_clients: int, seed: int) -> Parts:
         return shards(labels, num_clients, shards_per_client=self.shards_per_client, seed=seed)
@@ -152,6 +167,9 @@ class QuantitySkew:
 
     alpha: float = 0.5
     min_size: int = 10
+
+    def __post_init__(self) -> None:
+        _check_positive(self, alpha=self.alpha, min_size=self.min_size)
 
     def __call__(self, labels: np.ndarray, num_clients: int, seed: int) -> Parts:
         return quantity_skew(

@@ -118,8 +118,6 @@ def _parse_component(tp: Any, data: Any, path: str) -> Any:
 
 def _parse_dataclass(cls: type[T], data: Any, path: str) -> T:
     where = path or "<root>"
-    if data is None:
-        data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {_show(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
@@ -134,12 +132,11 @@ def _parse_dataclass(cls: type[T], data: Any, path: str) -> T:
         )
     hints = typing.get_type_hints(cls)
     values = {k: parse(hints[k], v, _join(path, k)) for k, v in data.items()}
+    prefix = f"{path}: " if path else ""
     try:
         return cls(**values)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{where}: {cls.__name__}: {exc}") from None
+        raise ConfigError(f"{prefix}{exc}") from None
 
 
 def dump(obj: Any) -> Any:
@@ -177,7 +174,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                 f"--set {item!r}: expected KEY=VALUE, e.g. rounds=40 or arms.scratch.local.lr=0.1"
             )
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {dotted}: value {raw!r} is not valid YAML: {exc}") from None
         parts = dotted.strip().split(".")
         node: Any = data
         for i, part in enumerate(parts):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtransfer.codecs import Codec, Float32
+from fedtransfer.codecs import Codec, Exact, Float32
 from fedtransfer.data.partition import IID, Dirichlet, Partitioner, QuantitySkew, Shards
 from fedtransfer.data.sources import Digits, MNIST5k, Source
 from fedtransfer.models import CNN, ModelFactory
@@ -36,7 +36,7 @@ GROUPS: dict[Any, dict[str, type]] = {
         "yogi": ServerYogi,
         "adagrad": ServerAdagrad,
     },
-    Codec: {"float32": Float32},
+    Codec: {"float32": Float32, "exact": Exact},
     Sampler: {"uniform": Uniform, "all": AllClients},
     Source: {"digits": Digits, "mnist5k": MNIST5k},
     Partitioner: {

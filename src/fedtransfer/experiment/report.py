@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedtransfer.data.federated import FederatedDataset
+from fedtransfer.errors import ConfigError
 
 if TYPE_CHECKING:
     from fedtransfer.experiment.schema import ExperimentConfig
@@ -125,6 +126,14 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     """(Re)write ``report.md`` and ``plots/*.png`` from ``metrics.jsonl``, ``summary.json``,
     ``partition.json``."""
     root = Path(run_dir)
+    missing = [
+        f for f in ("summary.json", "metrics.jsonl", "partition.json") if not (root / f).exists()
+    ]
+    if missing:
+        raise ConfigError(
+            f"{root}: {', '.join(missing)} missing; a report needs a finished run "
+            "(hint: `fedtransfer resume RUN_DIR` finishes a stopped one)"
+        )
     summary = json.loads((root / "summary.json").read_text())
     records = [
         json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines() if line

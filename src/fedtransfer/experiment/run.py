@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from fedtransfer.data.federated import FederatedDataset, federate
 from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.experiment import config as cfgio
 from fedtransfer.experiment import report
-from fedtransfer.experiment.schema import ArmConfig, ExperimentConfig
+from fedtransfer.experiment.schema import ArmConfig, ExperimentConfig, inherit_arm_settings
 from fedtransfer.recipe import Recipe
 from fedtransfer.round import RoundReport, run_round
 from fedtransfer.runtime.serial import Runtime, SerialRuntime
@@ -56,16 +57,33 @@ def build_population(config: ExperimentConfig) -> FederatedDataset:
     )
 
 
+def check_run_name(name: str) -> str:
+    """A run name is one plain folder name: no separators, not empty, not '.' or '..'."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise ConfigError(
+            f"name: {name!r} is not a valid run name; expected one folder name without '/' "
+            "or a leading '.', e.g. 'default' or 'digits-alpha0.1'"
+        )
+    return name
+
+
 def new_run_dir(runs_dir: str | os.PathLike[str], name: str, *, overwrite: bool = False) -> Path:
-    """``runs_dir/name``, or ``name-2``, ``name-3`` … when it already holds a run."""
+    """``runs_dir/name``, or ``name-2``, ``name-3`` … when it already holds a run.
+
+    With ``overwrite``, an existing ``runs_dir/name`` is replaced, but only if it is empty or
+    a fedtransfer run directory (it holds ``run.json``); anything else is refused.
+    """
     root = Path(runs_dir)
-    candidate, i = root / name, 1
+    candidate, i = root / check_run_name(name), 1
     while candidate.exists() and any(candidate.iterdir()) and not overwrite:
         i += 1
         candidate = root / f"{name}-{i}"
-    if overwrite and candidate.exists():
-        import shutil
-
+    if overwrite and candidate.exists() and any(candidate.iterdir()):
+        if not (candidate / MANIFEST).exists():
+            raise ConfigError(
+                f"--overwrite: {candidate} is not a fedtransfer run directory (no {MANIFEST}); "
+                "refusing to delete it, choose another --name or --runs-dir"
+            )
         shutil.rmtree(candidate)
     candidate.mkdir(parents=True, exist_ok=True)
     return candidate
@@ -98,8 +116,7 @@ def resume(run_dir: str | os.PathLike[str], *, observer: Observer | None = None)
     path = root / CONFIG_FILE
     if not path.exists():
         raise ConfigError(f"{root} is not a run directory: {CONFIG_FILE} is missing")
-    config = cfgio.parse(ExperimentConfig, yaml.safe_load(path.read_text()))
-    return run_experiment(config, root, observer=observer)
+    return run_experiment(load_config(path), root, observer=observer)
 
 
 def load_config(
@@ -112,10 +129,14 @@ def load_config(
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist; hint: see configs/default.yaml")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
-    return cfgio.parse(ExperimentConfig, cfgio.apply_overrides(data, list(overrides)))
+    data = inherit_arm_settings(cfgio.apply_overrides(data, list(overrides)))
+    return cfgio.parse(ExperimentConfig, data)
 
 
 @dataclass
@@ -128,6 +149,7 @@ class _Run:
     def execute(self) -> dict[str, Any]:
         cfg = self.config
         population = build_population(cfg)
+        _check_classes(cfg, population)
         _atomic_write(self.root / "partition.json", json.dumps(report.partition_stats(population)))
         manifest = self._manifest()
         checkpoint = self._pretrained(manifest) if cfg.needs_pretrained else None
@@ -279,6 +301,19 @@ class _Run:
     def _write_metrics(self, histories: dict[str, list[dict[str, Any]]]) -> None:
         lines = [json.dumps(r) for arm in self.config.arms for r in histories.get(arm.name, [])]
         _atomic_write(self.root / METRICS_FILE, "".join(line + "\n" for line in lines))
+
+
+def _check_classes(cfg: ExperimentConfig, population: FederatedDataset) -> None:
+    """The model must have an output for every label the data holds; fail before any training."""
+    sample = population.train[population.clients[0]].x[:1]
+    model = cfg.model()
+    model.eval()
+    outputs = int(model(sample).shape[-1])
+    if outputs < population.num_classes:
+        raise CompatibilityError(
+            f"model: {cfg.model!r} has {outputs} outputs but the data has labels 0.."
+            f"{population.num_classes - 1}; hint: set model.num_classes={population.num_classes}"
+        )
 
 
 def final_weights(run_dir: str | os.PathLike[str], arm: str) -> dict[str, Any]:

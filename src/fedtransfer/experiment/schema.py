@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from fedtransfer.client.train import LocalTraining
 from fedtransfer.codecs import Codec, Float32
@@ -11,6 +11,7 @@ from fedtransfer.data.augment import RandomAffine
 from fedtransfer.data.partition import Dirichlet, Partitioner
 from fedtransfer.data.sources import Digits, MNIST5k, Source
 from fedtransfer.errors import ConfigError
+from fedtransfer.experiment.config import dump
 from fedtransfer.models import CNN, ModelFactory
 from fedtransfer.recipe import Recipe
 from fedtransfer.server.aggregate import Aggregator, Mean
@@ -31,6 +32,12 @@ class DataConfig:
     num_clients: int = 20
     test_fraction: float = 0.2
 
+    def __post_init__(self) -> None:
+        if self.num_clients < 1:
+            raise ConfigError(f"num_clients: must be >= 1, got {self.num_clients}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction: must be in (0, 1), got {self.test_fraction}")
+
 
 @dataclass(frozen=True)
 class PretrainConfig:
@@ -44,6 +51,18 @@ class PretrainConfig:
     )
     augment: RandomAffine | None = field(default_factory=RandomAffine)
     holdout_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError(
+                f"holdout_fraction: must be in [0, 1) so that some source data trains, "
+                f"got {self.holdout_fraction}"
+            )
+        if self.sha256 is not None and self.checkpoint is None:
+            raise ConfigError(
+                "sha256: only checks a given checkpoint; set pretrain.checkpoint too, or drop "
+                "sha256 to pre-train here (the run records the new checkpoint's hash)"
+            )
 
     def spec(self) -> PretrainSpec:
         return PretrainSpec(self.training, self.augment, self.holdout_fraction)
@@ -62,6 +81,32 @@ class ArmConfig:
     server_optimizer: UpdateTransform | None = None
     downlink: Codec | None = None
     uplink: Codec | None = None
+
+
+ARM_FIELDS = ("policy", "local", "sampler", "aggregator", "server_optimizer", "downlink", "uplink")
+
+
+def inherit_arm_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """Complete each arm's partial settings from the experiment's own, in plain config data.
+
+    ``arms: [{name: a, local: {lr: 0.05}}]`` keeps the experiment's other ``local`` settings
+    (momentum, batch size …); a component with a different ``kind:`` replaces it whole.
+    """
+    arms = data.get("arms")
+    if not isinstance(arms, list):
+        return data
+    for arm in arms:
+        if not isinstance(arm, dict):
+            continue
+        for name in ARM_FIELDS:
+            mine, base = arm.get(name), data.get(name)
+            if base is None:
+                base = dump(getattr(ExperimentConfig(), name))
+            if not (isinstance(mine, dict) and isinstance(base, dict)):
+                continue
+            if mine.get("kind", base.get("kind")) == base.get("kind"):
+                arm[name] = {**base, **mine}
+    return data
 
 
 def _default_arms() -> tuple[ArmConfig, ...]:
@@ -99,6 +144,16 @@ class ExperimentConfig:
     arms: tuple[ArmConfig, ...] = field(default_factory=_default_arms)
 
     def __post_init__(self) -> None:
+        if (
+            not self.name
+            or self.name in (".", "..")
+            or "/" in self.name
+            or self.name.startswith(".")
+        ):
+            raise ConfigError(
+                f"name: {self.name!r} is not a valid run name; expected one folder name without "
+                "'/' or a leading '.'"
+            )
         if self.rounds < 1:
             raise ConfigError(f"rounds: must be >= 1, got {self.rounds}")
         if not 0.0 < self.target_accuracy <= 1.0:

@@ -8,6 +8,7 @@ integer buffers (BatchNorm's ``num_batches_tracked``) pass through as the mean u
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
@@ -46,8 +47,8 @@ class ServerSGD:
     momentum: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"ServerSGD: lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"ServerSGD: lr must be finite and > 0, got {self.lr}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"ServerSGD: momentum must be in [0, 1), got {self.momentum}")
 
@@ -80,11 +81,11 @@ class _Adaptive:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if not self.lr > 0 or not self.tau > 0:
+        if not (0 < self.lr < math.inf and 0 < self.tau < math.inf):
             raise ConfigError(f"{name}: lr and tau must be > 0, got lr={self.lr}, tau={self.tau}")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
             raise ConfigError(f"{name}: betas must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if not self.initial_accumulator >= 0:
+        if not 0 <= self.initial_accumulator < math.inf:
             raise ConfigError(
                 f"{name}: initial_accumulator must be >= 0, got {self.initial_accumulator}"
             )
