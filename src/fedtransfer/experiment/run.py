@@ -23,7 +23,12 @@ from fedtransfer.data.federated import FederatedDataset, federate
 from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.experiment import config as cfgio
 from fedtransfer.experiment import report
-from fedtransfer.experiment.schema import ArmConfig, ExperimentConfig, inherit_arm_settings
+from fedtransfer.experiment.schema import (
+    ArmConfig,
+    ExperimentConfig,
+    check_run_name,
+    inherit_arm_settings,
+)
 from fedtransfer.recipe import Recipe
 from fedtransfer.round import RoundReport, run_round
 from fedtransfer.runtime.serial import Runtime, SerialRuntime
@@ -55,16 +60,6 @@ def build_population(config: ExperimentConfig) -> FederatedDataset:
         test_fraction=config.data.test_fraction,
         seed=config.seed,
     )
-
-
-def check_run_name(name: str) -> str:
-    """A run name is one plain folder name: no separators, not empty, not '.' or '..'."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
-        raise ConfigError(
-            f"name: {name!r} is not a valid run name; expected one folder name without '/' "
-            "or a leading '.', e.g. 'default' or 'digits-alpha0.1'"
-        )
-    return name
 
 
 def new_run_dir(runs_dir: str | os.PathLike[str], name: str, *, overwrite: bool = False) -> Path:

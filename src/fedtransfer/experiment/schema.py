@@ -83,6 +83,16 @@ class ArmConfig:
     uplink: Codec | None = None
 
 
+def check_run_name(name: str) -> str:
+    """A run name is one plain folder name: not empty, no separators, no leading '.'."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ConfigError(
+            f"name: {name!r} is not a valid run name; expected one folder name without '/' "
+            "or a leading '.', e.g. 'default' or 'digits-alpha0.1'"
+        )
+    return name
+
+
 ARM_FIELDS = ("policy", "local", "sampler", "aggregator", "server_optimizer", "downlink", "uplink")
 
 
@@ -144,16 +154,7 @@ class ExperimentConfig:
     arms: tuple[ArmConfig, ...] = field(default_factory=_default_arms)
 
     def __post_init__(self) -> None:
-        if (
-            not self.name
-            or self.name in (".", "..")
-            or "/" in self.name
-            or self.name.startswith(".")
-        ):
-            raise ConfigError(
-                f"name: {self.name!r} is not a valid run name; expected one folder name without "
-                "'/' or a leading '.'"
-            )
+        check_run_name(self.name)
         if self.rounds < 1:
             raise ConfigError(f"rounds: must be >= 1, got {self.rounds}")
         if not 0.0 < self.target_accuracy <= 1.0:
