@@ -63,17 +63,17 @@ class Recipe:
                     f"Recipe.{name}: {type(value).__name__} is not a {proto.__name__}; "
                     "hint: build components from fedtransfer's classes or implement the protocol"
                 )
-        plan = self.plan(model)
+        prepared = self.policy.prepare(model)
+        plan = self.policy.plan(prepared)
         if not plan.shared:
             raise CompatibilityError(
                 f"Recipe: policy {self.policy!r} shares no keys, so nothing would be federated; "
                 "hint: use a policy that labels at least one key 'shared'"
             )
-        prepared = self.policy.prepare(model)
         shared = {
             k: torch.zeros_like(v)
             for k, v in prepared.state_dict().items()
-            if k in set(plan.shared)
+            if plan.labels[k] == "shared"
         }
         for name, codec in (("downlink", self.downlink), ("uplink", self.uplink)):
             back = codec.decode(Payload.from_bytes(codec.encode(shared).to_bytes()))
