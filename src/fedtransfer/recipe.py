@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fedtransfer.client.objectives import Objective, Plain
 from fedtransfer.client.train import LocalTraining
 from fedtransfer.codecs import Codec, Float32, Payload
 from fedtransfer.errors import CompatibilityError, ConfigError
@@ -21,7 +22,8 @@ from fedtransfer.transfer.policy import ParamPlan, TransferPolicy
 
 @dataclass(frozen=True)
 class Recipe:
-    """Policy, local training, codecs, server pipeline and sampler: one federated algorithm.
+    """Policy, local training and objective, codecs, server pipeline and sampler: one
+    federated algorithm.
 
     >>> from fedtransfer.models import CNN
     >>> plan = Recipe().validate(CNN()(), population=[str(i) for i in range(10)])
@@ -31,6 +33,7 @@ class Recipe:
 
     policy: TransferPolicy = field(default_factory=Full)
     local: LocalTraining = field(default_factory=LocalTraining)
+    objective: Objective = field(default_factory=Plain)
     downlink: Codec = field(default_factory=Float32)
     uplink: Codec = field(default_factory=Float32)
     pipeline: ServerPipeline = field(default_factory=ServerPipeline)
@@ -45,6 +48,7 @@ class Recipe:
         checks: list[tuple[str, object, type]] = [
             ("policy", self.policy, TransferPolicy),
             ("local", self.local, LocalTraining),
+            ("objective", self.objective, Objective),
             ("downlink", self.downlink, Codec),
             ("uplink", self.uplink, Codec),
             ("pipeline.aggregator", self.pipeline.aggregator, Aggregator),
@@ -70,6 +74,7 @@ class Recipe:
                 f"Recipe: policy {self.policy!r} shares no keys, so nothing would be federated; "
                 "hint: use a policy that labels at least one key 'shared'"
             )
+        self.objective.check(plan)
         shared = {
             k: torch.zeros_like(v)
             for k, v in prepared.state_dict().items()

@@ -14,15 +14,17 @@ from functools import partial
 from torch import Tensor, nn
 
 from fedtransfer import tree
+from fedtransfer.attacks import Threat
 from fedtransfer.client.update import SETUP_CODEC, ClientResult, ClientTask, client_update
 from fedtransfer.codecs import Payload
-from fedtransfer.data.federated import FederatedDataset
+from fedtransfer.data.federated import FederatedDataset, TensorData
 from fedtransfer.errors import FedTransferError, UpdateRejected
 from fedtransfer.recipe import Recipe
 from fedtransfer.runtime.serial import Runtime
+from fedtransfer.seeding import generator
 from fedtransfer.server.validate import validate_update
 from fedtransfer.state import ServerState
-from fedtransfer.types import Metrics
+from fedtransfer.types import Metrics, State
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +51,22 @@ def run_round(
     runtime: Runtime,
     *,
     model_fn: Callable[[], nn.Module],
+    threat: Threat | None = None,
 ) -> tuple[ServerState, RoundReport]:
     """Run round ``state.round + 1`` and return the new state and its report.
 
     Only updates that decode and validate are aggregated; a round with none leaves the global
-    parameters and server state unchanged.
+    parameters and server state unchanged. ``threat`` simulates malicious clients (robustness
+    evaluation): they train on poisoned data and their updates are replaced before validation.
     """
     began = time.perf_counter()
     r = state.round + 1
     plan = recipe.plan(model_fn())
     cohort = recipe.sampler.sample(population.clients, seed=state.seed, round=r)
+    malicious = threat.malicious(population.clients, seed=state.seed) if threat else frozenset()
     downlink = recipe.downlink.encode(state.params).to_bytes()
+    told = recipe.objective.broadcast(_part(state.server, "objective/"))
+    broadcast = recipe.downlink.encode(told).to_bytes() if told else None
     set_up = set(state.set_up)
     new_clients = [c for c in cohort if c not in set_up]
     setup = SETUP_CODEC.encode(state.start).to_bytes() if new_clients else None
@@ -72,39 +79,58 @@ def run_round(
             round=r,
             seed=state.seed,
             downlink=downlink,
-            data=population.train[c],
+            data=_data_for(c, population, threat, malicious, state.seed, r),
             local=state.clients.get(c) or start_local,
             frozen=frozen,
             start_sha256=state.start_sha256,
             setup=setup if c in new_clients else None,
+            memory=state.memory.get(c, {}),
+            broadcast=broadcast,
         )
         for c in cohort
     ]
     results = runtime.map(partial(client_update, recipe=recipe, model_fn=model_fn), tasks)
-
-    updates, weights, accepted, rejected = [], [], [], []
-    clients = dict(state.clients)
-    for res in results:
+    received, rejected = _receive(recipe, results, r)
+    if threat is not None and received:
+        replaced = threat.attack.corrupt(
+            [u for _, u, _ in received],
+            [res.client in malicious for res, _, _ in received],
+            generator=generator(state.seed, "attack", r),
+        )
+        received = [(res, u, e) for (res, _, e), u in zip(received, replaced, strict=True)]
+    extras_ref = recipe.objective.extras_like(state.params, plan)
+    kept: list[tuple[ClientResult, dict[str, Tensor], State]] = []
+    for res, update, extras in received:
         try:
-            updates.append(_decode_valid(recipe, res, state.params, r))
+            validate_update(
+                update, res.num_examples, reference=state.params, client=res.client, round=r
+            )
+            validate_update(extras, 1, reference=extras_ref, client=res.client, round=r)
         except UpdateRejected as exc:
             log.warning("rejected update: %s", exc)
             rejected.append((res.client, str(exc)))
             continue
-        weights.append(float(res.num_examples))
-        accepted.append(res.client)
-        clients[res.client] = res.local
+        kept.append((res, update, extras))
 
-    kept = set(accepted)
+    accepted = [res.client for res, _, _ in kept]
     params, server = state.params, state.server
-    metrics = _client_metrics([res for res in results if res.client in kept])
-    if updates:
-        out = recipe.pipeline.apply(updates, weights, params=state.params, state=state.server)
+    metrics = _client_metrics([res for res, _, _ in kept])
+    metrics["attack/malicious"] = float(sum(c in malicious for c in cohort))
+    if kept:
+        out = recipe.pipeline.apply(
+            [u for _, u, _ in kept],
+            [float(res.num_examples) for res, _, _ in kept],
+            params=state.params,
+            state=state.server,
+            objective=recipe.objective,
+            extras=[e for _, _, e in kept],
+            population_size=len(population.clients),
+        )
         params, server = tree.add(state.params, out.value), out.state
         metrics.update({f"server/{k}": v for k, v in out.metrics.items()})
 
-    bytes_up = sum(len(res.uplink) for res in results)
-    bytes_down = len(downlink) * len(cohort)
+    bytes_up = sum(len(res.uplink) + len(res.extras) for res in results)
+    bytes_down = (len(downlink) + len(broadcast or b"")) * len(cohort)
     setup_bytes = len(setup) * len(new_clients) if setup else 0
     ledger = {
         "setup": state.ledger["setup"] + setup_bytes,
@@ -115,7 +141,8 @@ def run_round(
         round=r,
         params=params,
         server=server,
-        clients=clients,
+        clients={**state.clients, **{res.client: res.local for res, _, _ in kept}},
+        memory={**state.memory, **{res.client: res.memory for res, _, _ in kept if res.memory}},
         set_up=tuple(sorted(set_up | set(new_clients))),
         ledger=ledger,
     )
@@ -133,20 +160,42 @@ def run_round(
     return new_state, report
 
 
-def _decode_valid(
-    recipe: Recipe, res: ClientResult, reference: dict[str, Tensor], r: int
-) -> dict[str, Tensor]:
-    try:
-        update = recipe.uplink.decode(Payload.from_bytes(res.uplink))
-    except (FedTransferError, RuntimeError, TypeError, ValueError, OverflowError) as exc:
-        # whatever a client sends, a bad payload is that client's rejection, not the round's end
-        raise UpdateRejected(
-            f"client {res.client}, round {r}: payload does not decode: {exc}",
-            client=res.client,
-            round=r,
-        ) from None
-    validate_update(update, res.num_examples, reference=reference, client=res.client, round=r)
-    return update
+def _part(state: State, prefix: str) -> State:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _data_for(
+    client: str,
+    population: FederatedDataset,
+    threat: Threat | None,
+    malicious: frozenset[str],
+    seed: int,
+    r: int,
+) -> TensorData:
+    data = population.train[client]
+    if threat is None or client not in malicious:
+        return data
+    gen = generator(seed, "poison", r, client)
+    return threat.attack.poison(data, num_classes=population.num_classes, generator=gen)
+
+
+def _receive(
+    recipe: Recipe, results: list[ClientResult], r: int
+) -> tuple[list[tuple[ClientResult, dict[str, Tensor], State]], list[tuple[str, str]]]:
+    """Decode every result's update and extras; a payload that does not decode is a rejection."""
+    received, rejected = [], []
+    for res in results:
+        try:
+            update = recipe.uplink.decode(Payload.from_bytes(res.uplink))
+            extras = recipe.uplink.decode(Payload.from_bytes(res.extras)) if res.extras else {}
+        except (FedTransferError, RuntimeError, TypeError, ValueError, OverflowError) as exc:
+            # whatever a client sends, a bad payload is that client's rejection, not the round's end
+            why = f"client {res.client}, round {r}: payload does not decode: {exc}"
+            log.warning("rejected update: %s", why)
+            rejected.append((res.client, why))
+            continue
+        received.append((res, update, extras))
+    return received, rejected
 
 
 def _client_metrics(results: list[ClientResult]) -> Metrics:

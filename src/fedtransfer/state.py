@@ -29,6 +29,8 @@ class ServerState:
     * ``start`` — the full starting weights (set-up distribution), hash ``start_sha256``;
     * ``server`` — the server pipeline's state;
     * ``clients`` — each client's local keys, as the client keeps them (simulation);
+    * ``memory`` — each client's objective memory (control variates, personal models), as the
+      client keeps it;
     * ``set_up`` — clients that have received and verified the starting weights;
     * ``ledger`` — cumulative bytes: ``setup``, ``up``, ``down``;
     * ``history`` — one metrics record per finished round (JSON-safe).
@@ -41,6 +43,7 @@ class ServerState:
     start_sha256: str
     server: State = field(default_factory=dict)
     clients: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    memory: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     set_up: tuple[str, ...] = ()
     ledger: dict[str, int] = field(default_factory=lambda: {"setup": 0, "up": 0, "down": 0})
     history: tuple[dict[str, Any], ...] = ()
@@ -52,13 +55,16 @@ class ServerState:
         plan = recipe.policy.plan(prepared)
         start = tree.clone(prepared.state_dict())
         params = tree.clone(tree.select(start, plan.shared))
+        server = recipe.pipeline.init(params)
+        objective = recipe.objective.server_init(params, plan)
+        server.update({f"objective/{k}": v.clone() for k, v in objective.items()})
         return cls(
             round=0,
             seed=seed,
             params=params,
             start=start,
             start_sha256=tree.sha256(start),
-            server=recipe.pipeline.init(params),
+            server=server,
         )
 
     def weights_for(self, client: str | None = None) -> dict[str, Tensor]:
@@ -81,10 +87,12 @@ def _flatten(state: ServerState) -> dict[str, Tensor]:
         ("server/", state.server),
     ):
         flat.update({prefix + k: v.detach().clone() for k, v in part.items()})
-    for i, client in enumerate(sorted(state.clients)):
-        flat.update(
-            {f"clients/{i}/{k}": v.detach().clone() for k, v in state.clients[client].items()}
-        )
+    for group in ("clients", "memory"):
+        per_client: dict[str, dict[str, Tensor]] = getattr(state, group)
+        for i, client in enumerate(sorted(per_client)):
+            flat.update(
+                {f"{group}/{i}/{k}": v.detach().clone() for k, v in per_client[client].items()}
+            )
     return flat
 
 
@@ -107,6 +115,7 @@ def save_state(state: ServerState, directory: str | os.PathLike[str], *, keep: i
         "seed": state.seed,
         "start_sha256": state.start_sha256,
         "clients": sorted(state.clients),
+        "memory": sorted(state.memory),
         "set_up": list(state.set_up),
         "ledger": state.ledger,
         "history": list(state.history),
@@ -139,6 +148,7 @@ def load_state(directory: str | os.PathLike[str]) -> ServerState:
         return {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
 
     clients = {c: part(f"clients/{i}/") for i, c in enumerate(meta["clients"])}
+    memory = {c: part(f"memory/{i}/") for i, c in enumerate(meta.get("memory", []))}
     start = part("start/")
     if tree.sha256(start) != meta["start_sha256"]:
         raise CompatibilityError(
@@ -153,6 +163,7 @@ def load_state(directory: str | os.PathLike[str]) -> ServerState:
         start_sha256=meta["start_sha256"],
         server=part("server/"),
         clients=clients,
+        memory=memory,
         set_up=tuple(meta["set_up"]),
         ledger={k: int(v) for k, v in meta["ledger"].items()},
         history=tuple(meta["history"]),

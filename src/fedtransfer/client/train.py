@@ -24,7 +24,8 @@ class LocalTraining:
     """How a client trains: optimiser, learning rate, and ``epochs`` or, when set, ``steps``.
 
     A step is one minibatch of ``batch_size``; ``steps`` (when not ``None``) replaces
-    ``epochs`` as the amount of training.
+    ``epochs`` as the amount of training. ``loss`` is cross-entropy on integer labels, or mean
+    squared error on real targets (regression, and the closed-form golden tests).
     """
 
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -34,6 +35,7 @@ class LocalTraining:
     epochs: int = 1
     steps: int | None = None
     batch_size: int = 32
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or self.epochs < 1:
@@ -42,6 +44,8 @@ class LocalTraining:
             raise ConfigError(
                 f"LocalTraining: steps must be >= 1 or null (train by epochs), got {self.steps!r}"
             )
+        if self.loss not in ("cross_entropy", "mse"):
+            raise ConfigError(f"LocalTraining: loss {self.loss!r} not in ['cross_entropy', 'mse']")
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"LocalTraining: optimizer {self.optimizer!r} not in ['sgd', 'adam']")
         for name in ("lr", "momentum", "weight_decay"):
@@ -79,6 +83,12 @@ def _optimizer(spec: LocalTraining, params: list[nn.Parameter]) -> torch.optim.O
     )
 
 
+def _loss(spec: LocalTraining, out: Tensor, y: Tensor) -> Tensor:
+    if spec.loss == "mse":
+        return F.mse_loss(out, y.reshape(out.shape).to(out.dtype))
+    return F.cross_entropy(out, y)
+
+
 def set_modes(model: nn.Module, plan: ParamPlan) -> None:
     """Train mode, except modules whose state is entirely frozen: those run in eval mode, so
     a frozen pre-trained trunk keeps its BatchNorm statistics and computes the same features."""
@@ -102,16 +112,22 @@ def local_train(
     *,
     generator: torch.Generator,
     augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+    penalty: Callable[[dict[str, nn.Parameter]], Tensor] | None = None,
+    correct: Callable[[dict[str, nn.Parameter]], None] | None = None,
 ) -> Metrics:
     """Train ``model`` in place on ``data``; only ``plan.trainable`` parameters get gradients.
 
-    Minibatch order (and ``augment``'s draws, if given) come from ``generator`` alone. Returns the mean training loss, the number
-    of steps and of examples seen.
+    Minibatch order (and ``augment``'s draws, if given) come from ``generator`` alone.
+    Objectives add to the loop without replacing it: ``penalty(params)`` is added to each
+    minibatch loss (FedProx, FedDyn, Ditto) and ``correct(params)`` edits the gradients after
+    ``backward`` (SCAFFOLD); both see the trainable parameters by state-dict key. Returns the
+    mean training loss (without the penalty), the number of steps and of examples seen.
     """
     named = dict(model.named_parameters())
     for name, p in named.items():
         p.requires_grad_(name in plan.trainable)
-    trainable = [p for name, p in named.items() if name in plan.trainable]
+    by_key = {name: p for name, p in named.items() if name in plan.trainable}
+    trainable = list(by_key.values())
     total_steps = spec.num_steps(len(data)) if len(data) else 0
     if not trainable or total_steps == 0:
         return {"loss": float("nan"), "steps": 0.0, "examples": 0.0}
@@ -129,8 +145,10 @@ def local_train(
             if augment is not None:
                 x = augment(x, generator)
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
+            loss = _loss(spec, model(x), y)
+            (loss + penalty(by_key) if penalty is not None else loss).backward()
+            if correct is not None:
+                correct(by_key)
             opt.step()
             loss_sum += float(loss.detach()) * len(idx)
             seen += len(idx)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fedtransfer import tree
-from fedtransfer.client.train import local_train
+from fedtransfer.client.objectives import ClientContext, scale_floats
 from fedtransfer.codecs import Exact, Payload
 from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import CompatibilityError, FedTransferError
@@ -41,17 +41,22 @@ class ClientTask:
     frozen: Params
     start_sha256: str
     setup: bytes | None = None
+    memory: dict[str, Tensor] = field(default_factory=dict)
+    broadcast: bytes | None = None
 
 
 @dataclass(frozen=True, eq=False)
 class ClientResult:
-    """What comes back: the encoded update, its weight, the client's new local keys, metrics."""
+    """What comes back: the encoded update and the objective's encoded extras (both sent),
+    its weight, and what the client keeps: its new local keys and objective memory."""
 
     client: str
     uplink: bytes
     num_examples: int
     local: dict[str, Tensor] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=dict)
+    extras: bytes = b""
+    memory: dict[str, Tensor] = field(default_factory=dict)
 
 
 def verify_start(setup: bytes, expected_sha256: str, *, client: str) -> dict[str, Tensor]:
@@ -92,25 +97,32 @@ def _client_update(
         frozen = tree.select(start, plan.frozen)
         local = {**tree.select(start, plan.local), **local}
     global_shared = recipe.downlink.decode(Payload.from_bytes(task.downlink))
+    broadcast = {}
+    if task.broadcast is not None:
+        broadcast = recipe.downlink.decode(Payload.from_bytes(task.broadcast))
     weights = {**frozen, **local, **global_shared}
     model.load_state_dict(weights, strict=True)
+    ctx = ClientContext(
+        global_shared=global_shared,
+        memory=task.memory,
+        broadcast=broadcast,
+        spec=recipe.local,
+        generator=generator(task.seed, "batches", task.round, task.client),
+    )
     with torch.random.fork_rng(devices=[]):
         # user models may draw from the global RNG (dropout): seed it per (run, round, client)
         torch.manual_seed(derive_seed(task.seed, "torch", task.round, task.client))
-        metrics = local_train(
-            model,
-            plan,
-            task.data,
-            recipe.local,
-            generator=generator(task.seed, "batches", task.round, task.client),
-        )
+        out = recipe.objective.train(model, plan, task.data, ctx)
     trained = model.state_dict()
     delta = tree.sub(tree.select(trained, plan.shared), global_shared)
-    payload = recipe.uplink.encode(delta)
+    if out.update_scale != 1.0:
+        delta = scale_floats(delta, out.update_scale)
     return ClientResult(
         client=task.client,
-        uplink=payload.to_bytes(),
+        uplink=recipe.uplink.encode(delta).to_bytes(),
         num_examples=len(task.data),
         local=tree.clone(tree.select(trained, plan.local)),
-        metrics=metrics,
+        metrics=out.metrics,
+        extras=recipe.uplink.encode(out.extras).to_bytes() if out.extras else b"",
+        memory=tree.clone(out.memory),
     )

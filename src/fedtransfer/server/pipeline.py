@@ -1,4 +1,4 @@
-"""``ServerPipeline``: per-client transforms ▸ aggregator ▸ post transforms (server optimiser)."""
+"""``ServerPipeline``: per-client transforms ▸ aggregator ▸ objective ▸ post (server optimiser)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from fedtransfer.client.objectives import Objective
 from fedtransfer.server.aggregate import Aggregator, Mean
 from fedtransfer.server.optimizers import ServerSGD, UpdateTransform
 from fedtransfer.types import Metrics, Out, Params, State
@@ -25,7 +26,8 @@ class ServerPipeline:
     """Everything the server does with the valid updates of a round.
 
     ``apply`` returns the *step* to add to the global shared parameters. State is one flat
-    mapping, namespaced ``per_client/<i>/``, ``aggregator/`` and ``post/<i>/``.
+    mapping, namespaced ``per_client/<i>/``, ``aggregator/``, ``objective/`` (the server half of
+    the recipe's client objective, e.g. SCAFFOLD's control variate) and ``post/<i>/``.
 
     >>> import torch
     >>> pipe = ServerPipeline()
@@ -54,7 +56,12 @@ class ServerPipeline:
         *,
         params: Params,
         state: State,
+        objective: Objective | None = None,
+        extras: Sequence[State] = (),
+        population_size: int = 0,
     ) -> Out[dict[str, Tensor]]:
+        """The step for ``updates`` (already validated); ``extras`` are the clients' objective
+        extras in the same order, ``population_size`` the number of clients in the federation."""
         new_state: State = {}
         metrics: Metrics = {}
         prepared: list[Params] = list(updates)
@@ -68,6 +75,18 @@ class ServerPipeline:
         _put(new_state, "aggregator/", agg.state)
         metrics.update({f"aggregator/{k}": v for k, v in agg.metrics.items()})
         step: dict[str, Tensor] = agg.value
+        if objective is not None:
+            adjusted = objective.server_apply(
+                step,
+                updates=prepared,
+                extras=extras,
+                weights=weights,
+                state=_sub(state, "objective/"),
+                population_size=population_size,
+            )
+            step = adjusted.value
+            _put(new_state, "objective/", adjusted.state)
+            metrics.update({f"objective/{k}": v for k, v in adjusted.metrics.items()})
         for i, t in enumerate(self.post):
             out = t.apply(step, _sub(state, f"post/{i}/"), params)
             step = out.value

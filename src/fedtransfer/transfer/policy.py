@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol, runtime_checkable
@@ -68,6 +68,18 @@ class ParamPlan:
     def trainable(self) -> frozenset[str]:
         """Parameters that get gradients: shared or local ``nn.Parameter``s."""
         return frozenset(k for k in self.parameters if self.labels[k] != "frozen")
+
+    def only(self, keys: Iterable[str]) -> ParamPlan:
+        """This plan with every key outside ``keys`` relabelled ``frozen`` (a training phase:
+        FedRep's head and body epochs, fine-tuning part of a model)."""
+        keep = set(keys)
+        unknown = sorted(keep - set(self.labels))
+        if unknown:
+            raise PlanError(f"ParamPlan.only: unknown keys {unknown[:5]}")
+        labels: dict[str, Label] = {
+            k: (v if k in keep else "frozen") for k, v in self.labels.items()
+        }
+        return ParamPlan(labels, self.parameters)
 
     def describe(self, model: nn.Module) -> dict[str, dict[str, int]]:
         """Count of keys and of scalars per label, e.g. for a report."""

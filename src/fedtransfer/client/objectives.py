@@ -1,0 +1,395 @@
+"""Client objectives: what a client optimises locally, and the server half that goes with it.
+
+An :class:`Objective` wraps the one training loop (:func:`local_train`) with add-ons —
+a proximal term (FedProx), gradient correction by control variates (SCAFFOLD), a dynamic
+regulariser (FedDyn), normalised updates (FedNova) — and owns the state they need: per-client
+*memory* (kept by the client across rounds), a server state, a *broadcast* the server sends
+with the global parameters and *extras* each client sends back with its update. Both travel
+through the recipe's codecs and are counted in the byte ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from fedtransfer import tree
+from fedtransfer.client.train import LocalTraining, local_train
+from fedtransfer.data.federated import TensorData
+from fedtransfer.errors import ConfigError
+from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.types import Metrics, Out, Params, State
+
+
+@dataclass(frozen=True, eq=False)
+class ClientContext:
+    """What an objective sees on a client in one round.
+
+    ``global_shared`` is θ as decoded from the downlink; ``memory`` is what this client kept
+    from its previous participation (empty the first time); ``broadcast`` is the objective's
+    share of the server state for this round.
+    """
+
+    global_shared: Params
+    memory: State
+    broadcast: State
+    spec: LocalTraining
+    generator: torch.Generator
+
+
+@dataclass(frozen=True, eq=False)
+class ClientOut:
+    """What an objective's training returns besides the trained model.
+
+    ``update_scale`` multiplies the floating part of the update before encoding (FedNova's
+    normalisation); ``extras`` go to the server; ``memory`` replaces the client's memory.
+    """
+
+    metrics: Metrics
+    memory: State = field(default_factory=dict)
+    extras: State = field(default_factory=dict)
+    update_scale: float = 1.0
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """A client's local objective with its server half (state is data, never attributes)."""
+
+    def check(self, plan: ParamPlan) -> None:
+        """Raise if this objective cannot work with ``plan`` (called by ``Recipe.validate``)."""
+
+    def train(
+        self, model: nn.Module, plan: ParamPlan, data: TensorData, ctx: ClientContext
+    ) -> ClientOut:
+        """Train ``model`` (loaded with the round's weights) in place."""
+
+    def server_init(self, params: Params, plan: ParamPlan) -> State:
+        """Initial server state for global shared parameters ``params``."""
+
+    def extras_like(self, params: Params, plan: ParamPlan) -> State:
+        """Zeros shaped like the extras a client sends (the server validates against them)."""
+
+    def broadcast(self, state: State) -> State:
+        """The part of the server state sent to the cohort with θ (often nothing)."""
+
+    def server_apply(
+        self,
+        step: dict[str, Tensor],
+        *,
+        updates: Sequence[Params],
+        extras: Sequence[State],
+        weights: Sequence[float],
+        state: State,
+        population_size: int,
+    ) -> Out[dict[str, Tensor]]:
+        """Adjust the aggregated step and update the server state (before the server optimiser)."""
+
+    def personal(self, weights: Params, memory: State) -> dict[str, Tensor]:
+        """The weights a client evaluates as its personal model (default: ``weights``)."""
+
+
+def trainable_shared(plan: ParamPlan) -> tuple[str, ...]:
+    """Shared keys that are parameters: where proximal terms and control variates apply."""
+    return tuple(k for k in plan.shared if k in plan.trainable)
+
+
+def scale_floats(a: Params, factor: float) -> dict[str, Tensor]:
+    """``factor * a`` on floating tensors; integer tensors (step counters) unchanged."""
+    return {k: v * factor if v.dtype.is_floating_point else v for k, v in a.items()}
+
+
+def effective_steps(steps: float, spec: LocalTraining) -> float:
+    """FedNova's ``a_i``: how many plain-SGD steps ``steps`` momentum-SGD steps amount to.
+
+    ``a = [τ − ρ(1 − ρ^τ)/(1 − ρ)] / (1 − ρ)`` (Wang et al. 2020, arXiv 2007.07481, §4);
+    ``a = τ`` for plain SGD and, as an approximation, for Adam.
+    """
+    rho = spec.momentum if spec.optimizer == "sgd" else 0.0
+    if rho == 0.0:
+        return float(steps)
+    return (steps - rho * (1.0 - rho**steps) / (1.0 - rho)) / (1.0 - rho)
+
+
+Penalty = Callable[[dict[str, nn.Parameter]], Tensor]
+
+
+def _proximal(anchor: Params, keys: Sequence[str], mu: float) -> Penalty:
+    """``mu/2 · Σ_k ||w_k − anchor_k||²``."""
+
+    def penalty(params: dict[str, nn.Parameter]) -> Tensor:
+        total = torch.zeros(())
+        for k in keys:
+            total = total + (params[k] - anchor[k]).pow(2).sum()
+        return 0.5 * mu * total
+
+    return penalty
+
+
+class _Base:
+    """Defaults for the server half: no state, no broadcast, the step unchanged."""
+
+    def check(self, plan: ParamPlan) -> None:
+        return None
+
+    def server_init(self, params: Params, plan: ParamPlan) -> State:
+        return {}
+
+    def extras_like(self, params: Params, plan: ParamPlan) -> State:
+        return {}
+
+    def broadcast(self, state: State) -> State:
+        return {}
+
+    def server_apply(
+        self,
+        step: dict[str, Tensor],
+        *,
+        updates: Sequence[Params],
+        extras: Sequence[State],
+        weights: Sequence[float],
+        state: State,
+        population_size: int,
+    ) -> Out[dict[str, Tensor]]:
+        return Out(step, state)
+
+    def personal(self, weights: Params, memory: State) -> dict[str, Tensor]:
+        return dict(weights)
+
+
+@dataclass(frozen=True)
+class Plain(_Base):
+    """Empirical risk on the client's data: the local objective of FedAvg.
+
+    >>> Plain().broadcast({})
+    {}
+    """
+
+    def train(
+        self, model: nn.Module, plan: ParamPlan, data: TensorData, ctx: ClientContext
+    ) -> ClientOut:
+        return ClientOut(local_train(model, plan, data, ctx.spec, generator=ctx.generator))
+
+
+@dataclass(frozen=True)
+class Prox(_Base):
+    """FedProx (Li et al., arXiv 1812.06127): adds ``mu/2 · ||w − θ||²`` over shared parameters.
+
+    Unlike Flower's FedProx strategy, the term is part of the client's objective here, so a
+    recipe is complete without client code. ``mu = 0`` is FedAvg.
+
+    >>> Prox(mu=0.01).mu
+    0.01
+    """
+
+    mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        _check_nonneg("Prox", "mu", self.mu)
+
+    def train(
+        self, model: nn.Module, plan: ParamPlan, data: TensorData, ctx: ClientContext
+    ) -> ClientOut:
+        anchor = {k: v.detach() for k, v in ctx.global_shared.items()}
+        penalty = _proximal(anchor, trainable_shared(plan), self.mu) if self.mu else None
+        metrics = local_train(model, plan, data, ctx.spec, generator=ctx.generator, penalty=penalty)
+        return ClientOut(metrics)
+
+
+@dataclass(frozen=True)
+class Scaffold(_Base):
+    """SCAFFOLD (Karimireddy et al., arXiv 1910.06378), option II control variates.
+
+    Each gradient step uses ``g − c_i + c``; afterwards
+    ``c_i⁺ = c_i − c + (θ − w) / (a · lr)`` with ``a`` the effective number of steps
+    (:func:`effective_steps`; ``a = K`` for plain SGD as in the paper). The client keeps
+    ``c_i`` in its memory and sends ``Δc_i``; the server keeps ``c`` and sets
+    ``c ← c + |S|/N · mean(Δc_i)``. The uplink and downlink carry two tensors per parameter,
+    and the ledger counts them.
+
+    >>> from torch import nn
+    >>> from fedtransfer.transfer import Full
+    >>> net = nn.Linear(2, 1)
+    >>> sorted(Scaffold().server_init(net.state_dict(), Full().plan(net)))
+    ['c/bias', 'c/weight']
+    """
+
+    def server_init(self, params: Params, plan: ParamPlan) -> State:
+        return {f"c/{k}": torch.zeros_like(params[k]) for k in trainable_shared(plan)}
+
+    def extras_like(self, params: Params, plan: ParamPlan) -> State:
+        return {f"dc/{k}": torch.zeros_like(params[k]) for k in trainable_shared(plan)}
+
+    def broadcast(self, state: State) -> State:
+        return dict(state)
+
+    def train(
+        self, model: nn.Module, plan: ParamPlan, data: TensorData, ctx: ClientContext
+    ) -> ClientOut:
+        keys = trainable_shared(plan)
+        c = {k: ctx.broadcast.get(f"c/{k}", torch.zeros_like(ctx.global_shared[k])) for k in keys}
+        ci = {k: ctx.memory.get(f"c/{k}", torch.zeros_like(c[k])) for k in keys}
+        shift = {k: c[k] - ci[k] for k in keys}
+
+        def correct(params: dict[str, nn.Parameter]) -> None:
+            for k in keys:
+                grad = params[k].grad
+                if grad is not None:
+                    grad.add_(shift[k])
+
+        metrics = local_train(model, plan, data, ctx.spec, generator=ctx.generator, correct=correct)
+        a = effective_steps(metrics["steps"], ctx.spec)
+        if a == 0:
+            return ClientOut(metrics, memory={f"c/{k}": ci[k] for k in keys})
+        trained = model.state_dict()
+        new = {
+            k: ci[k] - c[k] + (ctx.global_shared[k] - trained[k]) / (a * ctx.spec.lr) for k in keys
+        }
+        return ClientOut(
+            metrics,
+            memory={f"c/{k}": new[k].detach().clone() for k in keys},
+            extras={f"dc/{k}": (new[k] - ci[k]).detach() for k in keys},
+        )
+
+    def server_apply(
+        self,
+        step: dict[str, Tensor],
+        *,
+        updates: Sequence[Params],
+        extras: Sequence[State],
+        weights: Sequence[float],
+        state: State,
+        population_size: int,
+    ) -> Out[dict[str, Tensor]]:
+        if not extras:
+            return Out(step, state)
+        new = dict(state)
+        frac = len(extras) / max(population_size, len(extras))
+        for name in state:
+            key = "dc/" + name.removeprefix("c/")
+            parts = [e[key] for e in extras if key in e]
+            if parts:
+                new[name] = state[name] + frac * torch.stack(parts).mean(dim=0)
+        return Out(step, new, {"control_norm": tree.global_norm(new)})
+
+
+@dataclass(frozen=True)
+class Dyn(_Base):
+    """FedDyn (Acar et al., arXiv 2111.04263): dynamic regularisation with strength ``alpha``.
+
+    Client objective ``L_i(w) − ⟨g_i, w⟩ + α/2 ||w − θ||²`` with memory ``g_i ← g_i − α(w − θ)``;
+    server state ``h ← h − α/N · Σ_i Δ_i`` and step ``mean(Δ) − h/α`` (the aggregator's mean,
+    unweighted in the paper). Pair with ``ServerSGD(lr=1)``.
+
+    >>> Dyn(alpha=0.1).alpha
+    0.1
+    """
+
+    alpha: float = 0.01
+
+    def __post_init__(self) -> None:
+        _check_nonneg("Dyn", "alpha", self.alpha)
+        if self.alpha == 0:
+            raise ConfigError("Dyn: alpha must be > 0 (the server step divides by it), got 0")
+
+    def server_init(self, params: Params, plan: ParamPlan) -> State:
+        return {f"h/{k}": torch.zeros_like(params[k]) for k in trainable_shared(plan)}
+
+    def train(
+        self, model: nn.Module, plan: ParamPlan, data: TensorData, ctx: ClientContext
+    ) -> ClientOut:
+        keys = trainable_shared(plan)
+        anchor = {k: ctx.global_shared[k].detach() for k in keys}
+        g = {k: ctx.memory.get(f"g/{k}", torch.zeros_like(anchor[k])) for k in keys}
+        prox = _proximal(anchor, keys, self.alpha)
+
+        def penalty(params: dict[str, nn.Parameter]) -> Tensor:
+            total = prox(params)
+            for k in keys:
+                total = total - (g[k] * params[k]).sum()
+            return total
+
+        metrics = local_train(model, plan, data, ctx.spec, generator=ctx.generator, penalty=penalty)
+        trained = model.state_dict()
+        memory = {
+            f"g/{k}": (g[k] - self.alpha * (trained[k] - anchor[k])).detach().clone() for k in keys
+        }
+        return ClientOut(metrics, memory=memory)
+
+    def server_apply(
+        self,
+        step: dict[str, Tensor],
+        *,
+        updates: Sequence[Params],
+        extras: Sequence[State],
+        weights: Sequence[float],
+        state: State,
+        population_size: int,
+    ) -> Out[dict[str, Tensor]]:
+        if not updates:
+            return Out(step, state)
+        n = max(population_size, len(updates))
+        new, out = dict(state), dict(step)
+        for name in state:
+            k = name.removeprefix("h/")
+            total = torch.stack([u[k].to(state[name].dtype) for u in updates]).sum(dim=0)
+            new[name] = state[name] - self.alpha / n * total
+            out[k] = step[k] - new[name].to(step[k].dtype) / self.alpha
+        return Out(out, new, {"h_norm": tree.global_norm(new)})
+
+
+@dataclass(frozen=True)
+class Nova(_Base):
+    """FedNova (Wang et al., arXiv 2007.07481): normalised averaging over unequal local steps.
+
+    Each client sends ``Δ_i / a_i`` (``a_i`` from :func:`effective_steps`) and ``a_i``; the
+    server rescales the aggregated normalised update by ``τ_eff = Σ p_i a_i`` with ``p_i`` the
+    aggregation weights. With equal steps everywhere this is FedAvg. It assumes the weighted
+    ``Mean`` aggregator.
+
+    >>> from fedtransfer.client.train import LocalTraining
+    >>> effective_steps(10, LocalTraining(momentum=0.0))
+    10.0
+    """
+
+    def extras_like(self, params: Params, plan: ParamPlan) -> State:
+        return {"a": torch.zeros(1)}
+
+    def train(
+        self, model: nn.Module, plan: ParamPlan, data: TensorData, ctx: ClientContext
+    ) -> ClientOut:
+        metrics = local_train(model, plan, data, ctx.spec, generator=ctx.generator)
+        a = effective_steps(metrics["steps"], ctx.spec)
+        return ClientOut(
+            metrics,
+            extras={"a": torch.tensor([a], dtype=torch.float32)},
+            update_scale=1.0 / a if a > 0 else 1.0,
+        )
+
+    def server_apply(
+        self,
+        step: dict[str, Tensor],
+        *,
+        updates: Sequence[Params],
+        extras: Sequence[State],
+        weights: Sequence[float],
+        state: State,
+        population_size: int,
+    ) -> Out[dict[str, Tensor]]:
+        total = float(sum(weights))
+        if not extras or total <= 0:
+            return Out(step, state)
+        tau_eff = sum(w * float(e["a"][0]) for w, e in zip(weights, extras, strict=True)) / total
+        return Out(scale_floats(step, tau_eff), state, {"tau_eff": tau_eff})
+
+
+def _check_nonneg(owner: str, name: str, value: float) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value < float("inf")
+    ):
+        raise ConfigError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
