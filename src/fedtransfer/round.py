@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from fedtransfer import tree
 from fedtransfer.attacks import Threat
+from fedtransfer.client.objectives import scale_floats
 from fedtransfer.client.update import SETUP_CODEC, ClientResult, ClientTask, client_update
 from fedtransfer.codecs import Payload
 from fedtransfer.data.federated import FederatedDataset, TensorData
@@ -23,7 +24,8 @@ from fedtransfer.recipe import Recipe
 from fedtransfer.runtime.serial import Runtime
 from fedtransfer.seeding import generator
 from fedtransfer.server.validate import validate_update
-from fedtransfer.state import ServerState
+from fedtransfer.state import Pending, ServerState
+from fedtransfer.transfer.policy import ParamPlan
 from fedtransfer.types import Metrics, State
 
 log = logging.getLogger(__name__)
@@ -61,14 +63,94 @@ def run_round(
     """
     began = time.perf_counter()
     r = state.round + 1
-    plan = recipe.plan(model_fn())
     cohort = recipe.sampler.sample(population.clients, seed=state.seed, round=r)
+    sent = dispatch(recipe, state, population, runtime, cohort, model_fn=model_fn, threat=threat)
+    kept, rejected = receive(
+        recipe, state, population, sent.results, r, plan=sent.plan, threat=threat
+    )
+    applied = apply_updates(recipe, state, population, kept)
+    applied[2]["attack/malicious"] = float(sum(c in sent.malicious for c in cohort))
+    return conclude(state, sent, sent.results, kept, rejected, applied, cohort=cohort, began=began)
+
+
+def conclude(
+    state: ServerState,
+    sent: Dispatched,
+    results: Sequence[ClientResult],
+    kept: Received,
+    rejected: list[tuple[str, str]],
+    applied: tuple[dict[str, Tensor], State, Metrics],
+    *,
+    cohort: Sequence[str],
+    began: float,
+    pending: tuple[Pending, ...] | None = None,
+    clock: float | None = None,
+) -> tuple[ServerState, RoundReport]:
+    """The next state and its report: what the clients that were heard from keep, the ledger
+    (``results`` sent up, ``sent`` went down), and, for asynchronous runs, the updates still in
+    flight and the simulated clock."""
+    params, server, metrics = applied
+    bytes_up = sum(len(res.uplink) + len(res.extras) for res in results)
+    new_state = state.replace(
+        round=state.round + 1,
+        params=params,
+        server=server,
+        clients={**state.clients, **{res.client: res.local for res, _, _ in kept}},
+        memory={**state.memory, **{res.client: res.memory for res, _, _ in kept if res.memory}},
+        set_up=sent.set_up,
+        ledger={
+            "setup": state.ledger["setup"] + sent.setup_bytes,
+            "up": state.ledger["up"] + bytes_up,
+            "down": state.ledger["down"] + sent.bytes_down,
+        },
+        pending=state.pending if pending is None else pending,
+        clock=state.clock if clock is None else clock,
+    )
+    report = RoundReport(
+        round=new_state.round,
+        cohort=tuple(cohort),
+        accepted=tuple(res.client for res, _, _ in kept),
+        rejected=tuple(rejected),
+        bytes_up=bytes_up,
+        bytes_down=sent.bytes_down,
+        setup_bytes=sent.setup_bytes,
+        seconds=time.perf_counter() - began,
+        metrics=metrics,
+    )
+    return new_state, report
+
+
+@dataclass(frozen=True, eq=False)
+class Dispatched:
+    """Client results for one broadcast of the current global model, and what it cost."""
+
+    results: list[ClientResult]
+    plan: ParamPlan
+    bytes_down: int
+    setup_bytes: int
+    set_up: tuple[str, ...]
+    malicious: frozenset[str]
+
+
+def dispatch(
+    recipe: Recipe,
+    state: ServerState,
+    population: FederatedDataset,
+    runtime: Runtime,
+    clients: Sequence[str],
+    *,
+    model_fn: Callable[[], nn.Module],
+    threat: Threat | None = None,
+) -> Dispatched:
+    """Broadcast the current global model to ``clients`` and run their updates."""
+    r = state.round + 1
+    plan = recipe.plan(model_fn())
     malicious = threat.malicious(population.clients, seed=state.seed) if threat else frozenset()
     downlink = recipe.downlink.encode(state.params).to_bytes()
     told = recipe.objective.broadcast(_part(state.server, "objective/"))
     broadcast = recipe.downlink.encode(told).to_bytes() if told else None
     set_up = set(state.set_up)
-    new_clients = [c for c in cohort if c not in set_up]
+    new_clients = [c for c in clients if c not in set_up]
     setup = SETUP_CODEC.encode(state.start).to_bytes() if new_clients else None
     frozen = tree.select(state.start, plan.frozen)
     # a client with no stored local keys (new, or only ever rejected) starts them from the start
@@ -87,11 +169,36 @@ def run_round(
             memory=state.memory.get(c, {}),
             broadcast=broadcast,
         )
-        for c in cohort
+        for c in clients
     ]
     results = runtime.map(partial(client_update, recipe=recipe, model_fn=model_fn), tasks)
-    received, rejected = _receive(recipe, results, r)
+    return Dispatched(
+        results=results,
+        plan=plan,
+        bytes_down=(len(downlink) + len(broadcast or b"")) * len(clients),
+        setup_bytes=len(setup) * len(new_clients) if setup else 0,
+        set_up=tuple(sorted(set_up | set(new_clients))),
+        malicious=malicious,
+    )
+
+
+Received = list[tuple[ClientResult, dict[str, Tensor], State]]
+
+
+def receive(
+    recipe: Recipe,
+    state: ServerState,
+    population: FederatedDataset,
+    results: Sequence[ClientResult],
+    r: int,
+    *,
+    plan: ParamPlan,
+    threat: Threat | None = None,
+) -> tuple[Received, list[tuple[str, str]]]:
+    """Decode, (attack,) and validate results: the accepted ones and the rejections."""
+    received, rejected = _decode(recipe, results, r)
     if threat is not None and received:
+        malicious = threat.malicious(population.clients, seed=state.seed)
         replaced = threat.attack.corrupt(
             [u for _, u, _ in received],
             [res.client in malicious for res, _, _ in received],
@@ -99,7 +206,7 @@ def run_round(
         )
         received = [(res, u, e) for (res, _, e), u in zip(received, replaced, strict=True)]
     extras_ref = recipe.objective.extras_like(state.params, plan)
-    kept: list[tuple[ClientResult, dict[str, Tensor], State]] = []
+    kept: Received = []
     for res, update, extras in received:
         try:
             validate_update(
@@ -111,53 +218,36 @@ def run_round(
             rejected.append((res.client, str(exc)))
             continue
         kept.append((res, update, extras))
+    return kept, rejected
 
-    accepted = [res.client for res, _, _ in kept]
-    params, server = state.params, state.server
+
+def apply_updates(
+    recipe: Recipe,
+    state: ServerState,
+    population: FederatedDataset,
+    kept: Received,
+    *,
+    scales: Sequence[float] | None = None,
+) -> tuple[dict[str, Tensor], State, Metrics]:
+    """The new global parameters and server state from the accepted updates (``scales``
+    multiply each update first: FedBuff's staleness weights)."""
     metrics = _client_metrics([res for res, _, _ in kept])
-    metrics["attack/malicious"] = float(sum(c in malicious for c in cohort))
-    if kept:
-        out = recipe.pipeline.apply(
-            [u for _, u, _ in kept],
-            [float(res.num_examples) for res, _, _ in kept],
-            params=state.params,
-            state=state.server,
-            objective=recipe.objective,
-            extras=[e for _, _, e in kept],
-            population_size=len(population.clients),
-        )
-        params, server = tree.add(state.params, out.value), out.state
-        metrics.update({f"server/{k}": v for k, v in out.metrics.items()})
-
-    bytes_up = sum(len(res.uplink) + len(res.extras) for res in results)
-    bytes_down = (len(downlink) + len(broadcast or b"")) * len(cohort)
-    setup_bytes = len(setup) * len(new_clients) if setup else 0
-    ledger = {
-        "setup": state.ledger["setup"] + setup_bytes,
-        "up": state.ledger["up"] + bytes_up,
-        "down": state.ledger["down"] + bytes_down,
-    }
-    new_state = state.replace(
-        round=r,
-        params=params,
-        server=server,
-        clients={**state.clients, **{res.client: res.local for res, _, _ in kept}},
-        memory={**state.memory, **{res.client: res.memory for res, _, _ in kept if res.memory}},
-        set_up=tuple(sorted(set_up | set(new_clients))),
-        ledger=ledger,
+    if not kept:
+        return state.params, state.server, metrics
+    updates = [u for _, u, _ in kept]
+    if scales is not None:
+        updates = [scale_floats(u, s) for u, s in zip(updates, scales, strict=True)]
+    out = recipe.pipeline.apply(
+        updates,
+        [float(res.num_examples) for res, _, _ in kept],
+        params=state.params,
+        state=state.server,
+        objective=recipe.objective,
+        extras=[e for _, _, e in kept],
+        population_size=len(population.clients),
     )
-    report = RoundReport(
-        round=r,
-        cohort=tuple(cohort),
-        accepted=tuple(accepted),
-        rejected=tuple(rejected),
-        bytes_up=bytes_up,
-        bytes_down=bytes_down,
-        setup_bytes=setup_bytes,
-        seconds=time.perf_counter() - began,
-        metrics=metrics,
-    )
-    return new_state, report
+    metrics.update({f"server/{k}": v for k, v in out.metrics.items()})
+    return tree.add(state.params, out.value), out.state, metrics
 
 
 def _part(state: State, prefix: str) -> State:
@@ -179,11 +269,12 @@ def _data_for(
     return threat.attack.poison(data, num_classes=population.num_classes, generator=gen)
 
 
-def _receive(
-    recipe: Recipe, results: list[ClientResult], r: int
-) -> tuple[list[tuple[ClientResult, dict[str, Tensor], State]], list[tuple[str, str]]]:
+def _decode(
+    recipe: Recipe, results: Sequence[ClientResult], r: int
+) -> tuple[Received, list[tuple[str, str]]]:
     """Decode every result's update and extras; a payload that does not decode is a rejection."""
-    received, rejected = [], []
+    received: Received = []
+    rejected: list[tuple[str, str]] = []
     for res in results:
         try:
             update = recipe.uplink.decode(Payload.from_bytes(res.uplink))

@@ -10,10 +10,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fedtransfer import tree
+from fedtransfer.client.update import ClientResult
 from fedtransfer.errors import CompatibilityError
 from fedtransfer.recipe import Recipe
 from fedtransfer.types import State
@@ -33,7 +35,9 @@ class ServerState:
       client keeps it;
     * ``set_up`` — clients that have received and verified the starting weights;
     * ``ledger`` — cumulative bytes: ``setup``, ``up``, ``down``;
-    * ``history`` — one metrics record per finished round (JSON-safe).
+    * ``history`` — one metrics record per finished round (JSON-safe);
+    * ``pending`` / ``clock`` — asynchronous runs only: updates still in flight and the
+      simulated time (see :mod:`fedtransfer.buffered`).
     """
 
     round: int
@@ -47,6 +51,8 @@ class ServerState:
     set_up: tuple[str, ...] = ()
     ledger: dict[str, int] = field(default_factory=lambda: {"setup": 0, "up": 0, "down": 0})
     history: tuple[dict[str, Any], ...] = ()
+    pending: tuple[Pending, ...] = ()
+    clock: float = 0.0
 
     @classmethod
     def initial(cls, recipe: Recipe, model: nn.Module, *, seed: int) -> ServerState:
@@ -79,6 +85,53 @@ class ServerState:
         return replace(self, **changes)
 
 
+@dataclass(frozen=True, eq=False)
+class Pending:
+    """A client update in flight (asynchronous runs): its result, the global version it was
+    trained from, and when it reaches the server in simulated time."""
+
+    result: ClientResult
+    version: int
+    arrival: float
+
+    def meta(self) -> dict[str, Any]:
+        res = self.result
+        return {
+            "client": res.client,
+            "version": self.version,
+            "arrival": self.arrival,
+            "num_examples": res.num_examples,
+            "metrics": res.metrics,
+        }
+
+    def tensors(self, prefix: str) -> dict[str, Tensor]:
+        res = self.result
+        out = {
+            f"{prefix}uplink": torch.frombuffer(bytearray(res.uplink), dtype=torch.uint8),
+            f"{prefix}extras": torch.frombuffer(bytearray(res.extras or b"\0"), dtype=torch.uint8),
+        }
+        out.update({f"{prefix}local/{k}": v.detach().clone() for k, v in res.local.items()})
+        out.update({f"{prefix}memory/{k}": v.detach().clone() for k, v in res.memory.items()})
+        return out
+
+    @classmethod
+    def load(cls, meta: dict[str, Any], part: dict[str, Tensor]) -> Pending:
+        def sub(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix) :]: v for k, v in part.items() if k.startswith(prefix)}
+
+        extras = part["extras"].numpy().tobytes()
+        result = ClientResult(
+            client=meta["client"],
+            uplink=part["uplink"].numpy().tobytes(),
+            num_examples=int(meta["num_examples"]),
+            local=sub("local/"),
+            metrics={k: float(v) for k, v in meta["metrics"].items()},
+            extras=b"" if extras == b"\0" else extras,
+            memory=sub("memory/"),
+        )
+        return cls(result, int(meta["version"]), float(meta["arrival"]))
+
+
 def _flatten(state: ServerState) -> dict[str, Tensor]:
     flat: dict[str, Tensor] = {}
     for prefix, part in (
@@ -93,6 +146,8 @@ def _flatten(state: ServerState) -> dict[str, Tensor]:
             flat.update(
                 {f"{group}/{i}/{k}": v.detach().clone() for k, v in per_client[client].items()}
             )
+    for i, item in enumerate(state.pending):
+        flat.update(item.tensors(f"pending/{i}/"))
     return flat
 
 
@@ -119,6 +174,8 @@ def save_state(state: ServerState, directory: str | os.PathLike[str], *, keep: i
         "set_up": list(state.set_up),
         "ledger": state.ledger,
         "history": list(state.history),
+        "pending": [item.meta() for item in state.pending],
+        "clock": state.clock,
     }
     _write_json(tmp / "state.json", meta)
     _fsync_dir(tmp)
@@ -167,6 +224,10 @@ def load_state(directory: str | os.PathLike[str]) -> ServerState:
         set_up=tuple(meta["set_up"]),
         ledger={k: int(v) for k, v in meta["ledger"].items()},
         history=tuple(meta["history"]),
+        pending=tuple(
+            Pending.load(m, part(f"pending/{i}/")) for i, m in enumerate(meta.get("pending", []))
+        ),
+        clock=float(meta.get("clock", 0.0)),
     )
 
 

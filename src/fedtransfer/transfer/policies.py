@@ -121,3 +121,46 @@ class PersonalHead:
 
     def plan(self, model: nn.Module) -> ParamPlan:
         return Rules(rules=((self.head, "local"),), default="shared").plan(model)
+
+
+@dataclass(frozen=True)
+class GlobalHead:
+    """LG-FedAvg (Liang et al., arXiv 2001.01523): local representations, a global head.
+
+    The body (everything but ``head``) stays with each client; only the head is federated.
+
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    >>> GlobalHead().plan(net).shared
+    ('1.weight', '1.bias')
+    """
+
+    head: str = "head"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def plan(self, model: nn.Module) -> ParamPlan:
+        return Rules(rules=((self.head, "shared"),), default="local").plan(model)
+
+
+@dataclass(frozen=True)
+class FrozenHead:
+    """FedBABU (Oh et al., arXiv 2106.06042): the body is federated under a frozen head.
+
+    The head keeps its starting (random or pre-trained) weights throughout federated training;
+    it adapts only at evaluation (personalised fine-tuning, ``Personalization``).
+
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    >>> FrozenHead().plan(net).frozen
+    ('1.weight', '1.bias')
+    """
+
+    head: str = "head"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def plan(self, model: nn.Module) -> ParamPlan:
+        return Rules(rules=((self.head, "frozen"),), default="shared").plan(model)
