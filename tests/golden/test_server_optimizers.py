@@ -14,10 +14,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load, save
 from torch import Tensor, nn
 
 from fedtransfer import (
     AllClients,
+    ConfigError,
     FederatedDataset,
     Full,
     LocalTraining,
@@ -31,6 +33,7 @@ from fedtransfer import (
     ServerYogi,
     TensorData,
     run_round,
+    tree,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -159,6 +162,69 @@ def test_fedadagrad_second_round_sums_squares() -> None:
     d2 = _mean_update(W0 + _adaptive(m1, v1, lr, tau))
     m2, v2 = b1 * m1 + (1 - b1) * d2, v1 + d2**2
     np.testing.assert_allclose(steps[1], _adaptive(m2, v2, lr, tau), rtol=0, atol=TOL)
+
+
+# --- opt-in Adam bias correction (Kingma & Ba, arXiv 1412.6980) -------------------------------
+
+
+def _corrected_lr(lr: float, b1: float, b2: float, k: int) -> float:
+    return lr * np.sqrt(1 - b2**k) / (1 - b1**k)
+
+
+@pytest.mark.parametrize(("correction", "offset"), [("adam", 0), ("flower", 1)])
+def test_fedadam_bias_correction_two_rounds_scale_lr(correction: str, offset: int) -> None:
+    """Round t uses lr·√(1−β₂ᵏ)/(1−β₁ᵏ) with k = t ("adam") or k = t + 1 ("flower")."""
+    lr, b1, b2, tau = 0.05, 0.8, 0.95, 1e-2
+    adam = ServerAdam(lr=lr, beta1=b1, beta2=b2, tau=tau, bias_correction=correction)
+    steps = _rounds(ServerPipeline(post=(adam,)), 2)
+    d1 = _mean_update(W0)
+    m1, v1 = (1 - b1) * d1, (1 - b2) * d1**2
+    step1 = _adaptive(m1, v1, _corrected_lr(lr, b1, b2, 1 + offset), tau)
+    d2 = _mean_update(W0 + step1)
+    m2, v2 = b1 * m1 + (1 - b1) * d2, b2 * v1 + (1 - b2) * d2**2
+    np.testing.assert_allclose(steps[0], step1, rtol=0, atol=TOL)
+    expected = _adaptive(m2, v2, _corrected_lr(lr, b1, b2, 2 + offset), tau)
+    np.testing.assert_allclose(steps[1], expected, rtol=0, atol=TOL)
+
+
+def test_fedadam_adam_bias_correction_first_step_is_lr_times_sign() -> None:
+    """With k = 1 the corrected m / √v is Δ / |Δ|, so a tiny τ gives a step of ±lr."""
+    adam = ServerAdam(lr=0.1, beta1=0.9, beta2=0.999, tau=1e-12, bias_correction="adam")
+    (step,) = _rounds(ServerPipeline(post=(adam,)), 1)
+    np.testing.assert_allclose(step, 0.1 * np.sign(_mean_update(W0)), rtol=0, atol=TOL)
+
+
+def test_fedadam_default_is_uncorrected_without_step_counter() -> None:
+    assert ServerAdam().bias_correction == "none"
+    assert ServerAdam().init({"w": torch.zeros(2)}).keys() == {"m/w", "v/w"}
+
+
+@pytest.mark.parametrize("correction", ["adam", "flower"])
+def test_fedadam_bias_correction_state_counts_steps_and_roundtrips(correction: str) -> None:
+    adam = ServerAdam(bias_correction=correction)
+    params = {"w": torch.zeros(2), "n": torch.tensor(3)}
+    state = adam.init(params)
+    assert state["t"].dtype == torch.int64 and int(state["t"]) == 0
+    for t in (1, 2, 3):
+        state = adam.apply({"w": torch.ones(2), "n": torch.tensor(1)}, state, params).state
+        assert int(state["t"]) == t
+    assert tree.equal(load(save(dict(state))), state)
+
+
+def test_fedadam_bias_correction_resumes_from_saved_state() -> None:
+    adam = ServerAdam(lr=0.1, bias_correction="flower")
+    params, update = {"w": torch.zeros(3)}, {"w": torch.tensor([1.0, -2.0, 0.5])}
+    state = adam.apply(update, adam.init(params), params).state
+    direct = adam.apply(update, state, params)
+    resumed = adam.apply(update, load(save(dict(state))), params)
+    assert tree.equal(direct.value, resumed.value)
+    assert tree.equal(direct.state, resumed.state)
+
+
+@pytest.mark.parametrize("value", [True, "kingma", "None", None])
+def test_fedadam_unknown_bias_correction_raises_config_error(value: object) -> None:
+    with pytest.raises(ConfigError, match="bias_correction must be one of"):
+        ServerAdam(bias_correction=value)  # type: ignore[arg-type]
 
 
 # --- end to end through run_round -------------------------------------------------------------

@@ -4,13 +4,15 @@
 ``ServerAdam`` / ``ServerYogi`` / ``ServerAdagrad`` are FedAdam / FedYogi / FedAdagrad of
 Reddi et al. 2021 (arXiv 2003.00295, Algorithm 2). Only floating tensors are optimised;
 integer buffers (BatchNorm's ``num_batches_tracked``) pass through as the mean update.
+``ServerAdam(bias_correction=...)`` optionally adds Adam's bias-corrected step size (Kingma &
+Ba, arXiv 1412.6980), textbook or as Flower's ``FedAdam`` computes it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -97,9 +99,13 @@ class _Adaptive:
             state[f"v/{k}"] = torch.full_like(params[k], self.initial_accumulator)
         return state
 
+    def _step_size(self, state: State) -> tuple[float, State]:
+        """This step's server learning rate and the state that tracks it (none here)."""
+        return self.lr, {}
+
     def apply(self, update: Params, state: State, params: Params) -> Out[dict[str, Tensor]]:
         out: dict[str, Tensor] = dict(update)
-        new_state: State = {}
+        lr, new_state = self._step_size(state)
         for k in _floats(update):
             d = update[k]
             m = self.beta1 * state[f"m/{k}"] + (1.0 - self.beta1) * d
@@ -111,15 +117,57 @@ class _Adaptive:
             else:
                 v = v_prev + d2
             new_state[f"m/{k}"], new_state[f"v/{k}"] = m, v
-            out[k] = self.lr * m / (torch.sqrt(v) + self.tau)
+            out[k] = lr * m / (torch.sqrt(v) + self.tau)
         return Out(out, new_state)
+
+
+BiasCorrection = Literal["none", "adam", "flower"]
+"""How :class:`ServerAdam` scales its step size with the step count ``t`` (1 on the first step)."""
 
 
 @dataclass(frozen=True)
 class ServerAdam(_Adaptive):
-    """FedAdam: m ← β₁m + (1−β₁)Δ; v ← β₂v + (1−β₂)Δ²; step = lr · m / (√v + τ)."""
+    """FedAdam: m ← β₁m + (1−β₁)Δ; v ← β₂v + (1−β₂)Δ²; step = lr · m / (√v + τ).
 
+    ``bias_correction`` replaces ``lr`` by ``lr · √(1−β₂ᵏ) / (1−β₁ᵏ)`` (Adam's α_t, Kingma & Ba,
+    arXiv 1412.6980, with τ added outside the corrected root): ``"none"`` (default, Reddi et al.
+    Algorithm 2) never does, ``"adam"`` uses k = t, and ``"flower"`` uses k = t + 1, exactly as
+    ``flwr`` 1.42's ``FedAdam`` (it corrects with ``server_round + 1``, rounds counted from 1).
+    With a correction the state also holds the step count ``t`` (an int64 scalar).
+
+    >>> import torch
+    >>> adam = ServerAdam(lr=0.1, beta1=0.9, beta2=0.99, tau=1e-8, bias_correction="adam")
+    >>> params = {"w": torch.zeros(1)}
+    >>> out = adam.apply({"w": torch.tensor([2.0])}, adam.init(params), params)
+    >>> out.value, int(out.state["t"])
+    ({'w': tensor([0.1000])}, 1)
+    """
+
+    bias_correction: BiasCorrection = "none"
     rule: ClassVar[Literal["adam", "yogi", "adagrad"]] = "adam"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bias_correction not in get_args(BiasCorrection):
+            raise ConfigError(
+                f"ServerAdam: bias_correction must be one of {list(get_args(BiasCorrection))}, "
+                f"got {self.bias_correction!r}; use 'flower' to reproduce flwr's FedAdam, "
+                "'adam' for Kingma & Ba's correction"
+            )
+
+    def init(self, params: Params) -> State:
+        state = super().init(params)
+        if self.bias_correction != "none":
+            state["t"] = torch.tensor(0, dtype=torch.int64)
+        return state
+
+    def _step_size(self, state: State) -> tuple[float, State]:
+        if self.bias_correction == "none":
+            return self.lr, {}
+        t = int(state["t"]) + 1
+        k = t + 1 if self.bias_correction == "flower" else t
+        lr = self.lr * math.sqrt(1.0 - self.beta2**k) / (1.0 - self.beta1**k)
+        return lr, {"t": torch.tensor(t, dtype=torch.int64)}
 
 
 @dataclass(frozen=True)
