@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedtransfer.attacks import ALIE, IPM, Attack, GaussianNoise, LabelFlip, Scale, SignFlip
+from fedtransfer.client.objectives import Dyn, Nova, Objective, Plain, Prox, Scaffold
+from fedtransfer.client.personalization import Ditto, Rep
 from fedtransfer.codecs import Codec, Exact, Float32
 from fedtransfer.data.partition import IID, Dirichlet, Partitioner, QuantitySkew, Shards
 from fedtransfer.data.sources import Digits, MNIST5k, Source
@@ -16,8 +19,26 @@ from fedtransfer.server.optimizers import (
     ServerYogi,
     UpdateTransform,
 )
+from fedtransfer.server.robust import (
+    Bulyan,
+    CenteredClipping,
+    Krum,
+    Median,
+    MultiKrum,
+    NormBound,
+    TrimmedMean,
+)
 from fedtransfer.server.sample import AllClients, Sampler, Uniform
-from fedtransfer.transfer.policies import Full, HeadOnly, LastK, LocalBatchNorm, PersonalHead, Rules
+from fedtransfer.transfer.policies import (
+    FrozenHead,
+    Full,
+    GlobalHead,
+    HeadOnly,
+    LastK,
+    LocalBatchNorm,
+    PersonalHead,
+    Rules,
+)
 from fedtransfer.transfer.policy import TransferPolicy
 
 GROUPS: dict[Any, dict[str, type]] = {
@@ -27,9 +48,20 @@ GROUPS: dict[Any, dict[str, type]] = {
         "last_k": LastK,
         "local_batchnorm": LocalBatchNorm,
         "personal_head": PersonalHead,
+        "global_head": GlobalHead,
+        "frozen_head": FrozenHead,
         "rules": Rules,
     },
-    Aggregator: {"mean": Mean},
+    Aggregator: {
+        "mean": Mean,
+        "median": Median,
+        "trimmed_mean": TrimmedMean,
+        "krum": Krum,
+        "multikrum": MultiKrum,
+        "bulyan": Bulyan,
+        "centered_clipping": CenteredClipping,
+        "norm_bound": NormBound,
+    },
     UpdateTransform: {
         "sgd": ServerSGD,
         "adam": ServerAdam,
@@ -46,6 +78,23 @@ GROUPS: dict[Any, dict[str, type]] = {
         "quantity_skew": QuantitySkew,
     },
     ModelFactory: {"cnn": CNN},
+    Objective: {
+        "plain": Plain,
+        "prox": Prox,
+        "scaffold": Scaffold,
+        "dyn": Dyn,
+        "nova": Nova,
+        "ditto": Ditto,
+        "rep": Rep,
+    },
+    Attack: {
+        "sign_flip": SignFlip,
+        "scale": Scale,
+        "gaussian": GaussianNoise,
+        "label_flip": LabelFlip,
+        "alie": ALIE,
+        "ipm": IPM,
+    },
 }
 
 

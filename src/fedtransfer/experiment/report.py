@@ -49,6 +49,9 @@ def arm_summary(history: list[dict[str, Any]], target: float) -> dict[str, Any]:
         "total_bytes": last["cum_bytes"],
         "bytes_per_round": (last["cum_bytes"] / len(rounds)) if rounds else 0.0,
         "setup_bytes": last["cum_setup_bytes"],
+        "personal_accuracy": last.get("personal_accuracy"),
+        "personal_client_mean": last.get("personal_client_mean"),
+        "personal_client_p10": last.get("personal_client_p10"),
         "rejected_updates": sum(r["rejected"] for r in history),
         "seconds": sum(r["seconds"] + r.get("eval_seconds", 0.0) for r in history),
     }
@@ -105,6 +108,8 @@ def summary_rows(summary: dict[str, Any]) -> list[list[str]]:
                 f"{s['bytes_per_round'] / MB:,.3f}",
                 fmt_mb(s["setup_bytes"]),
                 f"{s['client_accuracy_p10']:.3f}",
+                _fmt_acc(s.get("personal_accuracy")),
+                _fmt_acc(s.get("personal_client_p10")),
             ]
         )
     return rows
@@ -119,7 +124,13 @@ HEADERS = [
     "MB / round",
     "set-up MB",
     "p10 client acc",
+    "personal acc",
+    "p10 personal",
 ]
+
+
+def _fmt_acc(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 def write_report(run_dir: str | os.PathLike[str]) -> Path:

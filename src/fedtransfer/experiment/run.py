@@ -18,11 +18,14 @@ import yaml
 from torch import nn
 
 from fedtransfer import tree
+from fedtransfer.buffered import run_buffered_step
 from fedtransfer.client.evaluate import evaluate
+from fedtransfer.client.personalization import personalized_accuracy
 from fedtransfer.data.federated import FederatedDataset, federate
 from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.experiment import config as cfgio
 from fedtransfer.experiment import report
+from fedtransfer.experiment.baselines import train_isolated, weights_of
 from fedtransfer.experiment.schema import (
     ArmConfig,
     ExperimentConfig,
@@ -32,7 +35,7 @@ from fedtransfer.experiment.schema import (
 from fedtransfer.recipe import Recipe
 from fedtransfer.round import RoundReport, run_round
 from fedtransfer.runtime.serial import Runtime, SerialRuntime
-from fedtransfer.seeding import derive_seed
+from fedtransfer.seeding import derive_seed, generator
 from fedtransfer.state import ServerState, load_state, save_state
 from fedtransfer.transfer.pretrain import pretrain
 from fedtransfer.transfer.pretrained import Checkpoint, load_checkpoint
@@ -235,8 +238,24 @@ class _Run:
             "arm_start",
             {"arm": arm.name, "round": state.round, "rounds": cfg.rounds, "arms": len(cfg.arms)},
         )
+        fedbuff = arm.fedbuff or cfg.fedbuff
         while state.round < cfg.rounds:
-            state, rr = run_round(recipe, state, population, self.runtime, model_fn=model_fn)
+            if arm.mode != "federated":
+                state, rr = train_isolated(arm.mode, recipe, state, population, model_fn=model_fn)
+            elif fedbuff is not None:
+                state, rr = run_buffered_step(
+                    recipe,
+                    state,
+                    population,
+                    self.runtime,
+                    model_fn=model_fn,
+                    fedbuff=fedbuff,
+                    threat=cfg.threat,
+                )
+            else:
+                state, rr = run_round(
+                    recipe, state, population, self.runtime, model_fn=model_fn, threat=cfg.threat
+                )
             record = self._evaluate(arm, recipe, state, population, rr)
             state = state.replace(history=(*state.history, record))
             save_state(state, folder)
@@ -255,12 +274,9 @@ class _Run:
     ) -> dict[str, Any]:
         began = time.perf_counter()
         model = recipe.policy.prepare(self.config.model())
-        personal = bool(recipe.plan(model).local)
-        model.load_state_dict(state.weights_for(), strict=True)
         per_client, correct, loss_sum, total = {}, 0.0, 0.0, 0
         for c in population.clients:
-            if personal:
-                model.load_state_dict(state.weights_for(c), strict=True)
+            model.load_state_dict(weights_of(arm.mode, state, c), strict=True)
             ev = evaluate(model, population.test[c])
             per_client[c] = ev["accuracy"]
             n = len(population.test[c])
@@ -291,7 +307,36 @@ class _Run:
             "eval_seconds": time.perf_counter() - began,
             "client_accuracy": per_client,
         }
+        if self.config.personalization is not None and state.round == self.config.rounds:
+            record.update(self._personalized(arm, recipe, state, population))
         return record
+
+    def _personalized(
+        self, arm: ArmConfig, recipe: Recipe, state: ServerState, population: FederatedDataset
+    ) -> dict[str, Any]:
+        """Each client fine-tunes its model on its own training split, then is evaluated on its
+        own test split: global vs personalised accuracy, weighted, unweighted and p10."""
+        spec = self.config.personalization
+        assert spec is not None  # checked by the caller
+        model = recipe.policy.prepare(self.config.model())
+        accs, sizes = {}, {}
+        for c in population.clients:
+            weights = recipe.objective.personal(
+                weights_of(arm.mode, state, c), state.memory.get(c, {})
+            )
+            gen = generator(state.seed, "personalize", c)
+            ev = personalized_accuracy(
+                model, weights, population.train[c], population.test[c], spec, generator=gen
+            )
+            accs[c], sizes[c] = ev["accuracy"], len(population.test[c])
+        values = np.array(list(accs.values()))
+        correct = sum(round(accs[c] * sizes[c]) for c in accs)
+        return {
+            "personal_accuracy": correct / max(sum(sizes.values()), 1),
+            "personal_client_mean": float(values.mean()),
+            "personal_client_p10": float(np.percentile(values, 10)),
+            "personal_client_accuracy": accs,
+        }
 
     def _write_metrics(self, histories: dict[str, list[dict[str, Any]]]) -> None:
         lines = [json.dumps(r) for arm in self.config.arms for r in histories.get(arm.name, [])]

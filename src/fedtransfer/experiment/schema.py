@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from fedtransfer.attacks import Threat
+from fedtransfer.buffered import FedBuff
+from fedtransfer.client.objectives import Objective, Plain
+from fedtransfer.client.personalization import Personalization
 from fedtransfer.client.train import LocalTraining
 from fedtransfer.codecs import Codec, Float32
 from fedtransfer.data.augment import RandomAffine
@@ -68,19 +72,38 @@ class PretrainConfig:
         return PretrainSpec(self.training, self.augment, self.holdout_fraction)
 
 
+Mode = Literal["federated", "local-only", "centralised"]
+
+
 @dataclass(frozen=True)
 class ArmConfig:
-    """One arm: a name, where it starts, and what it changes from the experiment's recipe."""
+    """One arm: a name, where it starts, how it trains, and what it changes from the
+    experiment's recipe.
+
+    ``mode`` is ``federated`` (the recipe, synchronous or FedBuff), ``local-only`` (every client
+    trains alone on its own data, nothing is exchanged) or ``centralised`` (one model on all
+    clients' pooled training data: the oracle no federation can beat without more data). The
+    last two train ``local`` for ``rounds`` rounds and are evaluated like any arm.
+    """
 
     name: str
     init: Literal["scratch", "pretrained"] = "pretrained"
+    mode: Mode = "federated"
     policy: TransferPolicy | None = None
     local: LocalTraining | None = None
+    objective: Objective | None = None
     sampler: Sampler | None = None
     aggregator: Aggregator | None = None
     server_optimizer: UpdateTransform | None = None
     downlink: Codec | None = None
     uplink: Codec | None = None
+    fedbuff: FedBuff | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("federated", "local-only", "centralised"):
+            raise ConfigError(
+                f"mode: {self.mode!r} is not one of ['federated', 'local-only', 'centralised']"
+            )
 
 
 def check_run_name(name: str) -> str:
@@ -93,7 +116,17 @@ def check_run_name(name: str) -> str:
     return name
 
 
-ARM_FIELDS = ("policy", "local", "sampler", "aggregator", "server_optimizer", "downlink", "uplink")
+ARM_FIELDS = (
+    "policy",
+    "local",
+    "objective",
+    "sampler",
+    "aggregator",
+    "server_optimizer",
+    "downlink",
+    "uplink",
+    "fedbuff",
+)
 
 
 def inherit_arm_settings(data: dict[str, Any]) -> dict[str, Any]:
@@ -133,6 +166,9 @@ class ExperimentConfig:
 
     Pre-train the CNN on MNIST 5k, federate on sklearn digits over 20 clients (Dirichlet
     α = 0.3, 10 per round) and compare arms scratch / pretrained-full / pretrained-head.
+    ``fedbuff`` makes federated arms asynchronous (one round = one server version);
+    ``threat`` adds simulated malicious clients to every federated arm; ``personalization``
+    fine-tunes each client's model after the last round and reports personalised accuracy.
     """
 
     name: str = "default"
@@ -146,11 +182,15 @@ class ExperimentConfig:
     local: LocalTraining = field(
         default_factory=lambda: LocalTraining(lr=0.01, momentum=0.9, epochs=1, batch_size=32)
     )
+    objective: Objective = field(default_factory=Plain)
     sampler: Sampler = field(default_factory=lambda: Uniform(clients_per_round=10))
     aggregator: Aggregator = field(default_factory=Mean)
     server_optimizer: UpdateTransform = field(default_factory=ServerSGD)
     downlink: Codec = field(default_factory=Float32)
     uplink: Codec = field(default_factory=Float32)
+    fedbuff: FedBuff | None = None
+    threat: Threat | None = None
+    personalization: Personalization | None = field(default_factory=Personalization)
     arms: tuple[ArmConfig, ...] = field(default_factory=_default_arms)
 
     def __post_init__(self) -> None:
@@ -178,6 +218,7 @@ class ExperimentConfig:
         return Recipe(
             policy=arm.policy or self.policy,
             local=arm.local or self.local,
+            objective=arm.objective or self.objective,
             downlink=arm.downlink or self.downlink,
             uplink=arm.uplink or self.uplink,
             pipeline=ServerPipeline(

@@ -1,0 +1,80 @@
+"""The no-federation arms: every client alone (local-only) and pooled data (centralised)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from fedtransfer import tree
+from fedtransfer.client.train import local_train
+from fedtransfer.data.federated import FederatedDataset, TensorData
+from fedtransfer.recipe import Recipe
+from fedtransfer.round import RoundReport
+from fedtransfer.seeding import generator
+from fedtransfer.state import ServerState
+
+POOLED = "<pooled>"
+"""The ``ServerState.clients`` entry holding a centralised model's local keys."""
+
+
+def weights_of(mode: str, state: ServerState, client: str) -> dict[str, Tensor]:
+    """The model ``client`` is evaluated with in an arm of ``mode``."""
+    if mode == "centralised":
+        return {**state.weights_for(), **state.clients.get(POOLED, {})}
+    return state.weights_for(client)
+
+
+def train_isolated(
+    mode: str,
+    recipe: Recipe,
+    state: ServerState,
+    population: FederatedDataset,
+    *,
+    model_fn: Callable[[], nn.Module],
+) -> tuple[ServerState, RoundReport]:
+    """One round of a ``local-only`` or ``centralised`` arm: ``recipe.local`` training of what
+    the recipe's policy trains, with nothing sent anywhere (the ledger does not move).
+
+    Local-only: each client continues its own model on its own training split (its trained keys
+    live in ``state.clients``). Centralised: one model on all training splits pooled.
+    """
+    began = time.perf_counter()
+    r = state.round + 1
+    model = recipe.policy.prepare(model_fn())
+    plan = recipe.policy.plan(model)
+    kept = (*plan.shared, *plan.local)
+    losses: list[float] = []
+    if mode == "centralised":
+        pooled = TensorData.concat([population.train[c] for c in population.clients])
+        model.load_state_dict(weights_of(mode, state, POOLED), strict=True)
+        metrics = local_train(
+            model, plan, pooled, recipe.local, generator=generator(state.seed, "pooled", r)
+        )
+        losses.append(metrics["loss"])
+        trained = model.state_dict()
+        params = tree.clone(tree.select(trained, plan.shared))
+        clients = {POOLED: tree.clone(tree.select(trained, plan.local))}
+    else:
+        params, clients = state.params, dict(state.clients)
+        for c in population.clients:
+            model.load_state_dict(state.weights_for(c), strict=True)
+            gen = generator(state.seed, "local-only", r, c)
+            metrics = local_train(model, plan, population.train[c], recipe.local, generator=gen)
+            if metrics["steps"]:
+                losses.append(metrics["loss"])
+            clients[c] = tree.clone(tree.select(model.state_dict(), kept))
+    new_state = state.replace(round=r, params=params, clients=clients)
+    report = RoundReport(
+        round=r,
+        cohort=(),
+        accepted=(),
+        rejected=(),
+        bytes_up=0,
+        bytes_down=0,
+        setup_bytes=0,
+        seconds=time.perf_counter() - began,
+        metrics={"client/train_loss": sum(losses) / len(losses) if losses else float("nan")},
+    )
+    return new_state, report
