@@ -8,9 +8,36 @@ from safetensors.torch import load, save
 from torch import Tensor
 
 from fedtransfer import tree
-from fedtransfer.server import Aggregator, Mean
+from fedtransfer.server import (
+    Aggregator,
+    Bulyan,
+    CenteredClipping,
+    Krum,
+    Mean,
+    Median,
+    MultiKrum,
+    NormBound,
+    TrimmedMean,
+)
 
-AGGREGATORS: list[Aggregator] = [Mean(), Mean(weighted=False)]
+AGGREGATORS: list[Aggregator] = [
+    Mean(),
+    Mean(weighted=False),
+    Median(),
+    TrimmedMean(beta=0.2),
+    Krum(f=1),
+    MultiKrum(f=1, m=3),
+    MultiKrum(f=1),
+    Bulyan(f=1),
+    CenteredClipping(tau=1.0, iters=3),
+    NormBound(c=1.0),
+]
+# Rules that shrink updates outside a radius (both radii above are 1.0; random updates here have
+# norm ~4, so clipping is active and these rules are not linear).
+CLIPPING = (CenteredClipping, NormBound)
+# Clients with positive weight in every test: enough for each rule above (Bulyan with f = 1
+# needs 4f + 3 = 7; Krum and MultiKrum 2f + 3 = 5).
+N = 7
 WEIGHTED: list[Aggregator] = [a for a in AGGREGATORS if getattr(a, "weighted", False)]
 
 
@@ -40,9 +67,9 @@ def test_aggregator_is_an_aggregator(aggregator: Aggregator) -> None:
 
 
 def test_aggregator_is_permutation_invariant(aggregator: Aggregator) -> None:
-    updates, weights = _updates(5, seed=1), [3.0, 1.0, 7.0, 2.0, 5.0]
+    updates, weights = _updates(N + 1, seed=1), [3.0, 1.0, 7.0, 2.0, 5.0, 4.0, 6.0, 8.0]
     state = aggregator.init(_params())
-    perm = [3, 0, 4, 2, 1]
+    perm = [3, 0, 7, 4, 2, 6, 1, 5]
     a = aggregator.aggregate(updates, weights, state).value
     b = aggregator.aggregate([updates[i] for i in perm], [weights[i] for i in perm], state).value
     for k in a:
@@ -51,26 +78,34 @@ def test_aggregator_is_permutation_invariant(aggregator: Aggregator) -> None:
 
 def test_aggregator_identical_updates_aggregate_to_themselves(aggregator: Aggregator) -> None:
     (one,) = _updates(1, seed=2)
+    if isinstance(aggregator, CLIPPING):
+        # Clipping rules return a consensus update unchanged only inside their radius (1.0):
+        # outside it they shrink it by design, so they are checked with an update of norm 0.5.
+        one = tree.scale(one, 0.5 / tree.global_norm(one))
     one["bn.num_batches_tracked"] = torch.tensor(7, dtype=torch.int64)
-    out = aggregator.aggregate([one, one, one], [1.0, 2.0, 6.0], aggregator.init(one)).value
+    weights = [1.0, 2.0, 6.0, 1.0, 3.0, 5.0, 4.0]
+    out = aggregator.aggregate([one] * N, weights, aggregator.init(one)).value
     assert tree.equal(out, one)
 
 
 def test_aggregator_ignores_zero_weight_clients(aggregator: Aggregator) -> None:
-    updates = _updates(4, seed=3)
+    updates = _updates(N + 2, seed=3)
+    weights = [2.0, 0.0, 3.0, 1.0, 5.0, 0.0, 4.0, 2.0, 6.0]
     state = aggregator.init(_params())
-    with_zero = aggregator.aggregate(updates, [2.0, 0.0, 3.0, 0.0], state).value
-    without = aggregator.aggregate([updates[0], updates[2]], [2.0, 3.0], state).value
-    assert tree.equal(with_zero, without)
+    with_zero = aggregator.aggregate(updates, weights, state).value
+    kept = [i for i, w in enumerate(weights) if w > 0]
+    without = aggregator.aggregate([updates[i] for i in kept], [weights[i] for i in kept], state)
+    assert tree.equal(with_zero, without.value)
 
 
 def test_aggregator_ignores_non_finite_values_of_zero_weight_clients(
     aggregator: Aggregator,
 ) -> None:
-    updates = _updates(3, seed=4)
-    poisoned = {k: torch.full_like(v, float("nan")) for k, v in updates[1].items()}
-    state = aggregator.init(_params())
-    out = aggregator.aggregate([updates[0], poisoned, updates[2]], [1.0, 0.0, 4.0], state).value
+    updates = _updates(N + 2, seed=4)
+    for i in (1, 5):
+        updates[i] = {k: torch.full_like(v, float("nan")) for k, v in updates[i].items()}
+    weights = [1.0, 0.0, 4.0, 2.0, 3.0, 0.0, 1.0, 5.0, 2.0]
+    out = aggregator.aggregate(updates, weights, aggregator.init(_params())).value
     assert tree.all_finite(out)
 
 
@@ -84,7 +119,7 @@ def test_weighted_aggregator_weights_by_example_count(aggregator: Aggregator) ->
 def _superposition_holds(aggregator: Aggregator, case: int) -> bool:
     """Whether ``aggregate(a*u + b*v) == a*aggregate(u) + b*aggregate(v)`` on a random case."""
     gen = torch.Generator().manual_seed(100 + case)
-    n = 2 + case
+    n = N + case
     u = [_update(gen, dtype=torch.float64) for _ in range(n)]
     v = [_update(gen, dtype=torch.float64) for _ in range(n)]
     weights = (torch.rand(n, generator=gen, dtype=torch.float64) + 0.1).tolist()
@@ -107,7 +142,7 @@ def test_aggregator_linear_flag_is_truthful(aggregator: Aggregator) -> None:
 def test_aggregator_state_roundtrips_through_safetensors(aggregator: Aggregator) -> None:
     params = _params()
     state = aggregator.init(params)
-    out = aggregator.aggregate(_updates(3, seed=5), [1.0, 2.0, 3.0], state)
+    out = aggregator.aggregate(_updates(N, seed=5), [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 4.0], state)
     for s in (state, out.state):
         assert isinstance(s, dict)
         assert all(isinstance(k, str) and isinstance(v, Tensor) for k, v in s.items())
@@ -115,7 +150,7 @@ def test_aggregator_state_roundtrips_through_safetensors(aggregator: Aggregator)
 
 
 def test_aggregator_does_not_mutate_updates(aggregator: Aggregator) -> None:
-    updates = _updates(3, seed=6)
+    updates = _updates(N, seed=6)
     before = [tree.clone(u) for u in updates]
-    aggregator.aggregate(updates, [1.0, 2.0, 3.0], aggregator.init(_params()))
+    aggregator.aggregate(updates, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 4.0], aggregator.init(_params()))
     assert all(tree.equal(u, b) for u, b in zip(updates, before, strict=True))

@@ -9,18 +9,34 @@ from fedtransfer.server.optimizers import (
     UpdateTransform,
 )
 from fedtransfer.server.pipeline import ServerPipeline
+from fedtransfer.server.robust import (
+    Bulyan,
+    CenteredClipping,
+    Krum,
+    Median,
+    MultiKrum,
+    NormBound,
+    TrimmedMean,
+)
 from fedtransfer.server.sample import AllClients, Uniform
 from fedtransfer.server.validate import validate_update
 
 __all__ = [
     "Aggregator",
     "AllClients",
+    "Bulyan",
+    "CenteredClipping",
+    "Krum",
     "Mean",
+    "Median",
+    "MultiKrum",
+    "NormBound",
     "ServerAdagrad",
     "ServerAdam",
     "ServerPipeline",
     "ServerSGD",
     "ServerYogi",
+    "TrimmedMean",
     "Uniform",
     "UpdateTransform",
     "validate_update",
