@@ -19,9 +19,7 @@ import datetime
 import importlib
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,9 @@ import torch
 from torch import nn
 
 import fedtransfer as ft
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import load_average, machine_info
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ANCHORS = REPO / ".." / "shared" / "perf-anchors"
@@ -244,51 +245,6 @@ def summarise(pb: ModuleType, w: Workload) -> dict[str, Any]:
         "round_s": {i: w.timings[i].wall for i in IMPLS},
         "round_cpu_s": {i: w.timings[i].cpu for i in IMPLS},
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
-
-
-def machine_info() -> dict[str, Any]:
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "fedtransfer": ft.__version__,
-        "git": git_commit(),
-    }
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def load_note(info: dict[str, Any]) -> str:

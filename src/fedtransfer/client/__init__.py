@@ -1,15 +1,38 @@
-"""One client's work: the local training loop, evaluation and the round's update."""
+"""One client's work: the local training loop, objectives, evaluation and the round's update."""
 
 from fedtransfer.client.evaluate import evaluate
+from fedtransfer.client.objectives import (
+    ClientContext,
+    ClientOut,
+    Dyn,
+    Nova,
+    Objective,
+    Plain,
+    Prox,
+    Scaffold,
+)
+from fedtransfer.client.personalization import Ditto, Personalization, Rep, personalize
 from fedtransfer.client.train import LocalTraining, local_train
 from fedtransfer.client.update import ClientResult, ClientTask, client_update, verify_start
 
 __all__ = [
+    "ClientContext",
+    "ClientOut",
     "ClientResult",
     "ClientTask",
+    "Ditto",
+    "Dyn",
     "LocalTraining",
+    "Nova",
+    "Objective",
+    "Personalization",
+    "Plain",
+    "Prox",
+    "Rep",
+    "Scaffold",
     "client_update",
     "evaluate",
     "local_train",
+    "personalize",
     "verify_start",
 ]
