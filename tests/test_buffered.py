@@ -150,3 +150,20 @@ def test_client_delays_are_seeded_per_client_and_job() -> None:
     assert d.duration("c0", seed=0, job=1) != d.duration("c0", seed=0, job=2)
     assert d.duration("c0", seed=0, job=1) != d.duration("c0", seed=1, job=1)
     assert AllClients().sample(["a"], seed=0, round=1) == ["a"]
+
+
+def test_fedbuff_reports_malicious_clients_among_the_arrivals(
+    tiny_recipe: Recipe, tiny_state: ServerState, tiny_data: FederatedDataset
+) -> None:
+    from fedtransfer import SignFlip, Threat
+
+    _, report = run_buffered_step(
+        tiny_recipe,
+        tiny_state,
+        tiny_data,
+        SerialRuntime(),
+        model_fn=make_tiny_model,
+        fedbuff=FedBuff(buffer_size=NUM_CLIENTS, concurrency=NUM_CLIENTS),
+        threat=Threat(SignFlip(), fraction=0.4),
+    )
+    assert report.metrics["attack/malicious"] == 2.0

@@ -136,6 +136,7 @@ def run_buffered_step(
     applied = apply_updates(recipe, state, population, kept, scales=scales)
     applied[2]["async/staleness_mean"] = sum(staleness.values()) / max(len(staleness), 1)
     applied[2]["async/staleness_max"] = float(max(staleness.values(), default=0))
+    applied[2]["attack/malicious"] = float(sum(res.client in sent.malicious for res in results))
     return conclude(
         state,
         sent,

@@ -212,3 +212,23 @@ def test_arms_fedbuff_arm_resumes_bit_identical(tmp_path: Path) -> None:
     drop = ("seconds", "eval_seconds")
     strip = [{k: v for k, v in r.items() if k not in drop} for r in _records(straight)]
     assert [{k: v for k, v in r.items() if k not in drop} for r in _records(stopped)] == strip
+
+
+def test_arms_threat_run_records_attack_metrics(tmp_path: Path) -> None:
+    small = [
+        "rounds=2",
+        "data.num_clients=4",
+        "sampler={kind: all}",
+        "model.channels=[4, 8]",
+        "model.hidden=16",
+        "local.steps=2",
+        "local.batch_size=16",
+        "personalization=null",
+        "arms=[{name: fed, init: scratch}]",
+        "threat={attack: {kind: sign_flip}, fraction: 0.5}",
+    ]
+    run_experiment(load_config(None, small), tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    assert last["round_metrics"]["attack/malicious"] == 2.0
+    assert "server/aggregator/clients" in last["round_metrics"]

@@ -303,6 +303,9 @@ class _Run:
             "rejected": len(rr.rejected) if rr else 0,
             "rejected_clients": [c for c, _ in rr.rejected] if rr else [],
             "train_loss": _finite_or_none(rr.metrics.get("client/train_loss")) if rr else None,
+            "round_metrics": (
+                {k: v for k, v in rr.metrics.items() if math.isfinite(v)} if rr else {}
+            ),
             "seconds": rr.seconds if rr else 0.0,
             "eval_seconds": time.perf_counter() - began,
             "client_accuracy": per_client,
