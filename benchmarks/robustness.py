@@ -26,8 +26,8 @@ from sweep import fmt, header, run_seeds, write
 from fedtransfer.attacks import ALIE, GaussianNoise, SignFlip, Threat
 from fedtransfer.data.partition import IID
 from fedtransfer.experiment.schema import ArmConfig, DataConfig, ExperimentConfig
+from fedtransfer.server import Bulyan, CenteredClipping, Krum, Median, TrimmedMean
 from fedtransfer.server.aggregate import Aggregator, Mean
-from fedtransfer.server.robust import Bulyan, CenteredClipping, Krum, Median, TrimmedMean
 from fedtransfer.server.sample import AllClients
 
 AGGREGATORS: dict[str, Aggregator] = {

@@ -12,6 +12,7 @@ from fedtransfer.data.partition import IID, Dirichlet, Partitioner, QuantitySkew
 from fedtransfer.data.sources import Digits, MNIST5k, Source
 from fedtransfer.models import CNN, ModelFactory
 from fedtransfer.server.aggregate import Aggregator, Mean
+from fedtransfer.server.clipping import CenteredClipping, NormBound
 from fedtransfer.server.optimizers import (
     ServerAdagrad,
     ServerAdam,
@@ -19,15 +20,7 @@ from fedtransfer.server.optimizers import (
     ServerYogi,
     UpdateTransform,
 )
-from fedtransfer.server.robust import (
-    Bulyan,
-    CenteredClipping,
-    Krum,
-    Median,
-    MultiKrum,
-    NormBound,
-    TrimmedMean,
-)
+from fedtransfer.server.robust import Bulyan, Krum, Median, MultiKrum, TrimmedMean
 from fedtransfer.server.sample import AllClients, Sampler, Uniform
 from fedtransfer.transfer.policies import (
     FrozenHead,

@@ -1,6 +1,7 @@
 """The server side: update validation, aggregators, server optimisers and their pipeline."""
 
 from fedtransfer.server.aggregate import Aggregator, Mean
+from fedtransfer.server.clipping import CenteredClipping, NormBound
 from fedtransfer.server.optimizers import (
     ServerAdagrad,
     ServerAdam,
@@ -9,15 +10,7 @@ from fedtransfer.server.optimizers import (
     UpdateTransform,
 )
 from fedtransfer.server.pipeline import ServerPipeline
-from fedtransfer.server.robust import (
-    Bulyan,
-    CenteredClipping,
-    Krum,
-    Median,
-    MultiKrum,
-    NormBound,
-    TrimmedMean,
-)
+from fedtransfer.server.robust import Bulyan, Krum, Median, MultiKrum, TrimmedMean
 from fedtransfer.server.sample import AllClients, Uniform
 from fedtransfer.server.validate import validate_update
 
