@@ -24,7 +24,8 @@ from typing import Any
 
 from sweep import fmt, header, run_seeds, write
 
-from fedtransfer.client.objectives import Nova, Objective, Prox, Scaffold
+from fedtransfer.client.drift import Nova, Scaffold
+from fedtransfer.client.objectives import Objective, Prox
 from fedtransfer.client.personalization import Ditto, Rep
 from fedtransfer.experiment.schema import ArmConfig, ExperimentConfig
 from fedtransfer.server.optimizers import ServerAdam, UpdateTransform

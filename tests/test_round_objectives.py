@@ -30,7 +30,8 @@ from fedtransfer import (
     run_round,
     tree,
 )
-from fedtransfer.client.objectives import Objective, Plain, Scaffold
+from fedtransfer.client.drift import Scaffold
+from fedtransfer.client.objectives import Objective, Plain
 from fedtransfer.client.personalization import Ditto, Personalization, Rep, personalize
 from fedtransfer.client.train import local_train
 from fedtransfer.seeding import generator

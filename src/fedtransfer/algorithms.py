@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fedtransfer.client.objectives import Dyn, Nova, Objective, Plain, Prox, Scaffold
+from fedtransfer.client.drift import Dyn, Nova, Scaffold
+from fedtransfer.client.objectives import Objective, Plain, Prox
 from fedtransfer.client.personalization import Ditto, Rep
 from fedtransfer.client.train import LocalTraining
 from fedtransfer.recipe import Recipe

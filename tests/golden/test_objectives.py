@@ -19,7 +19,8 @@ from fedtransfer import (
     TensorData,
     run_round,
 )
-from fedtransfer.client.objectives import Dyn, Nova, Objective, Plain, Prox, Scaffold
+from fedtransfer.client.drift import Dyn, Nova, Scaffold
+from fedtransfer.client.objectives import Objective, Plain, Prox
 
 DIM, CLIENTS, PER_CLIENT = 3, 4, 16
 

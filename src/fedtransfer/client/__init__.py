@@ -1,16 +1,8 @@
 """One client's work: the local training loop, objectives, evaluation and the round's update."""
 
+from fedtransfer.client.drift import Dyn, Nova, Scaffold
 from fedtransfer.client.evaluate import evaluate
-from fedtransfer.client.objectives import (
-    ClientContext,
-    ClientOut,
-    Dyn,
-    Nova,
-    Objective,
-    Plain,
-    Prox,
-    Scaffold,
-)
+from fedtransfer.client.objectives import ClientContext, ClientOut, Objective, Plain, Prox
 from fedtransfer.client.personalization import Ditto, Personalization, Rep, personalize
 from fedtransfer.client.train import LocalTraining, local_train
 from fedtransfer.client.update import ClientResult, ClientTask, client_update, verify_start

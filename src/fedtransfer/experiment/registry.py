@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from fedtransfer.attacks import ALIE, IPM, Attack, GaussianNoise, LabelFlip, Scale, SignFlip
-from fedtransfer.client.objectives import Dyn, Nova, Objective, Plain, Prox, Scaffold
+from fedtransfer.client.drift import Dyn, Nova, Scaffold
+from fedtransfer.client.objectives import Objective, Plain, Prox
 from fedtransfer.client.personalization import Ditto, Rep
 from fedtransfer.codecs import Codec, Exact, Float32
 from fedtransfer.data.partition import IID, Dirichlet, Partitioner, QuantitySkew, Shards
