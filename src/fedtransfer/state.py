@@ -106,6 +106,7 @@ class Pending:
 
     def tensors(self, prefix: str) -> dict[str, Tensor]:
         res = self.result
+        # safetensors cannot hold an empty buffer; a real payload never is the single byte 0
         out = {
             f"{prefix}uplink": torch.frombuffer(bytearray(res.uplink), dtype=torch.uint8),
             f"{prefix}extras": torch.frombuffer(bytearray(res.extras or b"\0"), dtype=torch.uint8),

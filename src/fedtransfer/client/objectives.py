@@ -6,6 +6,9 @@ regulariser (FedDyn), normalised updates (FedNova) — and owns the state they n
 *memory* (kept by the client across rounds), a server state, a *broadcast* the server sends
 with the global parameters and *extras* each client sends back with its update. Both travel
 through the recipe's codecs and are counted in the byte ledger.
+
+Here: the protocol, ``Plain`` (FedAvg) and ``Prox`` (FedProx); drift control (SCAFFOLD, FedDyn,
+FedNova) is in :mod:`.drift`, personalisation (Ditto, FedRep) in :mod:`.personalization`.
 """
 
 from __future__ import annotations
