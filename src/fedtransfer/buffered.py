@@ -130,7 +130,9 @@ def run_buffered_step(
     pending.sort(key=lambda p: (p.arrival, p.result.client))
     arrived, still = pending[: fedbuff.buffer_size], pending[fedbuff.buffer_size :]
     results = [p.result for p in arrived]
-    kept, rejected = receive(recipe, state, population, results, r, plan=sent.plan, threat=threat)
+    kept, rejected = receive(
+        recipe, state, results, r, plan=sent.plan, threat=threat, malicious=sent.malicious
+    )
     staleness = {p.result.client: state.round - p.version for p in arrived}
     scales = [fedbuff.staleness_weight(staleness[res.client]) for res, _, _ in kept]
     applied = apply_updates(recipe, state, population, kept, scales=scales)

@@ -66,7 +66,7 @@ def run_round(
     cohort = recipe.sampler.sample(population.clients, seed=state.seed, round=r)
     sent = dispatch(recipe, state, population, runtime, cohort, model_fn=model_fn, threat=threat)
     kept, rejected = receive(
-        recipe, state, population, sent.results, r, plan=sent.plan, threat=threat
+        recipe, state, sent.results, r, plan=sent.plan, threat=threat, malicious=sent.malicious
     )
     applied = apply_updates(recipe, state, population, kept)
     applied[2]["attack/malicious"] = float(sum(c in sent.malicious for c in cohort))
@@ -188,17 +188,18 @@ Received = list[tuple[ClientResult, dict[str, Tensor], State]]
 def receive(
     recipe: Recipe,
     state: ServerState,
-    population: FederatedDataset,
     results: Sequence[ClientResult],
     r: int,
     *,
     plan: ParamPlan,
     threat: Threat | None = None,
+    malicious: frozenset[str] = frozenset(),
 ) -> tuple[Received, list[tuple[str, str]]]:
-    """Decode, (attack,) and validate results: the accepted ones and the rejections."""
+    """Decode, (attack,) and validate results: the accepted ones and the rejections.
+
+    ``malicious`` is the threat's malicious set (:attr:`Dispatched.malicious`)."""
     received, rejected = _decode(recipe, results, r)
     if threat is not None and received:
-        malicious = threat.malicious(population.clients, seed=state.seed)
         replaced = threat.attack.corrupt(
             [u for _, u, _ in received],
             [res.client in malicious for res, _, _ in received],
