@@ -25,8 +25,9 @@ from torch import nn
 
 from fedtransfer.attacks import Threat
 from fedtransfer.data.federated import FederatedDataset
-from fedtransfer.errors import ConfigError
+from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.recipe import Recipe
+from fedtransfer.transfer.schedule import Stages
 from fedtransfer.round import RoundReport, apply_updates, conclude, dispatch, receive
 from fedtransfer.runtime.serial import Runtime
 from fedtransfer.seeding import generator
@@ -108,6 +109,12 @@ def run_buffered_step(
     arrivals into version ``state.round + 1``. The recipe's sampler is not used: idle clients
     are drawn uniformly, seeded by the run seed and the version."""
     began = time.perf_counter()
+    if isinstance(recipe.policy, Stages):
+        raise CompatibilityError(
+            "FedBuff: staged schedules (Stages) are not supported asynchronously, because "
+            "updates in flight would belong to the previous stage; hint: run the staged arm "
+            "synchronously (drop fedbuff)"
+        )
     if fedbuff.concurrency > len(population.clients):
         raise ConfigError(
             f"FedBuff: concurrency {fedbuff.concurrency} exceeds the population of "

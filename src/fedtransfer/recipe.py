@@ -10,6 +10,7 @@ from torch import nn
 
 from fedtransfer.client.objectives import Objective, Plain
 from fedtransfer.client.train import LocalTraining
+from fedtransfer.client.transforms import ClientTransform
 from fedtransfer.codecs import Codec, Float32, Payload
 from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.server.aggregate import Aggregator
@@ -18,12 +19,17 @@ from fedtransfer.server.pipeline import ServerPipeline
 from fedtransfer.server.sample import Sampler, Uniform
 from fedtransfer.transfer.policies import Full
 from fedtransfer.transfer.policy import ParamPlan, TransferPolicy
+from fedtransfer.transfer.schedule import Stages, stage_recipe
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Policy, local training and objective, codecs, server pipeline and sampler: one
-    federated algorithm.
+    """Policy, local training and objective, client transforms, codecs, server pipeline and
+    sampler: one federated algorithm.
+
+    ``client_transforms`` act on each client's update before the uplink codec (error feedback);
+    ``downlink`` encodes the global model, ``uplink`` the updates. A :class:`Stages` policy
+    makes the recipe staged (see :func:`~fedtransfer.transfer.schedule.stage_recipe`).
 
     >>> from fedtransfer.models import CNN
     >>> plan = Recipe().validate(CNN()(), population=[str(i) for i in range(10)])
@@ -36,6 +42,7 @@ class Recipe:
     objective: Objective = field(default_factory=Plain)
     downlink: Codec = field(default_factory=Float32)
     uplink: Codec = field(default_factory=Float32)
+    client_transforms: tuple[ClientTransform, ...] = ()
     pipeline: ServerPipeline = field(default_factory=ServerPipeline)
     sampler: Sampler = field(default_factory=Uniform)
 
@@ -61,13 +68,29 @@ class Recipe:
             (f"pipeline.per_client[{i}]", t, UpdateTransform)
             for i, t in enumerate(self.pipeline.per_client)
         ]
+        checks += [
+            (f"client_transforms[{i}]", t, ClientTransform)
+            for i, t in enumerate(self.client_transforms)
+        ]
         for name, value, proto in checks:
             if not isinstance(value, proto):
                 raise ConfigError(
                     f"Recipe.{name}: {type(value).__name__} is not a {proto.__name__}; "
                     "hint: build components from fedtransfer's classes or implement the protocol"
                 )
+        if getattr(self.downlink, "sparse", False):
+            raise CompatibilityError(
+                f"Recipe.downlink: {self.downlink!r} drops most entries of each tensor, and the "
+                "downlink carries the global model itself, so clients would train a mostly-zero "
+                "model; hint: sparsify the uplink (with ErrorFeedback) and use Float16/Int8 on "
+                "the downlink"
+            )
         prepared = self.policy.prepare(model)
+        if isinstance(self.policy, Stages):
+            plans = [self._check_stage(prepared, i) for i in range(len(self.policy.stages))]
+            if population is not None:
+                self.sampler.sample(list(population), seed=0, round=1)
+            return plans[0]
         plan = self.policy.plan(prepared)
         if not plan.shared:
             raise CompatibilityError(
@@ -94,3 +117,12 @@ class Recipe:
         if population is not None:
             self.sampler.sample(list(population), seed=0, round=1)
         return plan
+
+    def _check_stage(self, prepared: nn.Module, index: int) -> ParamPlan:
+        assert isinstance(self.policy, Stages)  # the caller checks
+        first = 1 + sum(s.rounds or 0 for s in self.policy.stages[:index])
+        recipe, _ = stage_recipe(self, first)
+        try:
+            return recipe.validate(prepared)
+        except (CompatibilityError, ConfigError) as exc:
+            raise type(exc)(f"Stages.stages[{index}]: {exc}") from None

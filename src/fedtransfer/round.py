@@ -25,7 +25,8 @@ from fedtransfer.runtime.serial import Runtime
 from fedtransfer.seeding import generator
 from fedtransfer.server.validate import validate_update
 from fedtransfer.state import Pending, ServerState
-from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.transfer.policy import ParamPlan, PerClientRank
+from fedtransfer.transfer.schedule import StagePolicy, stage_recipe
 from fedtransfer.types import Metrics, State
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def run_round(
     """
     began = time.perf_counter()
     r = state.round + 1
+    recipe, state = begin_round(recipe, state, model_fn=model_fn)
     cohort = recipe.sampler.sample(population.clients, seed=state.seed, round=r)
     sent = dispatch(recipe, state, population, runtime, cohort, model_fn=model_fn, threat=threat)
     kept, rejected = receive(
@@ -70,6 +72,7 @@ def run_round(
     )
     applied = apply_updates(recipe, state, population, kept)
     applied[2]["attack/malicious"] = float(sum(c in sent.malicious for c in cohort))
+    applied[2]["schedule/stage"] = float(state.stage)
     return conclude(state, sent, sent.results, kept, rejected, applied, cohort=cohort, began=began)
 
 
@@ -98,6 +101,7 @@ def conclude(
         clients={**state.clients, **{res.client: res.local for res, _, _ in kept}},
         memory={**state.memory, **{res.client: res.memory for res, _, _ in kept if res.memory}},
         set_up=sent.set_up,
+        synced=sent.synced,
         ledger={
             "setup": state.ledger["setup"] + sent.setup_bytes,
             "up": state.ledger["up"] + bytes_up,
@@ -130,6 +134,42 @@ class Dispatched:
     setup_bytes: int
     set_up: tuple[str, ...]
     malicious: frozenset[str]
+    synced: dict[str, int]
+
+
+def begin_round(
+    recipe: Recipe, state: ServerState, *, model_fn: Callable[[], nn.Module]
+) -> tuple[Recipe, ServerState]:
+    """The recipe of round ``state.round + 1`` (its stage's, for a staged schedule) and the
+    state, rebased for that stage if the round begins a new one."""
+    current, index = stage_recipe(recipe, state.round + 1)
+    if index != state.stage:
+        state = enter_stage(current, state, index, model_fn=model_fn)
+    return current, state
+
+
+def enter_stage(
+    recipe: Recipe, state: ServerState, index: int, *, model_fn: Callable[[], nn.Module]
+) -> ServerState:
+    """Rebase ``state`` for stage ``index`` (whose recipe is ``recipe``): the aggregated values
+    of the keys shared so far become part of the starting weights, the new shared keys start
+    from there, server and objective state restart, clients' memory restarts."""
+    plan = recipe.plan(model_fn())
+    start = {**state.start, **state.params}
+    params = tree.clone(tree.select(start, plan.shared))
+    server = recipe.pipeline.init(params)
+    objective = recipe.objective.server_init(params, plan)
+    server.update({f"objective/{k}": v.clone() for k, v in objective.items()})
+    log.info("round %d: stage %d begins, %d shared keys", state.round + 1, index, len(params))
+    return state.replace(
+        start=start,
+        start_sha256=tree.sha256(start),
+        params=params,
+        server=server,
+        memory={},
+        stage=index,
+        synced={c: state.synced.get(c, 0) for c in state.set_up},
+    )
 
 
 def dispatch(
@@ -152,8 +192,10 @@ def dispatch(
     set_up = set(state.set_up)
     new_clients = [c for c in clients if c not in set_up]
     setup = SETUP_CODEC.encode(state.start).to_bytes() if new_clients else None
+    handovers = _handovers(recipe, state, clients, new_clients, model_fn)
     frozen = tree.select(state.start, plan.frozen)
-    # a client with no stored local keys (new, or only ever rejected) starts them from the start
+    # local keys a client has not stored (new, only ever rejected, new in this stage) start
+    # from the starting weights
     start_local = tree.select(state.start, plan.local)
     tasks = [
         ClientTask(
@@ -162,12 +204,13 @@ def dispatch(
             seed=state.seed,
             downlink=downlink,
             data=_data_for(c, population, threat, malicious, state.seed, r),
-            local=state.clients.get(c) or start_local,
+            local={**start_local, **_held(state.clients.get(c, {}), plan.local)},
             frozen=frozen,
             start_sha256=state.start_sha256,
             setup=setup if c in new_clients else None,
             memory=state.memory.get(c, {}),
             broadcast=broadcast,
+            handover=handovers.get(c),
         )
         for c in clients
     ]
@@ -175,11 +218,39 @@ def dispatch(
     return Dispatched(
         results=results,
         plan=plan,
-        bytes_down=(len(downlink) + len(broadcast or b"")) * len(clients),
+        bytes_down=(len(downlink) + len(broadcast or b"")) * len(clients)
+        + sum(len(h) for h in handovers.values()),
         setup_bytes=len(setup) * len(new_clients) if setup else 0,
         set_up=tuple(sorted(set_up | set(new_clients))),
         malicious=malicious,
+        synced={**state.synced, **dict.fromkeys(clients, state.stage)}
+        if isinstance(recipe.policy, StagePolicy)
+        else {},
     )
+
+
+def _handovers(
+    recipe: Recipe,
+    state: ServerState,
+    clients: Sequence[str],
+    new_clients: Sequence[str],
+    model_fn: Callable[[], nn.Module],
+) -> dict[str, bytes]:
+    """Staged schedules: for each set-up client still holding an earlier stage's starting
+    weights, the current values of the keys it lacks (encoded losslessly)."""
+    policy = recipe.policy
+    behind = [
+        c for c in clients if c not in new_clients and state.synced.get(c, 0) < state.stage
+    ]
+    if not behind or not isinstance(policy, StagePolicy):
+        return {}
+    plans = policy.stages.plans(policy.prepare(model_fn()))
+    out: dict[str, bytes] = {}
+    for c in behind:
+        keys = policy.stages.handover(plans, state.synced.get(c, 0), state.stage)
+        if keys:
+            out[c] = SETUP_CODEC.encode(tree.select(state.start, keys)).to_bytes()
+    return out
 
 
 Received = list[tuple[ClientResult, dict[str, Tensor], State]]
@@ -255,6 +326,12 @@ def _part(state: State, prefix: str) -> State:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _held(stored: dict[str, Tensor], local: Sequence[str]) -> dict[str, Tensor]:
+    """The stored local keys that are still local (a stage may have changed the labels)."""
+    keys = set(local)
+    return {k: v for k, v in stored.items() if k in keys}
+
+
 def _data_for(
     client: str,
     population: FederatedDataset,
@@ -276,9 +353,12 @@ def _decode(
     """Decode every result's update and extras; a payload that does not decode is a rejection."""
     received: Received = []
     rejected: list[tuple[str, str]] = []
+    per_client = recipe.policy if isinstance(recipe.policy, PerClientRank) else None
     for res in results:
         try:
             update = recipe.uplink.decode(Payload.from_bytes(res.uplink))
+            if per_client is not None:  # heterogeneous ranks: back to global shapes
+                update = per_client.pad(update, res.client)
             extras = recipe.uplink.decode(Payload.from_bytes(res.extras)) if res.extras else {}
         except (FedTransferError, RuntimeError, TypeError, ValueError, OverflowError) as exc:
             # whatever a client sends, a bad payload is that client's rejection, not the round's end

@@ -18,6 +18,7 @@ from fedtransfer import tree
 from fedtransfer.client.update import ClientResult
 from fedtransfer.errors import CompatibilityError
 from fedtransfer.recipe import Recipe
+from fedtransfer.transfer.schedule import stage_recipe
 from fedtransfer.types import State
 
 FORMAT = "fedtransfer-state/1"
@@ -37,7 +38,9 @@ class ServerState:
     * ``ledger`` — cumulative bytes: ``setup``, ``up``, ``down``;
     * ``history`` — one metrics record per finished round (JSON-safe);
     * ``pending`` / ``clock`` — asynchronous runs only: updates still in flight and the
-      simulated time (see :mod:`fedtransfer.buffered`).
+      simulated time (see :mod:`fedtransfer.buffered`);
+    * ``stage`` / ``synced`` — staged schedules only (:mod:`fedtransfer.transfer.schedule`):
+      the current stage, and for each set-up client the stage whose starting weights it holds.
     """
 
     round: int
@@ -53,10 +56,13 @@ class ServerState:
     history: tuple[dict[str, Any], ...] = ()
     pending: tuple[Pending, ...] = ()
     clock: float = 0.0
+    stage: int = 0
+    synced: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def initial(cls, recipe: Recipe, model: nn.Module, *, seed: int) -> ServerState:
         """Round-0 state from a (pre-trained or freshly initialised) model."""
+        recipe, _ = stage_recipe(recipe, 1)
         prepared = recipe.policy.prepare(model)
         plan = recipe.policy.plan(prepared)
         start = tree.clone(prepared.state_dict())
@@ -177,6 +183,8 @@ def save_state(state: ServerState, directory: str | os.PathLike[str], *, keep: i
         "history": list(state.history),
         "pending": [item.meta() for item in state.pending],
         "clock": state.clock,
+        "stage": state.stage,
+        "synced": state.synced,
     }
     _write_json(tmp / "state.json", meta)
     _fsync_dir(tmp)
@@ -229,6 +237,8 @@ def load_state(directory: str | os.PathLike[str]) -> ServerState:
             Pending.load(m, part(f"pending/{i}/")) for i, m in enumerate(meta.get("pending", []))
         ),
         clock=float(meta.get("clock", 0.0)),
+        stage=int(meta.get("stage", 0)),
+        synced={c: int(i) for c, i in meta.get("synced", {}).items()},
     )
 
 

@@ -90,6 +90,7 @@ class Scaffold(_Base):
         weights: Sequence[float],
         state: State,
         population_size: int,
+        params: Params,
     ) -> Out[dict[str, Tensor]]:
         if not extras:
             return Out(step, state)
@@ -155,6 +156,7 @@ class Dyn(_Base):
         weights: Sequence[float],
         state: State,
         population_size: int,
+        params: Params,
     ) -> Out[dict[str, Tensor]]:
         if not updates:
             return Out(step, state)
@@ -205,6 +207,7 @@ class Nova(_Base):
         weights: Sequence[float],
         state: State,
         population_size: int,
+        params: Params,
     ) -> Out[dict[str, Tensor]]:
         total = float(sum(weights))
         if not extras or total <= 0:

@@ -87,8 +87,10 @@ class Objective(Protocol):
         weights: Sequence[float],
         state: State,
         population_size: int,
+        params: Params,
     ) -> Out[dict[str, Tensor]]:
-        """Adjust the aggregated step and update the server state (before the server optimiser)."""
+        """Adjust the aggregated step and update the server state (before the server optimiser);
+        ``params`` is the current global θ."""
 
     def personal(self, weights: Params, memory: State) -> dict[str, Tensor]:
         """The weights a client evaluates as its personal model (default: ``weights``)."""
@@ -155,6 +157,7 @@ class _Base:
         weights: Sequence[float],
         state: State,
         population_size: int,
+        params: Params,
     ) -> Out[dict[str, Tensor]]:
         return Out(step, state)
 

@@ -16,6 +16,7 @@ from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import CompatibilityError, FedTransferError
 from fedtransfer.recipe import Recipe
 from fedtransfer.seeding import derive_seed, generator
+from fedtransfer.transfer.policy import PerClientRank
 from fedtransfer.types import Metrics, Params
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,9 @@ class ClientTask:
     """What the server sends a client for one round (plus, in simulation, its private data).
 
     ``setup`` carries the encoded starting weights on a client's first participation; the
-    client checks their hash against ``start_sha256`` before it trains.
+    client checks their hash against ``start_sha256`` before it trains. ``handover`` carries,
+    in a staged schedule, the keys that changed since the starting weights this client holds
+    (see :mod:`fedtransfer.transfer.schedule`).
     """
 
     client: str
@@ -43,6 +46,12 @@ class ClientTask:
     setup: bytes | None = None
     memory: dict[str, Tensor] = field(default_factory=dict)
     broadcast: bytes | None = None
+    handover: bytes | None = None
+
+
+TRANSFORM_MEMORY = "transform/"
+"""Client memory under this prefix belongs to the client transforms (``transform/<i>/<key>``);
+the rest is the objective's."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,15 +105,21 @@ def _client_update(
         start = verify_start(task.setup, task.start_sha256, client=task.client)
         frozen = tree.select(start, plan.frozen)
         local = {**tree.select(start, plan.local), **local}
+    if task.handover is not None:
+        handed = SETUP_CODEC.decode(Payload.from_bytes(task.handover))
+        frozen = {**frozen, **tree.select(handed, [k for k in plan.frozen if k in handed])}
+    per_client = recipe.policy if isinstance(recipe.policy, PerClientRank) else None
     global_shared = recipe.downlink.decode(Payload.from_bytes(task.downlink))
+    if per_client is not None:
+        global_shared = per_client.truncate(global_shared, task.client)
     broadcast = {}
     if task.broadcast is not None:
         broadcast = recipe.downlink.decode(Payload.from_bytes(task.broadcast))
-    weights = {**frozen, **local, **global_shared}
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict({**frozen, **local, **global_shared}, strict=True)
+    memory, kept = _split_memory(task.memory)
     ctx = ClientContext(
         global_shared=global_shared,
-        memory=task.memory,
+        memory=memory,
         broadcast=broadcast,
         spec=recipe.local,
         generator=generator(task.seed, "batches", task.round, task.client),
@@ -117,12 +132,37 @@ def _client_update(
     delta = tree.sub(tree.select(trained, plan.shared), global_shared)
     if out.update_scale != 1.0:
         delta = scale_floats(delta, out.update_scale)
+    if per_client is not None:
+        delta = per_client.trim(delta, task.client)
+    delta, transformed, metrics = _transform(recipe, delta, kept)
     return ClientResult(
         client=task.client,
         uplink=recipe.uplink.encode(delta).to_bytes(),
         num_examples=len(task.data),
         local=tree.clone(tree.select(trained, plan.local)),
-        metrics=out.metrics,
+        metrics={**out.metrics, **metrics},
         extras=recipe.uplink.encode(out.extras).to_bytes() if out.extras else b"",
-        memory=tree.clone(out.memory),
+        memory=tree.clone({**out.memory, **transformed}),
     )
+
+
+def _split_memory(memory: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The objective's part of a client's memory, and the client transforms' part."""
+    ours = {k: v for k, v in memory.items() if k.startswith(TRANSFORM_MEMORY)}
+    return {k: v for k, v in memory.items() if k not in ours}, ours
+
+
+def _transform(
+    recipe: Recipe, delta: dict[str, Tensor], memory: dict[str, Tensor]
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Metrics]:
+    """Run the client transforms in order; their states are kept under ``transform/<i>/``."""
+    kept: dict[str, Tensor] = {}
+    metrics: Metrics = {}
+    for i, t in enumerate(recipe.client_transforms):
+        prefix = f"{TRANSFORM_MEMORY}{i}/"
+        state = {k[len(prefix) :]: v for k, v in memory.items() if k.startswith(prefix)}
+        out = t.apply(delta, state, uplink=recipe.uplink)
+        delta = out.value
+        kept.update({prefix + k: v for k, v in out.state.items()})
+        metrics.update({f"transform/{i}/{k}": v for k, v in out.metrics.items()})
+    return delta, kept, metrics

@@ -83,6 +83,7 @@ class ServerPipeline:
                 weights=weights,
                 state=_sub(state, "objective/"),
                 population_size=population_size,
+                params=params,
             )
             step = adjusted.value
             _put(new_state, "objective/", adjusted.state)
