@@ -14,7 +14,7 @@ from fedtransfer.client.transforms import ClientTransform
 from fedtransfer.codecs import Codec, Float32, Payload
 from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.server.aggregate import Aggregator
-from fedtransfer.server.optimizers import UpdateTransform
+from fedtransfer.server.optimizers import ServerSGD, UpdateTransform
 from fedtransfer.server.pipeline import ServerPipeline
 from fedtransfer.server.sample import Sampler, Uniform
 from fedtransfer.transfer.policies import Full
@@ -98,6 +98,15 @@ class Recipe:
                 "hint: use a policy that labels at least one key 'shared'"
             )
         self.objective.check(plan)
+        if getattr(self.objective, "replaces_step", False) and self.pipeline.post not in (
+            (),
+            (ServerSGD(),),
+        ):
+            raise CompatibilityError(
+                f"Recipe: {type(self.objective).__name__} sets parameters outright, so the "
+                f"server optimiser must pass its step through unchanged; got "
+                f"post={self.pipeline.post!r}; hint: use ServerSGD() (lr 1, no momentum) here"
+            )
         shared = {
             k: torch.zeros_like(v)
             for k, v in prepared.state_dict().items()

@@ -24,9 +24,10 @@ from fedtransfer.recipe import Recipe
 from fedtransfer.runtime.serial import Runtime
 from fedtransfer.seeding import generator
 from fedtransfer.server.validate import validate_update
+from fedtransfer.staged import begin_round, handovers_for
 from fedtransfer.state import Pending, ServerState
 from fedtransfer.transfer.policy import ParamPlan, PerClientRank
-from fedtransfer.transfer.schedule import StagePolicy, stage_recipe
+from fedtransfer.transfer.schedule import StagePolicy
 from fedtransfer.types import Metrics, State
 
 log = logging.getLogger(__name__)
@@ -137,41 +138,6 @@ class Dispatched:
     synced: dict[str, int]
 
 
-def begin_round(
-    recipe: Recipe, state: ServerState, *, model_fn: Callable[[], nn.Module]
-) -> tuple[Recipe, ServerState]:
-    """The recipe of round ``state.round + 1`` (its stage's, for a staged schedule) and the
-    state, rebased for that stage if the round begins a new one."""
-    current, index = stage_recipe(recipe, state.round + 1)
-    if index != state.stage:
-        state = enter_stage(current, state, index, model_fn=model_fn)
-    return current, state
-
-
-def enter_stage(
-    recipe: Recipe, state: ServerState, index: int, *, model_fn: Callable[[], nn.Module]
-) -> ServerState:
-    """Rebase ``state`` for stage ``index`` (whose recipe is ``recipe``): the aggregated values
-    of the keys shared so far become part of the starting weights, the new shared keys start
-    from there, server and objective state restart, clients' memory restarts."""
-    plan = recipe.plan(model_fn())
-    start = {**state.start, **state.params}
-    params = tree.clone(tree.select(start, plan.shared))
-    server = recipe.pipeline.init(params)
-    objective = recipe.objective.server_init(params, plan)
-    server.update({f"objective/{k}": v.clone() for k, v in objective.items()})
-    log.info("round %d: stage %d begins, %d shared keys", state.round + 1, index, len(params))
-    return state.replace(
-        start=start,
-        start_sha256=tree.sha256(start),
-        params=params,
-        server=server,
-        memory={},
-        stage=index,
-        synced={c: state.synced.get(c, 0) for c in state.set_up},
-    )
-
-
 def dispatch(
     recipe: Recipe,
     state: ServerState,
@@ -192,7 +158,7 @@ def dispatch(
     set_up = set(state.set_up)
     new_clients = [c for c in clients if c not in set_up]
     setup = SETUP_CODEC.encode(state.start).to_bytes() if new_clients else None
-    handovers = _handovers(recipe, state, clients, new_clients, model_fn)
+    handovers = handovers_for(recipe, state, clients, new_clients, model_fn=model_fn)
     frozen = tree.select(state.start, plan.frozen)
     # local keys a client has not stored (new, only ever rejected, new in this stage) start
     # from the starting weights
@@ -227,30 +193,6 @@ def dispatch(
         if isinstance(recipe.policy, StagePolicy)
         else {},
     )
-
-
-def _handovers(
-    recipe: Recipe,
-    state: ServerState,
-    clients: Sequence[str],
-    new_clients: Sequence[str],
-    model_fn: Callable[[], nn.Module],
-) -> dict[str, bytes]:
-    """Staged schedules: for each set-up client still holding an earlier stage's starting
-    weights, the current values of the keys it lacks (encoded losslessly)."""
-    policy = recipe.policy
-    behind = [
-        c for c in clients if c not in new_clients and state.synced.get(c, 0) < state.stage
-    ]
-    if not behind or not isinstance(policy, StagePolicy):
-        return {}
-    plans = policy.stages.plans(policy.prepare(model_fn()))
-    out: dict[str, bytes] = {}
-    for c in behind:
-        keys = policy.stages.handover(plans, state.synced.get(c, 0), state.stage)
-        if keys:
-            out[c] = SETUP_CODEC.encode(tree.select(state.start, keys)).to_bytes()
-    return out
 
 
 Received = list[tuple[ClientResult, dict[str, Tensor], State]]

@@ -2,9 +2,11 @@
 
 from fedtransfer.client.drift import Dyn, Nova, Scaffold
 from fedtransfer.client.evaluate import evaluate
+from fedtransfer.client.ncm import NearestClassMean
 from fedtransfer.client.objectives import ClientContext, ClientOut, Objective, Plain, Prox
 from fedtransfer.client.personalization import Ditto, Personalization, Rep, personalize
 from fedtransfer.client.train import LocalTraining, local_train
+from fedtransfer.client.transforms import ClientTransform, ErrorFeedback
 from fedtransfer.client.update import ClientResult, ClientTask, client_update, verify_start
 
 __all__ = [
@@ -12,9 +14,12 @@ __all__ = [
     "ClientOut",
     "ClientResult",
     "ClientTask",
+    "ClientTransform",
     "Ditto",
     "Dyn",
+    "ErrorFeedback",
     "LocalTraining",
+    "NearestClassMean",
     "Nova",
     "Objective",
     "Personalization",

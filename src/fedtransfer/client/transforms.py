@@ -57,5 +57,7 @@ class ErrorFeedback:
             for k, v in corrected.items()
             if v.dtype.is_floating_point
         }
-        norm = torch.sqrt(sum((r.double() ** 2).sum() for r in residual.values()) or torch.zeros(()))
+        norm = torch.sqrt(
+            sum((r.double() ** 2).sum() for r in residual.values()) or torch.zeros(())
+        )
         return Out(corrected, residual, {"residual_norm": float(norm)})

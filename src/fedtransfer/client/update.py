@@ -110,12 +110,14 @@ def _client_update(
         frozen = {**frozen, **tree.select(handed, [k for k in plan.frozen if k in handed])}
     per_client = recipe.policy if isinstance(recipe.policy, PerClientRank) else None
     global_shared = recipe.downlink.decode(Payload.from_bytes(task.downlink))
-    if per_client is not None:
-        global_shared = per_client.truncate(global_shared, task.client)
+    weights = {**frozen, **local, **global_shared}
+    if per_client is not None:  # heterogeneous ranks: the client holds its own slice
+        weights = per_client.truncate(weights, task.client)
+        global_shared = {k: weights[k] for k in global_shared}
     broadcast = {}
     if task.broadcast is not None:
         broadcast = recipe.downlink.decode(Payload.from_bytes(task.broadcast))
-    model.load_state_dict({**frozen, **local, **global_shared}, strict=True)
+    model.load_state_dict(weights, strict=True)
     memory, kept = _split_memory(task.memory)
     ctx = ClientContext(
         global_shared=global_shared,

@@ -6,8 +6,10 @@ from typing import Any
 
 from fedtransfer.attacks import ALIE, IPM, Attack, GaussianNoise, LabelFlip, Scale, SignFlip
 from fedtransfer.client.drift import Dyn, Nova, Scaffold
+from fedtransfer.client.ncm import NearestClassMean
 from fedtransfer.client.objectives import Objective, Plain, Prox
 from fedtransfer.client.personalization import Ditto, Rep
+from fedtransfer.client.transforms import ClientTransform, ErrorFeedback
 from fedtransfer.codecs import Codec, Exact, Float32
 from fedtransfer.data.partition import IID, Dirichlet, Partitioner, QuantitySkew, Shards
 from fedtransfer.data.sources import Digits, MNIST5k, Source
@@ -33,7 +35,10 @@ from fedtransfer.transfer.policies import (
     PersonalHead,
     Rules,
 )
+from fedtransfer.transfer.lora import Lora
+from fedtransfer.transfer.peft import PeftAdapters
 from fedtransfer.transfer.policy import TransferPolicy
+from fedtransfer.transfer.schedule import Stages
 
 GROUPS: dict[Any, dict[str, type]] = {
     TransferPolicy: {
@@ -45,6 +50,9 @@ GROUPS: dict[Any, dict[str, type]] = {
         "global_head": GlobalHead,
         "frozen_head": FrozenHead,
         "rules": Rules,
+        "lora": Lora,
+        "peft_adapters": PeftAdapters,
+        "stages": Stages,
     },
     Aggregator: {
         "mean": Mean,
@@ -80,7 +88,9 @@ GROUPS: dict[Any, dict[str, type]] = {
         "nova": Nova,
         "ditto": Ditto,
         "rep": Rep,
+        "ncm": NearestClassMean,
     },
+    ClientTransform: {"error_feedback": ErrorFeedback},
     Attack: {
         "sign_flip": SignFlip,
         "scale": Scale,

@@ -53,8 +53,18 @@ def arm_summary(history: list[dict[str, Any]], target: float) -> dict[str, Any]:
         "personal_client_mean": last.get("personal_client_mean"),
         "personal_client_p10": last.get("personal_client_p10"),
         "rejected_updates": sum(r["rejected"] for r in history),
+        "bytes_by_stage": _bytes_by_stage(rounds),
         "seconds": sum(r["seconds"] + r.get("eval_seconds", 0.0) for r in history),
     }
+
+
+def _bytes_by_stage(rounds: list[dict[str, Any]]) -> dict[str, int]:
+    """Round bytes (up + down) per stage of a staged schedule (one stage ``"0"`` otherwise)."""
+    out: dict[str, int] = {}
+    for r in rounds:
+        stage = str(int(r.get("round_metrics", {}).get("schedule/stage", 0)))
+        out[stage] = out.get(stage, 0) + int(r["round_bytes"])
+    return out
 
 
 def summarize(
@@ -191,6 +201,7 @@ def _markdown(summary: dict[str, Any], partition: dict[str, Any], plots: dict[st
             if v["bytes_to_target_reduction"]:
                 bits.append(f"{v['bytes_to_target_reduction']:.1f}× fewer bytes to target")
             lines.append(f"- `{name}`: " + ", ".join(bits))
+    lines += _communication(summary)
     pre = summary.get("pretrained")
     if pre:
         lines += ["", f"Pre-trained checkpoint `{pre['path']}`, sha256 `{pre['sha256']}`."]
@@ -204,6 +215,38 @@ def _markdown(summary: dict[str, Any], partition: dict[str, Any], plots: dict[st
     lines += [f"![{title}]({path})" for title, path in plots.items()]
     lines += ["", "## Partition", "", *partition_markdown(partition)]
     return "\n".join(lines) + "\n"
+
+
+def _communication(summary: dict[str, Any]) -> list[str]:
+    """The bytes table: bytes to target and per round, and the compression ratio of each arm
+    against the baseline (the first scratch arm)."""
+    base = summary.get("baseline")
+    ref = summary["arms"].get(base) if base else None
+    lines = [
+        "",
+        "## Communication",
+        "",
+        "Exact wire bytes. Compression = baseline bytes ÷ arm bytes"
+        + (f" (baseline `{base}`)." if ref else " (no scratch arm, so no baseline)."),
+        "",
+        "| arm | MB to target | compression to target | MB / round | compression per round "
+        "| total MB | MB by stage | set-up MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary["arms"].items():
+        v = s.get("vs_baseline", {})
+        stages = s.get("bytes_by_stage", {})
+        by_stage = " / ".join(fmt_mb(stages[k]) for k in sorted(stages, key=int)) or "—"
+        lines.append(
+            f"| {name} | {fmt_mb(s['bytes_to_target'])} | {_ratio(v.get('bytes_to_target_reduction'))} "
+            f"| {s['bytes_per_round'] / MB:,.3f} | {_ratio(v.get('bytes_per_round_reduction'))} "
+            f"| {fmt_mb(s['total_bytes'])} | {by_stage} | {fmt_mb(s['setup_bytes'])} |"
+        )
+    return lines
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.1f}×"
 
 
 def _plots(

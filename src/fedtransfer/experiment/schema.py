@@ -10,6 +10,7 @@ from fedtransfer.buffered import FedBuff
 from fedtransfer.client.objectives import Objective, Plain
 from fedtransfer.client.personalization import Personalization
 from fedtransfer.client.train import LocalTraining
+from fedtransfer.client.transforms import ClientTransform
 from fedtransfer.codecs import Codec, Float32
 from fedtransfer.data.augment import RandomAffine
 from fedtransfer.data.partition import Dirichlet, Partitioner
@@ -97,6 +98,7 @@ class ArmConfig:
     server_optimizer: UpdateTransform | None = None
     downlink: Codec | None = None
     uplink: Codec | None = None
+    client_transforms: tuple[ClientTransform, ...] | None = None
     fedbuff: FedBuff | None = None
 
     def __post_init__(self) -> None:
@@ -125,6 +127,7 @@ ARM_FIELDS = (
     "server_optimizer",
     "downlink",
     "uplink",
+    "client_transforms",
     "fedbuff",
 )
 
@@ -188,6 +191,7 @@ class ExperimentConfig:
     server_optimizer: UpdateTransform = field(default_factory=ServerSGD)
     downlink: Codec = field(default_factory=Float32)
     uplink: Codec = field(default_factory=Float32)
+    client_transforms: tuple[ClientTransform, ...] = ()
     fedbuff: FedBuff | None = None
     threat: Threat | None = None
     personalization: Personalization | None = field(default_factory=Personalization)
@@ -221,6 +225,9 @@ class ExperimentConfig:
             objective=arm.objective or self.objective,
             downlink=arm.downlink or self.downlink,
             uplink=arm.uplink or self.uplink,
+            client_transforms=(
+                self.client_transforms if arm.client_transforms is None else arm.client_transforms
+            ),
             pipeline=ServerPipeline(
                 aggregator=arm.aggregator or self.aggregator,
                 post=(arm.server_optimizer or self.server_optimizer,),

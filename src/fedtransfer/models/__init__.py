@@ -2,5 +2,6 @@
 
 from fedtransfer.models.base import ModelFactory
 from fedtransfer.models.cnn import CNN, SmallCNN
+from fedtransfer.models.hf import HFClassifier
 
-__all__ = ["CNN", "ModelFactory", "SmallCNN"]
+__all__ = ["CNN", "HFClassifier", "ModelFactory", "SmallCNN"]

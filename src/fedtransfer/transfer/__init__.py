@@ -1,5 +1,11 @@
-"""What trains and what travels: transfer policies, their plans, and pre-trained checkpoints."""
+"""What trains and what travels: transfer policies, their plans, and pre-trained checkpoints.
 
+Staged schedules live in :mod:`fedtransfer.transfer.schedule` (exported from ``fedtransfer``;
+not imported here, because they depend on the client objectives, which depend on this package).
+"""
+
+from fedtransfer.transfer.lora import Lora, LoRAConv2d, LoRALinear, merge
+from fedtransfer.transfer.peft import PeftAdapters
 from fedtransfer.transfer.policies import (
     FrozenHead,
     Full,
@@ -10,7 +16,7 @@ from fedtransfer.transfer.policies import (
     PersonalHead,
     Rules,
 )
-from fedtransfer.transfer.policy import ParamPlan, TransferPolicy
+from fedtransfer.transfer.policy import ParamPlan, PerClientRank, TransferPolicy
 from fedtransfer.transfer.pretrain import PretrainSpec, pretrain
 from fedtransfer.transfer.pretrained import Checkpoint, load_checkpoint, save_checkpoint
 from fedtransfer.transfer.select import blocks, select
@@ -22,14 +28,20 @@ __all__ = [
     "GlobalHead",
     "HeadOnly",
     "LastK",
+    "LoRAConv2d",
+    "LoRALinear",
     "LocalBatchNorm",
+    "Lora",
     "ParamPlan",
+    "PeftAdapters",
+    "PerClientRank",
     "PersonalHead",
     "PretrainSpec",
     "Rules",
     "TransferPolicy",
     "blocks",
     "load_checkpoint",
+    "merge",
     "pretrain",
     "save_checkpoint",
     "select",

@@ -16,14 +16,16 @@ bytes). Keys that leave ``local`` restart from the starting weights.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from fedtransfer.client.ncm import NearestClassMean
 from fedtransfer.client.objectives import Objective
 from fedtransfer.client.train import LocalTraining
 from fedtransfer.errors import ConfigError
+from fedtransfer.transfer.policies import FrozenHead, Full, HeadOnly, LastK
 from fedtransfer.transfer.policy import ParamPlan, PerClientRank, TransferPolicy
 
 if TYPE_CHECKING:
@@ -51,7 +53,7 @@ class Stage:
 class Stages:
     """A staged schedule of policies (LP→FT, FedNCM→FT, progressive unfreezing …).
 
-    >>> from torch import Tensor, nn
+    >>> from torch import nn
     >>> from fedtransfer.transfer.policies import Full, HeadOnly
     >>> lp_ft = Stages((Stage(2, HeadOnly()), Stage(None, Full())))
     >>> [lp_ft.index_at(r) for r in (1, 2, 3, 50)]
@@ -60,7 +62,7 @@ class Stages:
     ('1.weight', '1.bias')
     """
 
-    stages: tuple[Stage, ...]
+    stages: tuple[Stage, ...] = field(default_factory=lambda: (Stage(None, Full()),))
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -151,4 +153,44 @@ def stage_recipe(recipe: Recipe, round: int) -> tuple[Recipe, int]:
             local=stage.local or recipe.local,
         ),
         i,
+    )
+
+
+def lp_ft(head_rounds: int, *, then: TransferPolicy | None = None, head: str = "head") -> Stages:
+    """Linear probing, then fine-tuning (LP-FT, Kumar et al., arXiv 2202.10054): only the head
+    for ``head_rounds`` rounds, then ``then`` (default: the whole model; ``Lora(...)`` for LoRA).
+
+    >>> lp_ft(3).stages[1].policy
+    Full()
+    """
+    return Stages((Stage(head_rounds, HeadOnly(head)), Stage(None, then or Full())))
+
+
+def fedncm(*, then: TransferPolicy | None = None, head: str = "head") -> Stages:
+    """FedNCM then fine-tuning (Legate et al., arXiv 2306.03937): one round sets the head to the
+    nearest-class-mean classifier of the frozen features, then ``then`` (default: whole model).
+    """
+    return Stages(
+        (Stage(1, HeadOnly(head), objective=NearestClassMean()), Stage(None, then or Full()))
+    )
+
+
+def babu_then_head(body_rounds: int, *, head: str = "head") -> Stages:
+    """FedBABU as a schedule (Oh et al., arXiv 2106.06042): the body is federated under the
+    frozen head for ``body_rounds`` rounds, then the head alone is federated on the learnt
+    body (the body reaches clients that missed its last rounds as a hand-over)."""
+    return Stages((Stage(body_rounds, FrozenHead(head)), Stage(None, HeadOnly(head))))
+
+
+def progressive(blocks: int, every: int) -> Stages:
+    """Progressive unfreezing (Howard & Ruder, arXiv 1801.06146): the last block (the head)
+    first, one more block every ``every`` rounds, until the last ``blocks`` blocks train.
+
+    >>> [s.policy.k for s in progressive(3, every=2).stages]
+    [1, 2, 3]
+    """
+    if blocks < 1 or every < 1:
+        raise ConfigError(f"progressive: blocks and every must be >= 1, got {blocks}, {every}")
+    return Stages(
+        tuple(Stage(every if k < blocks else None, LastK(k)) for k in range(1, blocks + 1))
     )

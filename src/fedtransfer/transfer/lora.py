@@ -1,0 +1,278 @@
+"""``Lora``: low-rank adapters as a transfer policy, with FFA-LoRA and heterogeneous ranks."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from fedtransfer.errors import PlanError, UpdateRejected
+from fedtransfer.seeding import generator
+from fedtransfer.transfer.lora_modules import (
+    LoRAConv2d,
+    LoRALinear,
+    LoRAModule,
+    lora_kind,
+    merge,
+    merged_state_dict,
+    set_module,
+    unwrapped_view,
+    wrap,
+)
+from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.transfer.select import module_keys, select
+from fedtransfer.types import Label
+
+__all__ = ["LoRAConv2d", "LoRALinear", "LoRAModule", "Lora", "merge", "merged_state_dict"]
+
+_WRAPPABLE = (nn.Linear, nn.Conv2d)
+_KIND_SELECTORS = ("type:Linear", "type:Conv2d")
+
+
+@dataclass(frozen=True)
+class Lora:
+    """LoRA (Hu et al., arXiv 2106.09685): frozen base weights, trained low-rank factors.
+
+    ``targets`` (selectors, see :mod:`.select`) pick the ``nn.Linear`` / ``nn.Conv2d`` layers
+    that get adapters, minus the layers ``train`` selects: those train fully and are shared
+    (``train=("head",)`` for a new classifier). ``lora_A`` and ``lora_B`` are shared, all else
+    frozen. With ``ffa`` (FFA-LoRA, Sun et al., arXiv 2403.12313) ``lora_A`` stays frozen at its
+    seeded initialisation, identical on every client, so averaging ``B`` averages the clients'
+    weight deltas ``B·A`` exactly. ``ranks`` gives clients different ranks (HetLoRA, Cho et al.,
+    arXiv 2401.06432): client ``c`` holds the first ``client_rank(c)`` slots and the server
+    zero-pads, so slots a client does not hold contribute a zero update to the weighted mean.
+
+    A target ``type:Linear`` / ``type:Conv2d`` may be absent from a model (the default works
+    on MLPs and CNNs alike) as long as the targets together select some layer; any other
+    target that selects no such layer is an error.
+
+    >>> from torch import nn
+    >>> policy = Lora(rank=2, train=("head",))
+    >>> net = policy.prepare(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    >>> policy.plan(net).shared
+    ('0.lora_A', '0.lora_B', '2.weight', '2.bias')
+    >>> tuple(net[0].lora_A.shape), tuple(net[0].lora_B.shape)
+    ((2, 4), (8, 2))
+    """
+
+    rank: int = 4
+    alpha: float = 8.0
+    targets: tuple[str, ...] = _KIND_SELECTORS
+    train: tuple[str, ...] = ()
+    ffa: bool = False
+    ranks: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise PlanError(f"Lora: rank must be an integer >= 1, got {self.rank!r}")
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
+            raise PlanError(f"Lora: alpha must be a number > 0, got {alpha!r}")
+        if not math.isfinite(alpha):
+            raise PlanError(f"Lora: alpha must be finite, got {alpha!r}")
+        for name in ("targets", "train"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(s, str) for s in value):
+                raise PlanError(
+                    f"Lora: {name} must be a tuple of selector strings, got {value!r}; "
+                    f"hint: {name}=('type:Linear',), not {name}='type:Linear'"
+                )
+        if not self.targets:
+            raise PlanError("Lora: targets is empty; expected at least one selector")
+        if not isinstance(self.ffa, bool):
+            raise PlanError(f"Lora: ffa must be True or False, got {self.ffa!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise PlanError(f"Lora: seed must be an integer, got {self.seed!r}")
+        self._check_ranks()
+
+    def _check_ranks(self) -> None:
+        ranks = self.ranks
+        if not isinstance(ranks, tuple) or not all(
+            isinstance(r, int) and not isinstance(r, bool) for r in ranks
+        ):
+            raise PlanError(f"Lora: ranks must be a tuple of integers, got {ranks!r}")
+        bad = [r for r in ranks if not 1 <= r <= self.rank]
+        if bad:
+            raise PlanError(f"Lora: ranks {bad} are outside 1..rank={self.rank}")
+        if ranks and max(ranks) != self.rank:
+            raise PlanError(
+                f"Lora: max(ranks) = {max(ranks)} but rank = {self.rank}; the global adapter "
+                f"has the largest client rank, hint: Lora(rank={max(ranks)}, ranks={ranks})"
+            )
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Wrap every target layer in place (idempotent) and return the model.
+
+        ``lora_A`` is drawn from a generator seeded by ``(seed, layer path)``, so two fresh
+        copies of a model prepare bit-identically.
+        """
+        for path in self._target_paths(model):
+            layer = model.get_submodule(path) if path else model
+            if isinstance(layer, LoRAModule):
+                continue
+            gen = generator(self.seed, "lora_A", path)
+            wrapper = wrap(layer, rank=self.rank, alpha=self.alpha, generator=gen)
+            if not path:
+                return wrapper
+            set_module(model, path, wrapper)
+        return model
+
+    def plan(self, model: nn.Module) -> ParamPlan:
+        """LoRA factors shared (``lora_A`` frozen under ``ffa``), ``train`` keys shared, the
+        rest frozen. ``model`` must have been prepared."""
+        wrappers = [p for p, m in model.named_modules() if isinstance(m, LoRAModule)]
+        missing = [p or "<root>" for p in self._target_paths(model) if p not in wrappers]
+        if missing:
+            raise PlanError(
+                f"Lora: target layers {missing[:5]} have no LoRA adapter; "
+                "hint: call Lora.prepare(model) before Lora.plan (Recipe.plan does both)"
+            )
+        labels: dict[str, Label] = {}
+        for path in wrappers:
+            prefix = f"{path}." if path else ""
+            labels[prefix + "lora_A"] = "frozen" if self.ffa else "shared"
+            labels[prefix + "lora_B"] = "shared"
+        base_key = {_key(p, n): _key(p, f"base.{n}") for p in wrappers for n in ("weight", "bias")}
+        view = unwrapped_view(model)
+        for selector in self.train:
+            for key in _select(view, selector, "train"):
+                labels.setdefault(base_key.get(key, key), "shared")
+        for key in model.state_dict():
+            labels.setdefault(key, "frozen")
+        return ParamPlan.for_model(model, labels)
+
+    def _target_paths(self, model: nn.Module) -> list[str]:
+        """Paths of the layers to adapt, in module order, resolved on the unwrapped model."""
+        view = unwrapped_view(model)
+        layers = dict(view.named_modules())
+        owner = {k: path for path, keys in module_keys(view).items() for k in keys}
+        trained = {owner[k] for s in self.train for k in _select(view, s, "train")}
+        wrappable = [p for p, m in layers.items() if type(m) in _WRAPPABLE]
+        chosen: set[str] = set()
+        for selector in self.targets:
+            if selector in _KIND_SELECTORS:  # may be absent: the default suits MLPs and CNNs
+                chosen |= {p for p in wrappable if type(layers[p]).__name__ == selector[5:]}
+                continue
+            hits = {p for k in _select(view, selector, "targets") if (p := owner[k]) in wrappable}
+            if not hits:
+                raise PlanError(
+                    f"Lora: target {selector!r} selects no nn.Linear or nn.Conv2d; the model's "
+                    f"Linear/Conv2d layers are {wrappable[:10]}"
+                )
+            chosen |= hits
+        paths = [p for p in wrappable if p in chosen and p not in trained]
+        if not paths:
+            raise PlanError(
+                f"Lora: no layer to adapt: targets {self.targets} select "
+                f"{sorted(chosen)[:10]} and train {self.train} selects {sorted(trained)[:10]}; "
+                f"the model's Linear/Conv2d layers are {wrappable[:10]}"
+            )
+        return paths
+
+    def client_rank(self, client: str) -> int:
+        """Client ``client``'s adapter rank: ``ranks[sha256(client) mod len(ranks)]``, or
+        ``rank`` when ``ranks`` is empty."""
+        if not self.ranks:
+            return self.rank
+        digest = hashlib.sha256(client.encode("utf-8")).digest()
+        return self.ranks[int.from_bytes(digest[:8], "big") % len(self.ranks)]
+
+    def truncate(self, weights: Mapping[str, Tensor], client: str) -> dict[str, Tensor]:
+        """``weights`` with ``lora_A`` rows and ``lora_B`` columns from ``client_rank(client)``
+        on set to zero: the client's adapter is exactly its rank, and since both slices are
+        zero their gradients are zero, so SGD leaves them zero. Pass frozen and shared keys
+        alike (under ``ffa`` the ``lora_A`` rows are frozen keys)."""
+        r, out = self.client_rank(client), dict(weights)
+        if not self.ranks:
+            return out
+        for key, value in weights.items():
+            kind = lora_kind(key)
+            if kind is not None:
+                narrowed = value.detach().clone()
+                if kind == "lora_A":
+                    narrowed[r:] = 0
+                else:
+                    narrowed[:, r:] = 0
+                out[key] = narrowed
+        return out
+
+    def trim(self, update: Mapping[str, Tensor], client: str) -> dict[str, Tensor]:
+        """``update`` with ``lora_A`` cut to its first ``client_rank(client)`` rows and
+        ``lora_B`` to as many columns; other keys unchanged."""
+        r, out = self.client_rank(client), dict(update)
+        if not self.ranks:
+            return out
+        for key, value in update.items():
+            kind = lora_kind(key)
+            if kind == "lora_A":
+                out[key] = value[:r].clone()
+            elif kind == "lora_B":
+                out[key] = value[:, :r].clone()
+        return out
+
+    def pad(
+        self,
+        update: Mapping[str, Tensor],
+        client: str,
+        *,
+        reference: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """A trimmed update back at full rank, zeros in the slots ``client`` does not hold.
+
+        Raises :class:`UpdateRejected` when a LoRA key's shape is not the trimmed shape for
+        this client (checked against ``reference``'s full shapes when given).
+        """
+        r, out = self.client_rank(client), dict(update)
+        if not self.ranks:
+            return out
+        for key, value in update.items():
+            kind = lora_kind(key)
+            if kind is None:
+                continue
+            expected = self._trimmed_shape(kind, key, value, r, reference)
+            if not isinstance(value, Tensor) or tuple(value.shape) != expected:
+                seen = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise UpdateRejected(
+                    f"client {client}: {key!r} has shape {seen}, expected {expected} (a rank-{r} "
+                    f"slice of the rank-{self.rank} adapter)",
+                    client=client,
+                )
+            if kind == "lora_A":
+                out[key] = value.new_zeros((self.rank, value.shape[1]))
+                out[key][:r] = value
+            else:
+                out[key] = value.new_zeros((value.shape[0], self.rank))
+                out[key][:, :r] = value
+        return out
+
+    def _trimmed_shape(
+        self,
+        kind: str,
+        key: str,
+        value: object,
+        r: int,
+        reference: Mapping[str, Tensor] | None,
+    ) -> tuple[int, ...]:
+        """The exact shape client rank ``r`` must send for ``key``."""
+        if reference is not None and key in reference:
+            full = tuple(reference[key].shape)
+        elif isinstance(value, Tensor) and value.ndim == 2:
+            full = (self.rank, value.shape[1]) if kind == "lora_A" else (value.shape[0], self.rank)
+        else:
+            full = (self.rank, -1) if kind == "lora_A" else (-1, self.rank)
+        return (r, *full[1:]) if kind == "lora_A" else (*full[:-1], r)
+
+
+def _key(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _select(view: nn.Module, selector: str, field: str) -> list[str]:
+    try:
+        return select(view, selector)
+    except PlanError as exc:
+        raise PlanError(f"Lora.{field}: {exc}") from None
