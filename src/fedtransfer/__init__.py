@@ -39,7 +39,7 @@ from fedtransfer.client import (
     client_update,
     evaluate,
 )
-from fedtransfer.codecs import Codec, Float32, Payload
+from fedtransfer.codecs import BFloat16, Codec, Exact, Float16, Float32, Int8, Payload, TopK
 from fedtransfer.data import (
     IID,
     Digits,
@@ -118,6 +118,7 @@ __all__ = [
     "IPM",
     "AllClients",
     "Attack",
+    "BFloat16",
     "Bulyan",
     "CenteredClipping",
     "ClientDelays",
@@ -132,9 +133,11 @@ __all__ = [
     "Ditto",
     "Dyn",
     "ErrorFeedback",
+    "Exact",
     "FedBuff",
     "FedTransferError",
     "FederatedDataset",
+    "Float16",
     "Float32",
     "FrozenHead",
     "Full",
@@ -142,6 +145,7 @@ __all__ = [
     "GlobalHead",
     "HFClassifier",
     "HeadOnly",
+    "Int8",
     "Krum",
     "LabelFlip",
     "LastK",
@@ -188,6 +192,7 @@ __all__ = [
     "Stages",
     "TensorData",
     "Threat",
+    "TopK",
     "TransferPolicy",
     "TrimmedMean",
     "Uniform",

@@ -27,11 +27,11 @@ from fedtransfer.attacks import Threat
 from fedtransfer.data.federated import FederatedDataset
 from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.recipe import Recipe
-from fedtransfer.transfer.schedule import Stages
 from fedtransfer.round import RoundReport, apply_updates, conclude, dispatch, receive
 from fedtransfer.runtime.serial import Runtime
 from fedtransfer.seeding import generator
 from fedtransfer.state import Pending, ServerState
+from fedtransfer.transfer.schedule import Stages
 
 
 @dataclass(frozen=True)

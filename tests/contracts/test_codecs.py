@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -11,10 +12,27 @@ import torch
 from torch import Tensor
 
 from fedtransfer import Codec, Float32, Payload, PayloadError, tree
-from fedtransfer.codecs import Entry, Exact
+from fedtransfer.codecs import BFloat16, Entry, Exact, Float16, Int8, TopK
 
-CODECS: list[Codec] = [Float32(), Exact()]
+CODECS: list[Codec] = [
+    Float32(),
+    Exact(),
+    Float16(),
+    BFloat16(),
+    Int8(),
+    Int8("channel"),
+    Int8(stochastic=True, seed=7),
+    Int8("channel", stochastic=True),
+    TopK(0.1),
+    TopK(1.0),
+]
 LOSSLESS: list[Codec] = [c for c in CODECS if c.error_bound == 0]
+# Float32 sends (and returns) floats as float32 by design; every other codec returns each tensor
+# in its own dtype.
+KEEPS_DTYPE: list[Codec] = [c for c in CODECS if not isinstance(c, Float32)]
+# Codecs that compute with the values (a range, a ranking) refuse NaN and inf at encode; the
+# others carry them as-is for the server's update validation to reject.
+REFUSE_NON_FINITE = (Int8, TopK)
 
 
 @pytest.fixture(params=CODECS, ids=repr)
@@ -22,15 +40,25 @@ def codec(request: pytest.FixtureRequest) -> Codec:
     return request.param
 
 
-def _params(seed: int = 0) -> dict[str, Tensor]:
+def _params(codec: Codec | None = None, seed: int = 0) -> dict[str, Tensor]:
+    """Mixed parameters; ``codec`` narrows the magnitudes to its domain (float16: |x| <= 65504)."""
     gen = torch.Generator().manual_seed(seed)
+    big = 1e4 if isinstance(codec, Float16) else 1e6
     return {
         "conv.weight": torch.randn(4, 2, 3, 3, generator=gen),
         "fc.weight": torch.randn(5, 3, generator=gen).t(),  # non-contiguous
-        "fc.bias": torch.randn(5, generator=gen) * 1e6,
+        "fc.bias": torch.randn(5, generator=gen) * big,
+        "tiny": torch.randn(7, generator=gen) * 1e-9,  # below float16's normal range
         "scale": torch.tensor(0.5),
         "bn.num_batches_tracked": torch.tensor(12, dtype=torch.int64),
     }
+
+
+def _same_wire(a: Codec, b: Codec) -> bool:
+    """Whether ``b`` may decode what ``a`` encodes (stochastic rounding changes no layout)."""
+    if isinstance(a, Int8) and isinstance(b, Int8):
+        return a.granularity == b.granularity
+    return a == b
 
 
 def _wire(codec: Codec, params: dict[str, Tensor]) -> bytes:
@@ -56,12 +84,12 @@ def _frame(
     return struct.pack("<4sBI", magic, version, length) + head + body
 
 
-def _within_bound(codec: Codec, original: Tensor, decoded: Tensor) -> bool:
+def _within_bound(codec: Codec, original: Tensor, decoded: Tensor, slack: float = 0.0) -> bool:
     if not original.dtype.is_floating_point:
         return torch.equal(original, decoded)
     scale = float(original.abs().max()) if original.numel() else 0.0
     err = float((decoded.double() - original.double()).abs().max()) if original.numel() else 0.0
-    return err <= codec.error_bound * scale
+    return err <= (codec.error_bound + slack) * scale
 
 
 def test_codec_is_a_codec(codec: Codec) -> None:
@@ -69,34 +97,34 @@ def test_codec_is_a_codec(codec: Codec) -> None:
 
 
 def test_codec_roundtrip_within_error_bound(codec: Codec) -> None:
-    params = _params()
+    params = _params(codec)
     decoded = codec.decode(Payload.from_bytes(_wire(codec, params)))
-    assert decoded.keys() == params.keys()
+    assert list(decoded) == list(params)
     for k, v in params.items():
-        assert decoded[k].shape == v.shape
+        assert (decoded[k].shape, decoded[k].dtype) == (v.shape, v.dtype), k
         assert _within_bound(codec, v, decoded[k]), k
 
 
 @pytest.mark.parametrize("codec", LOSSLESS, ids=repr)
 def test_codec_lossless_roundtrip_is_bit_exact(codec: Codec) -> None:
-    params = _params()
+    params = _params(codec)
     decoded = codec.decode(Payload.from_bytes(_wire(codec, params)))
     assert tree.equal(decoded, {k: v.contiguous() for k, v in params.items()})
 
 
 def test_codec_decode_without_bytes_roundtrip(codec: Codec) -> None:
-    params = _params()
+    params = _params(codec)
     decoded = codec.decode(codec.encode(params))
     assert all(_within_bound(codec, v, decoded[k]) for k, v in params.items())
 
 
 def test_codec_nbytes_equals_length_of_bytes(codec: Codec) -> None:
-    payload = codec.encode(_params())
+    payload = codec.encode(_params(codec))
     assert payload.nbytes == len(payload.to_bytes())
 
 
 def test_codec_encode_is_deterministic(codec: Codec) -> None:
-    assert _wire(codec, _params()) == _wire(codec, _params())
+    assert _wire(codec, _params(codec)) == _wire(codec, _params(codec))
 
 
 def test_codec_int64_tensors_roundtrip_exactly(codec: Codec) -> None:
@@ -131,26 +159,26 @@ def test_codec_rejects_every_truncation(codec: Codec) -> None:
 
 
 def test_codec_rejects_wrong_magic(codec: Codec) -> None:
-    data = _wire(codec, _params())
+    data = _wire(codec, _params(codec))
     with pytest.raises(PayloadError, match="magic"):
         Payload.from_bytes(b"XTPL" + data[4:])
 
 
 def test_codec_rejects_wrong_version(codec: Codec) -> None:
-    data = _wire(codec, _params())
+    data = _wire(codec, _params(codec))
     with pytest.raises(PayloadError, match="version"):
         Payload.from_bytes(data[:4] + bytes([2]) + data[5:])
 
 
 @pytest.mark.parametrize("extra", [b"\x00", b"\x00" * 4, b"garbage"])
 def test_codec_rejects_trailing_bytes(codec: Codec, extra: bytes) -> None:
-    data = _wire(codec, _params())
+    data = _wire(codec, _params(codec))
     with pytest.raises(PayloadError, match="trailing"):
         Payload.from_bytes(data + extra)
 
 
 def test_codec_rejects_garbled_json_header(codec: Codec) -> None:
-    header, body = _split(_wire(codec, _params()))
+    header, body = _split(_wire(codec, _params(codec)))
     head = json.dumps(header).encode()
     garbled = head[:10] + b"}{" + head[12:]
     with pytest.raises(PayloadError, match="JSON"):
@@ -158,13 +186,13 @@ def test_codec_rejects_garbled_json_header(codec: Codec) -> None:
 
 
 def test_codec_rejects_non_utf8_header(codec: Codec) -> None:
-    _, body = _split(_wire(codec, _params()))
+    _, body = _split(_wire(codec, _params(codec)))
     with pytest.raises(PayloadError, match="UTF-8"):
         Payload.from_bytes(_frame(b"\xff\xfe{}", body))
 
 
 def test_codec_rejects_unknown_dtype(codec: Codec) -> None:
-    header, body = _split(_wire(codec, _params()))
+    header, body = _split(_wire(codec, _params(codec)))
     header["tensors"][0]["dtype"] = "float128"
     with pytest.raises(PayloadError, match="dtype"):
         Payload.from_bytes(_frame(header, body))
@@ -186,7 +214,7 @@ def test_codec_rejects_duplicate_keys(codec: Codec) -> None:
 
 
 def test_codec_rejects_header_length_larger_than_data(codec: Codec) -> None:
-    header, body = _split(_wire(codec, _params()))
+    header, body = _split(_wire(codec, _params(codec)))
     head = json.dumps(header).encode()
     with pytest.raises(PayloadError, match="header length"):
         Payload.from_bytes(_frame(head, body, head_len=len(head) + len(body) + 1))
@@ -212,6 +240,94 @@ def test_codec_rejects_payload_of_another_codec(codec: Codec) -> None:
     foreign = Payload(f"not-{payload.codec}", payload.entries, payload.meta)
     with pytest.raises(PayloadError, match="codec"):
         codec.decode(Payload.from_bytes(foreign.to_bytes()))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_codec_roundtrip_within_error_bound_across_magnitudes(codec: Codec, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    params = {
+        f"m{e}": (torch.randn(6, 5, generator=gen) + offset) * 10.0**e
+        for e in (-30, -12, -6, -3, 0, 3)
+        for offset in (0.0, 3.0)
+    }
+    decoded = codec.decode(Payload.from_bytes(_wire(codec, params)))
+    assert all(_within_bound(codec, v, decoded[k]) for k, v in params.items())
+
+
+@pytest.mark.parametrize("codec", KEEPS_DTYPE, ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_codec_decodes_every_floating_dtype_to_itself(codec: Codec, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    params = {
+        "w": torch.randn(3, 4, generator=gen).to(dtype),
+        "v": torch.randn(5, generator=gen).to(dtype),
+    }
+    decoded = codec.decode(Payload.from_bytes(_wire(codec, params)))
+    assert all(
+        (decoded[k].dtype, decoded[k].shape) == (v.dtype, v.shape) for k, v in params.items()
+    )
+    # One more rounding to the tensor's own dtype is allowed (documented for Int8).
+    slack = torch.finfo(dtype).eps
+    assert all(_within_bound(codec, v, decoded[k], slack) for k, v in params.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.uint8, torch.bool])
+def test_codec_non_floating_tensors_travel_as_is(codec: Codec, dtype: torch.dtype) -> None:
+    params = {"x": torch.tensor([[0, 1], [1, 0]]).to(dtype), "w": torch.ones(2)}
+    decoded = codec.decode(Payload.from_bytes(_wire(codec, params)))
+    assert torch.equal(decoded["x"], params["x"]) and decoded["x"].dtype == dtype
+
+
+def test_codec_encode_does_not_modify_its_input(codec: Codec) -> None:
+    params = _params(codec)
+    before = {k: v.clone() for k, v in params.items()}
+    codec.encode(params).to_bytes()
+    assert tree.equal(params, before)
+
+
+def test_codec_encode_leaves_the_global_rng_alone(codec: Codec) -> None:
+    state = torch.random.get_rng_state()
+    codec.encode(_params(codec)).to_bytes()
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_codec_non_finite_values_raise_or_travel_as_is(codec: Codec) -> None:
+    params = {"ok": torch.ones(2), "bad": torch.tensor([1.0, math.nan, math.inf, -math.inf])}
+    if isinstance(codec, REFUSE_NON_FINITE):
+        with pytest.raises(PayloadError, match=r"'bad'.*non-finite"):
+            codec.encode(params)
+        return
+    decoded = codec.decode(Payload.from_bytes(_wire(codec, params)))["bad"]
+    assert torch.equal(decoded.isnan(), params["bad"].isnan())
+    assert decoded[2:].tolist() == [math.inf, -math.inf] and decoded[0] == 1.0
+
+
+CROSS = [(a, b) for a in CODECS for b in CODECS if not _same_wire(a, b)]
+
+
+@pytest.mark.parametrize(("encoder", "decoder"), CROSS, ids=[f"{a!r}->{b!r}" for a, b in CROSS])
+def test_codec_rejects_what_a_different_codec_encoded(encoder: Codec, decoder: Codec) -> None:
+    params = {"w": torch.randn(4, 3), "n": torch.tensor([3], dtype=torch.int64)}
+    with pytest.raises(PayloadError, match="codec"):
+        decoder.decode(Payload.from_bytes(_wire(encoder, params)))
+
+
+@pytest.mark.parametrize(
+    ("codec", "low", "high"),
+    [
+        (Float16(), 0.49, 0.51),
+        (BFloat16(), 0.49, 0.51),
+        (Int8(), 0.0, 0.27),
+        (Int8("channel"), 0.0, 0.27),
+        (Int8(stochastic=True), 0.0, 0.27),
+        (TopK(0.01), 0.0, 0.03),
+    ],
+    ids=repr,
+)
+def test_codec_compression_is_real(codec: Codec, low: float, high: float) -> None:
+    params = {"w": torch.randn(100, 1000, generator=torch.Generator().manual_seed(0))}
+    ratio = codec.encode(params).nbytes / Float32().encode(params).nbytes
+    assert low < ratio < high
 
 
 def test_float32_decode_rejects_other_floating_dtypes() -> None:

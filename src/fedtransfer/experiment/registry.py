@@ -10,7 +10,7 @@ from fedtransfer.client.ncm import NearestClassMean
 from fedtransfer.client.objectives import Objective, Plain, Prox
 from fedtransfer.client.personalization import Ditto, Rep
 from fedtransfer.client.transforms import ClientTransform, ErrorFeedback
-from fedtransfer.codecs import Codec, Exact, Float32
+from fedtransfer.codecs import BFloat16, Codec, Exact, Float16, Float32, Int8, TopK
 from fedtransfer.data.partition import IID, Dirichlet, Partitioner, QuantitySkew, Shards
 from fedtransfer.data.sources import Digits, MNIST5k, Source
 from fedtransfer.models import CNN, ModelFactory
@@ -25,6 +25,8 @@ from fedtransfer.server.optimizers import (
 )
 from fedtransfer.server.robust import Bulyan, Krum, Median, MultiKrum, TrimmedMean
 from fedtransfer.server.sample import AllClients, Sampler, Uniform
+from fedtransfer.transfer.lora import Lora
+from fedtransfer.transfer.peft import PeftAdapters
 from fedtransfer.transfer.policies import (
     FrozenHead,
     Full,
@@ -35,8 +37,6 @@ from fedtransfer.transfer.policies import (
     PersonalHead,
     Rules,
 )
-from fedtransfer.transfer.lora import Lora
-from fedtransfer.transfer.peft import PeftAdapters
 from fedtransfer.transfer.policy import TransferPolicy
 from fedtransfer.transfer.schedule import Stages
 
@@ -70,7 +70,14 @@ GROUPS: dict[Any, dict[str, type]] = {
         "yogi": ServerYogi,
         "adagrad": ServerAdagrad,
     },
-    Codec: {"float32": Float32, "exact": Exact},
+    Codec: {
+        "float32": Float32,
+        "exact": Exact,
+        "float16": Float16,
+        "bfloat16": BFloat16,
+        "int8": Int8,
+        "topk": TopK,
+    },
     Sampler: {"uniform": Uniform, "all": AllClients},
     Source: {"digits": Digits, "mnist5k": MNIST5k},
     Partitioner: {
