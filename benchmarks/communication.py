@@ -22,13 +22,12 @@ from typing import Any
 
 from sweep import RESULTS, fmt, header, mean_sd, run_seeds, write
 
-from fedtransfer.client.ncm import NearestClassMean
 from fedtransfer.client.transforms import ErrorFeedback
 from fedtransfer.codecs import Int8, TopK
 from fedtransfer.experiment.schema import ArmConfig, ExperimentConfig
 from fedtransfer.transfer.lora import Lora
 from fedtransfer.transfer.policies import Full, HeadOnly
-from fedtransfer.transfer.schedule import Stage, Stages
+from fedtransfer.transfer.schedule import fedncm, lp_ft
 
 BASELINE = "scratch-full-fp32"
 REFERENCE = "full-fp32"
@@ -45,24 +44,15 @@ def _arms() -> tuple[ArmConfig, ...]:
         ArmConfig(name="head-fp32", policy=HeadOnly()),
         ArmConfig(name="head-int8", policy=HeadOnly(), **int8),
         ArmConfig(name="lora-r4", policy=lora),
-        ArmConfig(name="lp-ft", policy=Stages((Stage(5, HeadOnly()), Stage(None, Full())))),
-        ArmConfig(
-            name="fedncm-ft",
-            policy=Stages(
-                (Stage(1, HeadOnly(), objective=NearestClassMean()), Stage(None, Full()))
-            ),
-        ),
+        ArmConfig(name="lp-ft", policy=lp_ft(5)),
+        ArmConfig(name="fedncm-ft", policy=fedncm()),
         ArmConfig(
             name="topk1-ef",
             policy=Full(),
             uplink=TopK(0.01),
             client_transforms=(ErrorFeedback(),),
         ),
-        ArmConfig(
-            name="fedncm-lora-int8",
-            policy=Stages((Stage(1, HeadOnly(), objective=NearestClassMean()), Stage(None, lora))),
-            **int8,
-        ),
+        ArmConfig(name="fedncm-lora-int8", policy=fedncm(then=lora), **int8),
     )
 
 

@@ -98,15 +98,8 @@ class Recipe:
                 "hint: use a policy that labels at least one key 'shared'"
             )
         self.objective.check(plan)
-        if getattr(self.objective, "replaces_step", False) and self.pipeline.post not in (
-            (),
-            (ServerSGD(),),
-        ):
-            raise CompatibilityError(
-                f"Recipe: {type(self.objective).__name__} sets parameters outright, so the "
-                f"server optimiser must pass its step through unchanged; got "
-                f"post={self.pipeline.post!r}; hint: use ServerSGD() (lr 1, no momentum) here"
-            )
+        if getattr(self.objective, "replaces_step", False):
+            self._check_outright()
         shared = {
             k: torch.zeros_like(v)
             for k, v in prepared.state_dict().items()
@@ -126,6 +119,24 @@ class Recipe:
         if population is not None:
             self.sampler.sample(list(population), seed=0, round=1)
         return plan
+
+    def _check_outright(self) -> None:
+        """An objective that sets parameters from clients' statistics (FedNCM) needs them
+        exact, and its step passed through unchanged."""
+        name = type(self.objective).__name__
+        if self.pipeline.post not in ((), (ServerSGD(),)):
+            raise CompatibilityError(
+                f"Recipe: {name} sets parameters outright, so the server optimiser must pass "
+                f"its step through unchanged; got post={self.pipeline.post!r}; hint: use "
+                "ServerSGD() (lr 1, no momentum) here"
+            )
+        if self.uplink.error_bound != 0:
+            raise CompatibilityError(
+                f"Recipe: {name} computes parameters from the statistics clients send, which "
+                f"the lossy uplink {self.uplink!r} would distort; hint: give this stage a "
+                "lossless uplink, e.g. Stage(1, HeadOnly(), objective=NearestClassMean(), "
+                "uplink=Float32()) — fedncm() does"
+            )
 
     def _check_stage(self, prepared: nn.Module, index: int) -> ParamPlan:
         assert isinstance(self.policy, Stages)  # the caller checks

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from fedtransfer.client.ncm import NearestClassMean
 from fedtransfer.client.objectives import Objective
 from fedtransfer.client.train import LocalTraining
+from fedtransfer.codecs import Codec, Float32
 from fedtransfer.errors import ConfigError
 from fedtransfer.transfer.policies import FrozenHead, Full, HeadOnly, LastK
 from fedtransfer.transfer.policy import ParamPlan, PerClientRank, TransferPolicy
@@ -35,12 +36,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Stage:
     """One stage: ``rounds`` rounds (``None``: until the run ends; last stage only) under
-    ``policy``, with the recipe's objective and local training unless given here."""
+    ``policy``, with the recipe's objective, local training and codecs unless given here."""
 
     rounds: int | None
     policy: TransferPolicy
     objective: Objective | None = None
     local: LocalTraining | None = None
+    downlink: Codec | None = None
+    uplink: Codec | None = None
 
     def __post_init__(self) -> None:
         if self.rounds is not None and (
@@ -151,6 +154,8 @@ def stage_recipe(recipe: Recipe, round: int) -> tuple[Recipe, int]:
             policy=StagePolicy(schedule, i),
             objective=stage.objective or recipe.objective,
             local=stage.local or recipe.local,
+            downlink=stage.downlink or recipe.downlink,
+            uplink=stage.uplink or recipe.uplink,
         ),
         i,
     )
@@ -169,9 +174,14 @@ def lp_ft(head_rounds: int, *, then: TransferPolicy | None = None, head: str = "
 def fedncm(*, then: TransferPolicy | None = None, head: str = "head") -> Stages:
     """FedNCM then fine-tuning (Legate et al., arXiv 2306.03937): one round sets the head to the
     nearest-class-mean classifier of the frozen features, then ``then`` (default: whole model).
+    The FedNCM round sends its class sums and counts losslessly (``Float32``), whatever the
+    recipe's codecs.
     """
     return Stages(
-        (Stage(1, HeadOnly(head), objective=NearestClassMean()), Stage(None, then or Full()))
+        (
+            Stage(1, HeadOnly(head), objective=NearestClassMean(), uplink=Float32()),
+            Stage(None, then or Full()),
+        )
     )
 
 

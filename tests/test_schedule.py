@@ -1,0 +1,397 @@
+"""Staged schedules (``Stages``): stage arithmetic, validation, hand-over keys, and staged runs
+through ``run_round``: bytes per stage, the rebase at a stage boundary, the hand-over of keys
+that stopped being shared, and resume across the boundary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tests.conftest import make_tiny_data, make_tiny_model
+from torch import Tensor
+
+from fedtransfer import (
+    AllClients,
+    ClientResult,
+    ClientTask,
+    CompatibilityError,
+    ConfigError,
+    FederatedDataset,
+    Float32,
+    FrozenHead,
+    Full,
+    HeadOnly,
+    LocalTraining,
+    Payload,
+    Recipe,
+    Rules,
+    SerialRuntime,
+    ServerAdam,
+    ServerPipeline,
+    ServerState,
+    client_update,
+    load_state,
+    run_round,
+    save_state,
+    tree,
+)
+from fedtransfer.buffered import FedBuff, run_buffered_step
+from fedtransfer.client.drift import Scaffold
+from fedtransfer.codecs import Exact
+from fedtransfer.staged import begin_round
+from fedtransfer.transfer.schedule import Stage, StagePolicy, Stages, stage_recipe
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+HEAD = ("head.weight", "head.bias")
+BODY = tuple(k for k in make_tiny_model().state_dict() if k not in HEAD)
+LOCAL = LocalTraining(lr=0.1, steps=2, batch_size=8)
+NOTHING = Rules(default="frozen")
+
+
+@dataclass(frozen=True)
+class Scripted:
+    """A sampler whose cohort of round r is ``cohorts[r - 1]`` (in population order)."""
+
+    cohorts: tuple[tuple[str, ...], ...]
+
+    def sample(self, population: Sequence[str], *, seed: int, round: int) -> list[str]:
+        return [c for c in population if c in self.cohorts[round - 1]]
+
+
+@dataclass(frozen=True)
+class RecordingRuntime:
+    """The serial runtime, keeping every task and result for inspection."""
+
+    tasks: list[ClientTask] = field(default_factory=list)
+    results: list[ClientResult] = field(default_factory=list)
+
+    def map(self, fn: Callable[[Any], ClientResult], tasks: Sequence[Any]) -> list[ClientResult]:
+        out = SerialRuntime().map(fn, tasks)
+        self.tasks.extend(tasks)
+        self.results.extend(out)
+        return out
+
+
+# rounds 1-2: FedBABU body under a frozen head; from round 3 the head alone (the body freezes)
+BABU_COHORTS = (("c0", "c1", "c2"), ("c0", "c1"), ("c0", "c3"), ("c0", "c1", "c3", "c4"))
+
+
+def _babu(cohorts: tuple[tuple[str, ...], ...] = BABU_COHORTS) -> Recipe:
+    stages = Stages((Stage(2, FrozenHead()), Stage(None, HeadOnly())))
+    return Recipe(policy=stages, local=LOCAL, sampler=Scripted(cohorts))
+
+
+def _lp_ft(**changes: Any) -> Recipe:
+    stages = Stages((Stage(2, HeadOnly()), Stage(None, Full())))
+    return Recipe(**{"policy": stages, "local": LOCAL, "sampler": AllClients(), **changes})
+
+
+def _run(
+    recipe: Recipe,
+    data: FederatedDataset,
+    rounds: int,
+    state: ServerState | None = None,
+    runtime: Any = None,
+) -> ServerState:
+    state = state or ServerState.initial(recipe, make_tiny_model(), seed=0)
+    for _ in range(rounds):
+        state, _ = run_round(
+            recipe, state, data, runtime or SerialRuntime(), model_fn=make_tiny_model
+        )
+    return state
+
+
+def _nbytes(codec: Any, params: dict[str, Tensor]) -> int:
+    return len(codec.encode(params).to_bytes())
+
+
+# --- Stage / Stages ------------------------------------------------------------------------
+
+
+def test_stages_index_at_maps_rounds_to_stages() -> None:
+    stages = Stages((Stage(2, HeadOnly()), Stage(3, Full()), Stage(None, FrozenHead())))
+    assert [stages.index_at(r) for r in range(1, 8)] == [0, 0, 1, 1, 1, 2, 2]
+    assert stages.index_at(1000) == 2
+
+
+def test_stages_index_at_after_the_last_finite_stage_stays_in_it() -> None:
+    stages = Stages((Stage(1, HeadOnly()), Stage(2, Full())))
+    assert [stages.index_at(r) for r in (1, 2, 3, 4, 9)] == [0, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("rounds", [0, -1, True, 1.5, "3"])
+def test_stage_rejects_rounds_that_are_not_a_positive_integer(rounds: Any) -> None:
+    with pytest.raises(ConfigError, match=r"Stage\.rounds"):
+        Stage(rounds, Full())
+
+
+def test_stages_rejects_an_open_ended_stage_before_the_last() -> None:
+    with pytest.raises(ConfigError, match=r"Stages\.stages\[0\]: only the last stage"):
+        Stages((Stage(None, HeadOnly()), Stage(None, Full())))
+
+
+def test_stages_rejects_nested_stages() -> None:
+    inner = Stages((Stage(None, Full()),))
+    with pytest.raises(ConfigError, match=r"Stages\.stages\[1\]: stages cannot be nested"):
+        Stages((Stage(1, HeadOnly()), Stage(None, inner)))
+
+
+def test_stages_rejects_an_empty_schedule() -> None:
+    with pytest.raises(ConfigError, match="at least one stage"):
+        Stages(())
+
+
+def test_stages_rejects_an_entry_that_is_not_a_stage() -> None:
+    with pytest.raises(ConfigError, match=r"Stages\.stages\[1\]: expected a Stage"):
+        Stages((Stage(1, HeadOnly()), Full()))  # type: ignore[arg-type]
+
+
+def test_stages_handover_is_the_keys_shared_since_and_not_shared_now() -> None:
+    stages = Stages((Stage(1, FrozenHead()), Stage(1, HeadOnly()), Stage(None, Full())))
+    plans = stages.plans(stages.prepare(make_tiny_model()))
+    assert stages.handover(plans, 0, 1) == BODY  # body shared in 0, frozen in 1
+    assert stages.handover(plans, 1, 1) == ()
+    assert stages.handover(plans, 0, 2) == ()  # everything is shared again in 2
+    assert stages.handover(plans, 1, 2) == ()
+
+
+def test_stages_handover_collects_every_stage_since_without_duplicates() -> None:
+    """Full, then the body, then the head alone: a client from stage 0 lacks the body (shared
+    in 0 and 1) but not the head; one from stage 1 lacks the body too."""
+    stages = Stages((Stage(1, Full()), Stage(1, FrozenHead()), Stage(None, HeadOnly())))
+    plans = stages.plans(stages.prepare(make_tiny_model()))
+    assert stages.handover(plans, 0, 2) == BODY
+    assert stages.handover(plans, 1, 2) == BODY
+    # mutation caught: counting only stage ``since`` (not every stage up to now - 1)
+    late = Stages((Stage(1, HeadOnly()), Stage(1, FrozenHead()), Stage(None, HeadOnly())))
+    late_plans = late.plans(late.prepare(make_tiny_model()))
+    assert late.handover(late_plans, 0, 2) == BODY
+
+
+def test_stage_recipe_uses_the_stage_objective_and_local_training() -> None:
+    local = LocalTraining(lr=0.3, steps=1, batch_size=4)
+    recipe = Recipe(policy=Stages((Stage(1, HeadOnly(), Scaffold(), local), Stage(None, Full()))))
+    first, i = stage_recipe(recipe, 1)
+    assert i == 0 and first.objective == Scaffold() and first.local == local
+    assert first.policy == StagePolicy(recipe.policy, 0)  # type: ignore[arg-type]
+    second, j = stage_recipe(recipe, 2)
+    assert j == 1 and second.objective == recipe.objective and second.local == recipe.local
+
+
+# --- LP→FT through run_round ---------------------------------------------------------------
+
+
+def test_round_lp_ft_bytes_are_the_shared_payload_of_each_stage() -> None:
+    data = make_tiny_data()
+    recipe = _lp_ft()
+    state = ServerState.initial(recipe, make_tiny_model(), seed=0)
+    everything = state.weights_for()
+    head_bytes = _nbytes(Float32(), tree.select(everything, HEAD))
+    all_bytes = _nbytes(Float32(), everything)
+    n = len(data.clients)
+    expected = [head_bytes, head_bytes, all_bytes, all_bytes]
+    for r, per_client in enumerate(expected, start=1):
+        state, report = run_round(recipe, state, data, SerialRuntime(), model_fn=make_tiny_model)
+        assert report.bytes_up == n * per_client, r
+        assert report.bytes_down == n * per_client, r  # HeadOnly → Full: nothing handed over
+        assert report.metrics["schedule/stage"] == (0.0 if r <= 2 else 1.0)
+    assert head_bytes < all_bytes
+
+
+def test_begin_round_keeps_the_aggregated_head_when_fine_tuning_begins() -> None:
+    data = make_tiny_data()
+    recipe = _lp_ft()
+    lp = _run(recipe, data, 2)
+    initial = ServerState.initial(recipe, make_tiny_model(), seed=0)
+    assert not tree.equal(lp.params, initial.params)  # the probe moved the head
+    _, ft = begin_round(recipe, lp, model_fn=make_tiny_model)
+    assert ft.stage == 1 and list(ft.params) == list(make_tiny_model().state_dict())
+    assert tree.equal(tree.select(ft.params, HEAD), lp.params)
+    assert tree.equal(tree.select(ft.params, BODY), tree.select(initial.start, BODY))
+    assert tree.equal(ft.start, lp.weights_for())
+
+
+def test_begin_round_stage_change_rehashes_the_starting_weights() -> None:
+    data = make_tiny_data()
+    lp = _run(_lp_ft(), data, 2)
+    _, ft = begin_round(_lp_ft(), lp, model_fn=make_tiny_model)
+    assert ft.start_sha256 != lp.start_sha256
+    assert ft.start_sha256 == tree.sha256(ft.start)
+
+
+def test_begin_round_stage_change_restarts_server_state_for_the_new_shared_keys() -> None:
+    recipe = _lp_ft(objective=Scaffold(), pipeline=ServerPipeline(post=(ServerAdam(lr=0.05),)))
+    lp = _run(recipe, make_tiny_data(), 2)
+    assert any(float(v.abs().sum()) > 0 for v in lp.server.values())
+    current, ft = begin_round(recipe, lp, model_fn=make_tiny_model)
+    fresh = current.pipeline.init(ft.params)
+    objective = Scaffold().server_init(ft.params, Full().plan(make_tiny_model()))
+    fresh.update({f"objective/{k}": v for k, v in objective.items()})
+    assert sorted(ft.server) == sorted(fresh)
+    assert any(k.endswith("body.1.weight") for k in ft.server)
+    assert all(torch.equal(ft.server[k], fresh[k]) for k in fresh)
+
+
+def test_begin_round_stage_change_clears_client_memory() -> None:
+    recipe = _lp_ft(objective=Scaffold())
+    lp = _run(recipe, make_tiny_data(), 2)
+    assert set(lp.memory) == set(make_tiny_data().clients)  # SCAFFOLD's c_i per client
+    _, ft = begin_round(recipe, lp, model_fn=make_tiny_model)
+    assert ft.memory == {}
+
+
+def test_begin_round_inside_a_stage_leaves_the_state_alone() -> None:
+    recipe = _lp_ft()
+    one = _run(recipe, make_tiny_data(), 1)
+    current, same = begin_round(recipe, one, model_fn=make_tiny_model)
+    assert same is one
+    assert current.policy == StagePolicy(recipe.policy, 0)  # type: ignore[arg-type]
+
+
+# --- shared → frozen: the hand-over ---------------------------------------------------------
+
+
+def _babu_rounds(rounds: int) -> tuple[list[ServerState], list[Any], list[RecordingRuntime]]:
+    """States after 0..rounds rounds of the FedBABU→head schedule, reports and runtimes."""
+    data = make_tiny_data()
+    recipe = _babu()
+    states = [ServerState.initial(recipe, make_tiny_model(), seed=0)]
+    reports, runtimes = [], []
+    for _ in range(rounds):
+        runtime = RecordingRuntime()
+        state, report = run_round(recipe, states[-1], data, runtime, model_fn=make_tiny_model)
+        states.append(state)
+        reports.append(report)
+        runtimes.append(runtime)
+    return states, reports, runtimes
+
+
+def _task(runtime: RecordingRuntime, client: str) -> ClientTask:
+    return next(t for t in runtime.tasks if t.client == client)
+
+
+def test_round_handover_bytes_are_counted_in_bytes_down() -> None:
+    states, reports, _ = _babu_rounds(3)
+    body_now = tree.select(states[2].weights_for(), BODY)  # aggregated over rounds 1-2
+    handover = _nbytes(Exact(), body_now)
+    downlink = _nbytes(Float32(), tree.select(states[2].weights_for(), HEAD))
+    # round 3: c0 (set up in stage 0) gets the hand-over, c3 (new) the set-up
+    assert reports[2].bytes_down == 2 * downlink + handover
+    assert reports[2].setup_bytes == _nbytes(Exact(), states[2].weights_for())
+    assert states[3].ledger["down"] == states[2].ledger["down"] + reports[2].bytes_down
+
+
+def test_round_handover_carries_the_aggregated_body() -> None:
+    states, _, runtimes = _babu_rounds(3)
+    task = _task(runtimes[2], "c0")
+    assert task.handover is not None and task.setup is None
+    handed = Exact().decode(Payload.from_bytes(task.handover))
+    assert list(handed) == list(BODY)
+    assert tree.equal(handed, tree.select(states[2].params, BODY))
+    assert not tree.equal(handed, tree.select(states[0].start, BODY))
+
+
+def test_round_handover_goes_to_each_client_once_on_its_first_stage_participation() -> None:
+    states, reports, runtimes = _babu_rounds(4)
+    got = [{t.client for t in rt.tasks if t.handover is not None} for rt in runtimes]
+    assert got == [set(), set(), {"c0"}, {"c1"}]  # c2 never returns; c3, c4 start in stage 1
+    downlink = _nbytes(Float32(), states[3].params)
+    handover = _nbytes(Exact(), tree.select(states[3].start, BODY))
+    assert reports[3].bytes_down == 4 * downlink + handover
+    assert states[4].synced == {c: 1 for c in ("c0", "c1", "c3", "c4")} | {"c2": 0}
+
+
+def test_round_client_new_in_a_later_stage_gets_the_setup_and_no_handover() -> None:
+    states, reports, runtimes = _babu_rounds(4)
+    assert tree.equal(states[3].start, states[2].weights_for())  # stage-1 start: aggregated body
+    for r, client in ((3, "c3"), (4, "c4")):
+        task = _task(runtimes[r - 1], client)
+        assert task.handover is None and task.setup is not None
+        start = Exact().decode(Payload.from_bytes(task.setup))
+        assert tree.equal(start, states[3].start)
+        assert tree.sha256(start) == task.start_sha256
+        assert reports[r - 1].setup_bytes == len(task.setup)
+
+
+def test_round_client_trains_the_new_stage_from_the_aggregated_body() -> None:
+    """c0's round-3 result equals a fresh client's given the aggregated weights outright."""
+    states, _, runtimes = _babu_rounds(3)
+    weights = states[2].weights_for()
+    recipe, _ = stage_recipe(_babu(), 3)
+    direct = ClientTask(
+        client="c0",
+        round=3,
+        seed=0,
+        downlink=Float32().encode(tree.select(weights, HEAD)).to_bytes(),
+        data=make_tiny_data().train["c0"],
+        local={},
+        frozen={},
+        start_sha256=tree.sha256(weights),
+        setup=Exact().encode(weights).to_bytes(),
+    )
+    expected = client_update(direct, recipe=recipe, model_fn=make_tiny_model)
+    seen = next(r for r in runtimes[2].results if r.client == "c0")
+    assert seen.uplink == expected.uplink
+    # and it differs from training on the pre-trained body (mutation: stale frozen keys)
+    stale = ServerState.initial(_babu(), make_tiny_model(), seed=0).weights_for()
+    stale = {**stale, **tree.select(weights, HEAD)}
+    old = replace(direct, setup=Exact().encode(stale).to_bytes(), start_sha256=tree.sha256(stale))
+    assert client_update(old, recipe=recipe, model_fn=make_tiny_model).uplink != seen.uplink
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def test_save_state_round_trips_stage_and_synced(tmp_path: Path) -> None:
+    states, _, _ = _babu_rounds(3)
+    save_state(states[3], tmp_path)
+    back = load_state(tmp_path)
+    assert back.stage == 1 == states[3].stage
+    assert back.synced == states[3].synced == {"c0": 1, "c1": 0, "c2": 0, "c3": 1}
+
+
+@pytest.mark.parametrize("resume_after", [1, 2, 3])
+def test_staged_run_resumed_from_a_checkpoint_is_bit_identical(
+    resume_after: int, tmp_path: Path
+) -> None:
+    recipe = replace(_babu(), pipeline=ServerPipeline(post=(ServerAdam(0.05),)))
+    data = make_tiny_data()
+    straight = _run(recipe, data, 4)
+    save_state(_run(recipe, data, resume_after), tmp_path)
+    resumed = _run(recipe, data, 4 - resume_after, state=load_state(tmp_path))
+    assert tree.equal(resumed.params, straight.params)
+    assert tree.equal(resumed.start, straight.start)
+    assert resumed.ledger == straight.ledger and resumed.synced == straight.synced
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+def test_recipe_validate_names_the_stage_that_shares_nothing() -> None:
+    recipe = Recipe(policy=Stages((Stage(1, HeadOnly()), Stage(None, NOTHING))))
+    with pytest.raises(CompatibilityError, match=r"Stages\.stages\[1\]: .*shares no keys"):
+        recipe.validate(make_tiny_model())
+
+
+def test_recipe_validate_accepts_every_stage_that_shares_something() -> None:
+    plan = _babu().validate(make_tiny_model(), population=make_tiny_data().clients)
+    assert plan.shared == BODY
+
+
+def test_run_buffered_step_refuses_a_staged_recipe() -> None:
+    recipe = _lp_ft()
+    state = ServerState.initial(recipe, make_tiny_model(), seed=0)
+    with pytest.raises(CompatibilityError, match="Stages"):
+        run_buffered_step(
+            recipe,
+            state,
+            make_tiny_data(),
+            SerialRuntime(),
+            model_fn=make_tiny_model,
+            fedbuff=FedBuff(buffer_size=2, concurrency=3),
+        )
