@@ -36,7 +36,8 @@ MB = 1e6
 
 def _arms() -> tuple[ArmConfig, ...]:
     int8 = {"downlink": Int8(), "uplink": Int8()}
-    lora = Lora(rank=4, train=("head",))
+    # the head and the BatchNorm layers train with the adapters (a few hundred scalars)
+    lora = Lora(rank=4, train=("head", "type:_BatchNorm"))
     return (
         ArmConfig(name=BASELINE, init="scratch", policy=Full()),
         ArmConfig(name=REFERENCE, policy=Full()),
@@ -53,6 +54,7 @@ def _arms() -> tuple[ArmConfig, ...]:
             client_transforms=(ErrorFeedback(),),
         ),
         ArmConfig(name="fedncm-lora-int8", policy=fedncm(then=lora), **int8),
+        ArmConfig(name="fedncm-full-int8", policy=fedncm(), **int8),
     )
 
 
@@ -162,7 +164,7 @@ def main() -> None:
     _plot(summaries, args.runs_dir, RESULTS / f"{args.out}.png")
     md = header(
         "Communication: bytes to accuracy",
-        __doc__.split("\n\n")[1].replace("\n", " ")
+        __doc__.split("\n\n")[1].split(" Run from")[0].replace("\n", " ")
         + f" Seeds {args.seeds}, {args.rounds} rounds; mean ± sd over seeds.",
         began,
         load,
