@@ -17,6 +17,7 @@ from fedtransfer import (
     CompatibilityError,
     FederatedDataset,
     Full,
+    HeadOnly,
     LocalTraining,
     PersonalHead,
     Recipe,
@@ -26,6 +27,7 @@ from fedtransfer import (
     TransferPolicy,
     run_round,
 )
+from fedtransfer.client.ncm import NearestClassMean
 from fedtransfer.client.objectives import Objective
 from fedtransfer.client.personalization import Rep
 from fedtransfer.experiment import config as cfgio
@@ -44,7 +46,10 @@ def objective(request: pytest.FixtureRequest) -> Objective:
 
 
 def _policy(objective: Objective) -> TransferPolicy:
-    """FedRep trains a local head: it needs a policy that labels one."""
+    """FedRep trains a local head: it needs a policy that labels one; FedNCM sets the linear
+    head (``body.1``, before the tiny model's BatchNorm) and shares nothing else."""
+    if isinstance(objective, NearestClassMean):
+        return HeadOnly("body.1")
     return PersonalHead() if isinstance(objective, Rep) else Full()
 
 
@@ -147,14 +152,16 @@ def test_objective_server_init_is_shaped_like_shared_params(objective: Objective
 
 
 def test_objective_extras_like_is_shaped_like_shared_params(objective: Objective) -> None:
-    """Per-key extras mirror their parameter; scalar extras (FedNova's ``a``) have no prefix."""
+    """Per-key extras (``<name>/<shared key>``) mirror their parameter; extras without a prefix
+    are statistics of their own shape (FedNova's scalar ``a``, FedNCM's class sums), and
+    floating so that validation checks them for finiteness."""
     recipe = _recipe(objective)
     model = make_tiny_model()
     plan = recipe.plan(model)
     shared = {k: v for k, v in model.state_dict().items() if k in plan.shared}
     for name, value in objective.extras_like(shared, plan).items():
         if "/" not in name:
-            assert value.numel() == 1, name
+            assert value.dtype.is_floating_point and value.numel() >= 1, name
             continue
         key = _shared_key(name, shared)
         assert key is not None, f"extras {name!r} names no shared key"

@@ -59,7 +59,7 @@ class TopK:
     tensor([ 0., -3.,  2.,  0.])
     """
 
-    ratio: float
+    ratio: float = 0.01
     sparse: ClassVar[bool] = True
     """Drops most entries: fit for uplinks only (``Recipe.validate`` refuses it downlink)."""
 
