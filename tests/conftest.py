@@ -58,6 +58,15 @@ def make_tiny_data(seed: int = 0) -> FederatedDataset:
     return FederatedDataset(train, test, NUM_CLASSES)
 
 
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def single_thread() -> Iterator[None]:
     """Run torch on one intra-op thread for the test, then restore the previous setting.
@@ -67,12 +76,13 @@ def single_thread() -> Iterator[None]:
     globally) because numerics depend on the thread count, and other suites compare in-process
     results with subprocess runs that use the default.
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    yield from _one_thread()
+
+
+@pytest.fixture(scope="module")
+def single_thread_module() -> Iterator[None]:
+    """``single_thread`` for a whole module (module-scoped fixtures that run experiments)."""
+    yield from _one_thread()
 
 
 @pytest.fixture

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from fedtransfer import load_state, tree
 from fedtransfer.experiment.run import final_weights, load_config, resume, run_experiment
@@ -33,14 +31,8 @@ ZERO_BYTES = ("bytes_up", "bytes_down", "round_bytes", "cum_bytes", "setup_bytes
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
+def _one_thread(single_thread_module: None) -> None:
     """Tiny models: intra-op threads only slow them down (see ``single_thread``)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run(run_dir: Path, *overrides: str) -> dict[str, Any]:

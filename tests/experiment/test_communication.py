@@ -4,12 +4,10 @@ the report's communication table."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from fedtransfer.experiment.run import build_population, load_config, run_experiment
 
@@ -35,13 +33,8 @@ ARMS = (
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _one_thread(single_thread_module: None) -> None:
+    """Tiny models: intra-op threads only slow them down (see ``single_thread``)."""
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
