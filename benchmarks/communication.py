@@ -45,7 +45,8 @@ def _arms() -> tuple[ArmConfig, ...]:
         ArmConfig(name="head-fp32", policy=HeadOnly()),
         ArmConfig(name="head-int8", policy=HeadOnly(), **int8),
         ArmConfig(name="lora-r4", policy=lora),
-        ArmConfig(name="lp-ft", policy=lp_ft(5)),
+        ArmConfig(name="lp-ft", policy=lp_ft(10)),
+        ArmConfig(name="lp-ft-int8", policy=lp_ft(10), **int8),
         ArmConfig(name="fedncm-ft", policy=fedncm()),
         ArmConfig(
             name="topk1-ef",
@@ -53,6 +54,7 @@ def _arms() -> tuple[ArmConfig, ...]:
             uplink=TopK(0.01),
             client_transforms=(ErrorFeedback(),),
         ),
+        ArmConfig(name="topk1-no-ef", policy=Full(), uplink=TopK(0.01)),
         ArmConfig(name="fedncm-lora-int8", policy=fedncm(then=lora), **int8),
         ArmConfig(name="fedncm-full-int8", policy=fedncm(), **int8),
     )
@@ -103,21 +105,24 @@ def _figures(summaries: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def _criterion(figures: dict[str, dict[str, Any]]) -> list[str]:
     """The issue's bar: a pre-trained arm reaches 90 % with ≥ 50× fewer round bytes than the
-    scratch baseline, at most 1 point below pre-trained full fine-tuning (means over seeds)."""
+    scratch baseline — on every seed — and its final accuracy is at most 1 point below
+    pre-trained full fine-tuning (mean over seeds)."""
     lines = []
     for name, f in figures.items():
         if name in (BASELINE, REFERENCE):
             continue
-        comp, _, n = mean_sd(f["compression_to_target"])
+        ratios = f["compression_to_target"]
         gap, _, _ = mean_sd(f["accuracy_vs_reference"])
-        if comp is None or gap is None:
-            continue
-        ok = n == len(f["compression_to_target"]) and comp >= 50 and gap >= -0.01
-        mark = "**meets**" if ok else "does not meet"
+        assert gap is not None  # every seed has a final accuracy
+        worst = min((r for r in ratios if r is not None), default=None)
+        every = None not in ratios
+        ok = every and worst is not None and worst >= 50 and gap >= -0.01
+        reach = f"worst seed {worst:,.0f}× fewer bytes to 90 %" if worst else "90 % never reached"
+        if not every and worst:
+            reach += f" (reached on {sum(r is not None for r in ratios)}/{len(ratios)} seeds)"
         lines.append(
-            f"- `{name}`: {comp:,.0f}× fewer bytes to 90 % (reached on {n}/"
-            f"{len(f['compression_to_target'])} seeds), final accuracy {gap * 100:+.1f} points "
-            f"vs `{REFERENCE}` — {mark} the bar (≥ 50×, ≥ −1 point, every seed)"
+            f"- `{name}`: {reach}, final accuracy {gap * 100:+.1f} points vs `{REFERENCE}` — "
+            + ("**meets** the bar" if ok else "does not meet the bar")
         )
     return lines
 
@@ -183,7 +188,16 @@ def main() -> None:
             f"| {fmt(f['compression_per_round'], scale=1, digits=1)}× "
             f"| {fmt(f['total_bytes'], scale=1 / MB, digits=2)} | {fmt(f['setup_bytes'], scale=1 / MB, digits=2)} |"
         )
-    md += ["", "## The bar", "", *_criterion(figures), ""]
+    md += [
+        "",
+        "## The bar",
+        "",
+        "A pre-trained arm reaches 90 % with ≥ 50× fewer round bytes than "
+        f"`{BASELINE}` on every seed, and ends at most 1 point below `{REFERENCE}` (mean).",
+        "",
+        *_criterion(figures),
+        "",
+    ]
     md += [f"![accuracy vs bytes]({args.out}.png)", ""]
     write(args.out, md, {"seeds": args.seeds, "rounds": args.rounds, "arms": figures})
 
