@@ -9,7 +9,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fedtransfer.codecs.cast import (
+from fedtransfer.codecs.cast import restore
+from fedtransfer.codecs.checks import (
     CORRUPT_HINT,
     check_finite,
     check_header,
@@ -17,7 +18,6 @@ from fedtransfer.codecs.cast import (
     meta_dtype,
     pairs,
     plain,
-    restore,
 )
 from fedtransfer.codecs.payload import Entry, Payload, dtype_name
 from fedtransfer.errors import ConfigError, PayloadError

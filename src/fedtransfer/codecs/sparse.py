@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fedtransfer.codecs.cast import (
+from fedtransfer.codecs.checks import (
     CORRUPT_HINT,
     check_finite,
     check_header,
