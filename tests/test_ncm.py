@@ -267,3 +267,25 @@ def test_ncm_with_a_sparse_uplink_is_refused_or_sets_the_head_exactly() -> None:
     means, _ = _pooled_means(state, data, report.cohort)
     s = 1.0 / float(means.norm(dim=1).mean())
     torch.testing.assert_close(new.params["head.weight"].double(), s * means, rtol=0, atol=1e-5)
+
+
+def test_ncm_server_apply_without_any_counted_class_leaves_the_head() -> None:
+    """Extras whose counts are all zero (no examples) change nothing and report no NaN."""
+    import math
+
+    from fedtransfer.client.ncm import NearestClassMean
+
+    params = {"head.weight": torch.randn(3, 4), "head.bias": torch.randn(3)}
+    step = {k: torch.zeros_like(v) for k, v in params.items()}
+    extras = [{"sum": torch.zeros(3, 4), "count": torch.zeros(3)}]
+    out = NearestClassMean().server_apply(
+        step,
+        updates=[step],
+        extras=extras,
+        weights=[1.0],
+        state={},
+        population_size=1,
+        params=params,
+    )
+    assert tree.equal(out.value, step)
+    assert all(math.isfinite(v) for v in out.metrics.values())

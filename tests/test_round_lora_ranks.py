@@ -182,3 +182,14 @@ def test_round_staged_lora_ranks_trim_per_client_in_the_lora_stage() -> None:
         update = _decoded(res)
         r = RANKS[res.client]
         assert update[A].shape == (r, 64) and update[B].shape == (8, r), res.client
+
+
+def test_recipe_validate_refuses_scaffold_with_heterogeneous_ranks() -> None:
+    """SCAFFOLD's full-rank correction would train slots a low-rank client does not hold."""
+    from fedtransfer import CompatibilityError, Recipe
+    from fedtransfer.client.drift import Scaffold
+
+    recipe = Recipe(policy=Lora(rank=4, ranks=(2, 4), train=("head",)), objective=Scaffold())
+    with pytest.raises(CompatibilityError, match="SCAFFOLD"):
+        recipe.validate(make_tiny_model())
+    Recipe(policy=Lora(rank=4, train=("head",)), objective=Scaffold()).validate(make_tiny_model())

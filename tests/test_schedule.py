@@ -27,6 +27,7 @@ from fedtransfer import (
     HeadOnly,
     LocalTraining,
     Payload,
+    PersonalHead,
     Recipe,
     Rules,
     SerialRuntime,
@@ -395,3 +396,66 @@ def test_run_buffered_step_refuses_a_staged_recipe() -> None:
             model_fn=make_tiny_model,
             fedbuff=FedBuff(buffer_size=2, concurrency=3),
         )
+
+
+# --- review fixes: the hand-over is what the client trains from; stale local keys -------------
+
+
+def test_round_client_behind_a_stage_lacks_the_handover_keys_until_it_decodes_them() -> None:
+    _, _, runtimes = _babu_rounds(3)
+    task = _task(runtimes[2], "c0")
+    assert not set(BODY) & set(task.frozen)  # the body reaches c0 only through its hand-over
+    recipe, _ = stage_recipe(_babu(), 3)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        client_update(replace(task, handover=None), recipe=recipe, model_fn=make_tiny_model)
+
+
+def test_round_handover_of_a_key_that_became_local_reaches_the_client_local_keys() -> None:
+    # stage 0 shares everything; stage 1 keeps the head local (FedPer): c0 holds a stale head
+    cohorts = (("c0", "c1"), ("c1",), ("c0",))
+    stages = Stages((Stage(1, Full()), Stage(None, PersonalHead())))
+    recipe = Recipe(policy=stages, local=LOCAL, sampler=Scripted(cohorts))
+    data = make_tiny_data()
+    state = ServerState.initial(recipe, make_tiny_model(), seed=0)
+    runtime = RecordingRuntime()
+    for _ in range(3):
+        state, _ = run_round(recipe, state, data, runtime, model_fn=make_tiny_model)
+    task = next(t for t in runtime.tasks if t.client == "c0" and t.round == 3)
+    handed = Exact().decode(Payload.from_bytes(task.handover or b""))
+    assert set(HEAD) <= set(handed) and not set(HEAD) & set(task.local)
+
+
+def test_begin_round_drops_stored_local_keys_that_are_no_longer_local() -> None:
+    stages = Stages((Stage(1, PersonalHead()), Stage(None, Full())))
+    recipe = Recipe(policy=stages, local=LOCAL, sampler=AllClients())
+    state = _run(recipe, make_tiny_data(), 1)
+    assert all(set(held) == set(HEAD) for held in state.clients.values())
+    _, entered = begin_round(recipe, state, model_fn=make_tiny_model)
+    assert all(held == {} for held in entered.clients.values())
+    # every client now evaluates with the global head, not its old personal one
+    for c in entered.clients:
+        assert tree.equal(
+            tree.select(entered.weights_for(c), HEAD), tree.select(entered.params, HEAD)
+        )
+
+
+def test_recipe_validate_refuses_lora_stages_of_different_ranks() -> None:
+    from fedtransfer import Lora, PlanError
+
+    stages = Stages((Stage(1, Lora(rank=2)), Stage(None, Lora(rank=4))))
+    with pytest.raises(PlanError, match="already has a LoRA adapter of rank 2"):
+        Recipe(policy=stages).validate(make_tiny_model())
+
+
+@pytest.mark.parametrize(
+    "arm",
+    ["{name: a, mode: local-only}", "{name: a, fedbuff: {buffer_size: 2, concurrency: 3}}"],
+)
+def test_experiment_config_refuses_stages_outside_the_synchronous_loop(arm: str) -> None:
+    from fedtransfer.experiment.run import load_config
+
+    staged = (
+        "{kind: stages, stages: [{rounds: 1, policy: {kind: head_only}}, {policy: {kind: full}}]}"
+    )
+    with pytest.raises(ConfigError, match="stages"):
+        load_config(None, [f"policy={staged}", f"arms=[{arm}]"])

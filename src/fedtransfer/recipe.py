@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fedtransfer.client.drift import Scaffold
 from fedtransfer.client.objectives import Objective, Plain
 from fedtransfer.client.train import LocalTraining
 from fedtransfer.client.transforms import ClientTransform
@@ -19,7 +20,7 @@ from fedtransfer.server.pipeline import ServerPipeline
 from fedtransfer.server.sample import Sampler, Uniform
 from fedtransfer.transfer.policies import Full
 from fedtransfer.transfer.policy import ParamPlan, TransferPolicy
-from fedtransfer.transfer.schedule import Stages, stage_recipe
+from fedtransfer.transfer.schedule import StagePolicy, Stages, stage_recipe
 
 
 @dataclass(frozen=True)
@@ -52,32 +53,7 @@ class Recipe:
 
     def validate(self, model: nn.Module, *, population: Sequence[str] | None = None) -> ParamPlan:
         """Fail fast, before round 1, on components that cannot work together; return the plan."""
-        checks: list[tuple[str, object, type]] = [
-            ("policy", self.policy, TransferPolicy),
-            ("local", self.local, LocalTraining),
-            ("objective", self.objective, Objective),
-            ("downlink", self.downlink, Codec),
-            ("uplink", self.uplink, Codec),
-            ("pipeline.aggregator", self.pipeline.aggregator, Aggregator),
-            ("sampler", self.sampler, Sampler),
-        ]
-        checks += [
-            (f"pipeline.post[{i}]", t, UpdateTransform) for i, t in enumerate(self.pipeline.post)
-        ]
-        checks += [
-            (f"pipeline.per_client[{i}]", t, UpdateTransform)
-            for i, t in enumerate(self.pipeline.per_client)
-        ]
-        checks += [
-            (f"client_transforms[{i}]", t, ClientTransform)
-            for i, t in enumerate(self.client_transforms)
-        ]
-        for name, value, proto in checks:
-            if not isinstance(value, proto):
-                raise ConfigError(
-                    f"Recipe.{name}: {type(value).__name__} is not a {proto.__name__}; "
-                    "hint: build components from fedtransfer's classes or implement the protocol"
-                )
+        self._check_types()
         if getattr(self.downlink, "sparse", False):
             raise CompatibilityError(
                 f"Recipe.downlink: {self.downlink!r} drops most entries of each tensor, and the "
@@ -88,10 +64,40 @@ class Recipe:
         prepared = self.policy.prepare(model)
         if isinstance(self.policy, Stages):
             plans = [self._check_stage(prepared, i) for i in range(len(self.policy.stages))]
-            if population is not None:
-                self.sampler.sample(list(population), seed=0, round=1)
-            return plans[0]
-        plan = self.policy.plan(prepared)
+            plan = plans[0]
+        else:
+            plan = self.policy.plan(prepared)
+            self._check_plan(prepared, plan)
+        if population is not None:
+            self.sampler.sample(list(population), seed=0, round=1)
+        return plan
+
+    def _check_types(self) -> None:
+        checks: list[tuple[str, object, type]] = [
+            ("policy", self.policy, TransferPolicy),
+            ("local", self.local, LocalTraining),
+            ("objective", self.objective, Objective),
+            ("downlink", self.downlink, Codec),
+            ("uplink", self.uplink, Codec),
+            ("pipeline.aggregator", self.pipeline.aggregator, Aggregator),
+            ("sampler", self.sampler, Sampler),
+        ]
+        groups: tuple[tuple[str, type, tuple[object, ...]], ...] = (
+            ("pipeline.post", UpdateTransform, self.pipeline.post),
+            ("pipeline.per_client", UpdateTransform, self.pipeline.per_client),
+            ("client_transforms", ClientTransform, self.client_transforms),
+        )
+        for group, proto, items in groups:
+            checks += [(f"{group}[{i}]", t, proto) for i, t in enumerate(items)]
+        for name, value, proto in checks:
+            if not isinstance(value, proto):
+                raise ConfigError(
+                    f"Recipe.{name}: {type(value).__name__} is not a {proto.__name__}; "
+                    "hint: build components from fedtransfer's classes or implement the protocol"
+                )
+
+    def _check_plan(self, prepared: nn.Module, plan: ParamPlan) -> None:
+        """The plan shares something, fits the objective, and the codecs keep its dtypes."""
         if not plan.shared:
             raise CompatibilityError(
                 f"Recipe: policy {self.policy!r} shares no keys, so nothing would be federated; "
@@ -100,10 +106,14 @@ class Recipe:
         self.objective.check(plan)
         if getattr(self.objective, "replaces_step", False):
             self._check_outright()
+        if _client_ranks(self.policy) and isinstance(self.objective, Scaffold):
+            raise CompatibilityError(
+                "Recipe: SCAFFOLD's control variates are full-rank, so with heterogeneous LoRA "
+                "ranks they would train adapter slots a client does not hold; hint: use "
+                "Plain(), Prox(mu) or Dyn(alpha) with Lora(ranks=...)"
+            )
         shared = {
-            k: torch.zeros_like(v)
-            for k, v in prepared.state_dict().items()
-            if plan.labels[k] == "shared"
+            k: torch.zeros_like(v) for k, v in prepared.state_dict().items() if k in plan.shared
         }
         for name, codec in (("downlink", self.downlink), ("uplink", self.uplink)):
             back = codec.decode(Payload.from_bytes(codec.encode(shared).to_bytes()))
@@ -116,9 +126,6 @@ class Recipe:
                     f"{back[k].dtype if k in back else 'nothing'}); hint: use a float32 model "
                     "or a codec for this dtype"
                 )
-        if population is not None:
-            self.sampler.sample(list(population), seed=0, round=1)
-        return plan
 
     def _check_outright(self) -> None:
         """An objective that sets parameters from clients' statistics (FedNCM) needs them
@@ -146,3 +153,11 @@ class Recipe:
             return recipe.validate(prepared)
         except (CompatibilityError, ConfigError) as exc:
             raise type(exc)(f"Stages.stages[{index}]: {exc}") from None
+
+
+def _client_ranks(policy: TransferPolicy) -> tuple[int, ...]:
+    """The heterogeneous LoRA ranks of ``policy`` (of its stage's policy in a schedule)."""
+    if isinstance(policy, StagePolicy):
+        policy = policy.stages.stages[policy.index].policy
+    ranks: tuple[int, ...] = getattr(policy, "ranks", ())
+    return ranks

@@ -24,7 +24,7 @@ from fedtransfer.recipe import Recipe
 from fedtransfer.runtime.serial import Runtime
 from fedtransfer.seeding import generator
 from fedtransfer.server.validate import validate_update
-from fedtransfer.staged import begin_round, handovers_for
+from fedtransfer.staged import begin_round, handover_keys
 from fedtransfer.state import Pending, ServerState
 from fedtransfer.transfer.policy import ParamPlan, PerClientRank
 from fedtransfer.transfer.schedule import StagePolicy
@@ -158,28 +158,35 @@ def dispatch(
     set_up = set(state.set_up)
     new_clients = [c for c in clients if c not in set_up]
     setup = SETUP_CODEC.encode(state.start).to_bytes() if new_clients else None
-    handovers = handovers_for(recipe, state, clients, new_clients, model_fn=model_fn)
+    lacking = handover_keys(recipe, state, clients, new_clients, model_fn=model_fn)
+    handovers = {
+        c: SETUP_CODEC.encode(tree.select(state.start, k)).to_bytes() for c, k in lacking.items()
+    }
     frozen = tree.select(state.start, plan.frozen)
     # local keys a client has not stored (new, only ever rejected, new in this stage) start
     # from the starting weights
     start_local = tree.select(state.start, plan.local)
-    tasks = [
-        ClientTask(
-            client=c,
-            round=r,
-            seed=state.seed,
-            downlink=downlink,
-            data=_data_for(c, population, threat, malicious, state.seed, r),
-            local={**start_local, **_held(state.clients.get(c, {}), plan.local)},
-            frozen=frozen,
-            start_sha256=state.start_sha256,
-            setup=setup if c in new_clients else None,
-            memory=state.memory.get(c, {}),
-            broadcast=broadcast,
-            handover=handovers.get(c),
+    tasks = []
+    for c in clients:
+        # a client behind a stage holds neither the frozen nor the local keys of its hand-over
+        # until it decodes the hand-over
+        lacks = set(lacking.get(c, ()))
+        tasks.append(
+            ClientTask(
+                client=c,
+                round=r,
+                seed=state.seed,
+                downlink=downlink,
+                data=_data_for(c, population, threat, malicious, state.seed, r),
+                local={**_omit(start_local, lacks), **_held(state.clients.get(c, {}), plan.local)},
+                frozen=_omit(frozen, lacks),
+                start_sha256=state.start_sha256,
+                setup=setup if c in new_clients else None,
+                memory=state.memory.get(c, {}),
+                broadcast=broadcast,
+                handover=handovers.get(c),
+            )
         )
-        for c in clients
-    ]
     results = runtime.map(partial(client_update, recipe=recipe, model_fn=model_fn), tasks)
     return Dispatched(
         results=results,
@@ -268,6 +275,10 @@ def _part(state: State, prefix: str) -> State:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _omit(a: dict[str, Tensor], keys: set[str]) -> dict[str, Tensor]:
+    return {k: v for k, v in a.items() if k not in keys} if keys else a
+
+
 def _held(stored: dict[str, Tensor], local: Sequence[str]) -> dict[str, Tensor]:
     """The stored local keys that are still local (a stage may have changed the labels)."""
     keys = set(local)
@@ -297,6 +308,9 @@ def _decode(
     rejected: list[tuple[str, str]] = []
     per_client = recipe.policy if isinstance(recipe.policy, PerClientRank) else None
     for res in results:
+        if res.error:
+            rejected.append((res.client, f"client {res.client}, round {r}: {res.error}"))
+            continue
         try:
             update = recipe.uplink.decode(Payload.from_bytes(res.uplink))
             if per_client is not None:  # heterogeneous ranks: back to global shapes

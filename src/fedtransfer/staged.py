@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from fedtransfer import tree
-from fedtransfer.client.update import SETUP_CODEC
 from fedtransfer.recipe import Recipe
 from fedtransfer.state import ServerState
 from fedtransfer.transfer.schedule import StagePolicy, stage_recipe
@@ -34,7 +33,8 @@ def enter_stage(
 ) -> ServerState:
     """Rebase ``state`` for stage ``index`` (whose recipe is ``recipe``): the aggregated values
     of the keys shared so far become part of the starting weights, the new shared keys start
-    from there, server and objective state restart, clients' memory restarts."""
+    from there, server and objective state restart, clients' memory restarts, and clients
+    drop stored local keys that are no longer local."""
     plan = recipe.plan(model_fn())
     start = {**state.start, **state.params}
     params = tree.clone(tree.select(start, plan.shared))
@@ -42,35 +42,40 @@ def enter_stage(
     objective = recipe.objective.server_init(params, plan)
     server.update({f"objective/{k}": v.clone() for k, v in objective.items()})
     log.info("round %d: stage %d begins, %d shared keys", state.round + 1, index, len(params))
+    local = set(plan.local)
     return state.replace(
         start=start,
         start_sha256=tree.sha256(start),
         params=params,
         server=server,
+        # clients keep the local keys that stay local; the others restart from the start
+        clients={
+            c: {k: v for k, v in held.items() if k in local} for c, held in state.clients.items()
+        },
         memory={},
         stage=index,
         synced={c: state.synced.get(c, 0) for c in state.set_up},
     )
 
 
-def handovers_for(
+def handover_keys(
     recipe: Recipe,
     state: ServerState,
     clients: Sequence[str],
     new_clients: Sequence[str],
     *,
     model_fn: Callable[[], nn.Module],
-) -> dict[str, bytes]:
+) -> dict[str, tuple[str, ...]]:
     """Staged schedules: for each set-up client still holding an earlier stage's starting
-    weights, the current values of the keys it lacks (encoded losslessly)."""
+    weights, the keys whose current values it lacks (sent to it as a hand-over)."""
     policy = recipe.policy
     behind = [c for c in clients if c not in new_clients and state.synced.get(c, 0) < state.stage]
     if not behind or not isinstance(policy, StagePolicy):
         return {}
     plans = policy.stages.plans(policy.prepare(model_fn()))
-    out: dict[str, bytes] = {}
+    out: dict[str, tuple[str, ...]] = {}
     for c in behind:
         keys = policy.stages.handover(plans, state.synced.get(c, 0), state.stage)
         if keys:
-            out[c] = SETUP_CODEC.encode(tree.select(state.start, keys)).to_bytes()
+            out[c] = keys
     return out

@@ -108,13 +108,14 @@ class Pending:
             "arrival": self.arrival,
             "num_examples": res.num_examples,
             "metrics": res.metrics,
+            "error": res.error,
         }
 
     def tensors(self, prefix: str) -> dict[str, Tensor]:
         res = self.result
         # safetensors cannot hold an empty buffer; a real payload never is the single byte 0
         out = {
-            f"{prefix}uplink": torch.frombuffer(bytearray(res.uplink), dtype=torch.uint8),
+            f"{prefix}uplink": torch.frombuffer(bytearray(res.uplink or b"\0"), dtype=torch.uint8),
             f"{prefix}extras": torch.frombuffer(bytearray(res.extras or b"\0"), dtype=torch.uint8),
         }
         out.update({f"{prefix}local/{k}": v.detach().clone() for k, v in res.local.items()})
@@ -129,12 +130,13 @@ class Pending:
         extras = part["extras"].numpy().tobytes()
         result = ClientResult(
             client=meta["client"],
-            uplink=part["uplink"].numpy().tobytes(),
+            uplink=b"" if meta.get("error") else part["uplink"].numpy().tobytes(),
             num_examples=int(meta["num_examples"]),
             local=sub("local/"),
             metrics={k: float(v) for k, v in meta["metrics"].items()},
             extras=b"" if extras == b"\0" else extras,
             memory=sub("memory/"),
+            error=str(meta.get("error", "")),
         )
         return cls(result, int(meta["version"]), float(meta["arrival"]))
 

@@ -28,7 +28,9 @@ class NearestClassMean(_Base):
     their head rows. The policy of this stage must share exactly the head (``HeadOnly()``), and
     the server optimiser must pass the step through unchanged (``ServerSGD()``, the default).
     The update a client sends is zero; the sums and counts travel as extras, through the uplink
-    codec, and are counted in the ledger. ``batch_size`` only bounds memory.
+    codec (which must be lossless), and are counted in the ledger. The sums are added outside the
+    aggregator, so a robust aggregator does not protect this round from a client that lies about
+    its statistics. ``batch_size`` only bounds memory.
 
     >>> from torch import nn
     >>> from fedtransfer.transfer.policies import HeadOnly
@@ -95,6 +97,8 @@ class NearestClassMean(_Base):
         sums = torch.stack([e["sum"].double() for e in extras]).sum(0)
         counts = torch.stack([e["count"].double() for e in extras]).sum(0)
         seen = counts > 0
+        if not bool(seen.any()):
+            return Out(step, state, {"classes_seen": 0.0})
         means = sums[seen] / counts[seen, None]
         scale = 1.0 / float(means.norm(dim=1).mean().clamp_min(1e-12))
         w, b = params[weight_key], params[bias_key]

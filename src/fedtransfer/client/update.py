@@ -13,10 +13,10 @@ from fedtransfer import tree
 from fedtransfer.client.objectives import ClientContext, scale_floats
 from fedtransfer.codecs import Exact, Payload
 from fedtransfer.data.federated import TensorData
-from fedtransfer.errors import CompatibilityError, FedTransferError
+from fedtransfer.errors import CompatibilityError, FedTransferError, PayloadError
 from fedtransfer.recipe import Recipe
 from fedtransfer.seeding import derive_seed, generator
-from fedtransfer.transfer.policy import PerClientRank
+from fedtransfer.transfer.policy import ParamPlan, PerClientRank
 from fedtransfer.types import Metrics, Params
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ the rest is the objective's."""
 @dataclass(frozen=True, eq=False)
 class ClientResult:
     """What comes back: the encoded update and the objective's encoded extras (both sent),
-    its weight, and what the client keeps: its new local keys and objective memory."""
+    its weight, and what the client keeps: its new local keys and objective memory — or, if
+    the update could not be encoded, the ``error`` and nothing else."""
 
     client: str
     uplink: bytes
@@ -66,6 +67,9 @@ class ClientResult:
     metrics: Metrics = field(default_factory=dict)
     extras: bytes = b""
     memory: dict[str, Tensor] = field(default_factory=dict)
+    error: str = ""
+    """Why the client sent nothing this round (its update did not encode); the server rejects
+    the result with this reason."""
 
 
 def verify_start(setup: bytes, expected_sha256: str, *, client: str) -> dict[str, Tensor]:
@@ -99,25 +103,10 @@ def _client_update(
 ) -> ClientResult:
     model = recipe.policy.prepare(model_fn())
     plan = recipe.policy.plan(model)
-    frozen: Params = task.frozen
-    local = task.local
-    if task.setup is not None:
-        start = verify_start(task.setup, task.start_sha256, client=task.client)
-        frozen = tree.select(start, plan.frozen)
-        local = {**tree.select(start, plan.local), **local}
-    if task.handover is not None:
-        handed = SETUP_CODEC.decode(Payload.from_bytes(task.handover))
-        frozen = {**frozen, **tree.select(handed, [k for k in plan.frozen if k in handed])}
-    per_client = recipe.policy if isinstance(recipe.policy, PerClientRank) else None
-    global_shared = recipe.downlink.decode(Payload.from_bytes(task.downlink))
-    weights = {**frozen, **local, **global_shared}
-    if per_client is not None:  # heterogeneous ranks: the client holds its own slice
-        weights = per_client.truncate(weights, task.client)
-        global_shared = {k: weights[k] for k in global_shared}
+    global_shared = _load(model, plan, task, recipe)
     broadcast = {}
     if task.broadcast is not None:
         broadcast = recipe.downlink.decode(Payload.from_bytes(task.broadcast))
-    model.load_state_dict(weights, strict=True)
     memory, kept = _split_memory(task.memory)
     ctx = ClientContext(
         global_shared=global_shared,
@@ -134,18 +123,50 @@ def _client_update(
     delta = tree.sub(tree.select(trained, plan.shared), global_shared)
     if out.update_scale != 1.0:
         delta = scale_floats(delta, out.update_scale)
-    if per_client is not None:
-        delta = per_client.trim(delta, task.client)
-    delta, transformed, metrics = _transform(recipe, delta, kept)
+    if isinstance(recipe.policy, PerClientRank):
+        delta = recipe.policy.trim(delta, task.client)
+    try:
+        delta, transformed, metrics = _transform(recipe, delta, kept)
+        uplink = recipe.uplink.encode(delta).to_bytes()
+        extras = recipe.uplink.encode(out.extras).to_bytes() if out.extras else b""
+    except PayloadError as exc:
+        # e.g. a diverged update that an affine or sparse codec cannot hold: this client's
+        # rejection (the server names it), not the end of the round
+        why = f"its update does not encode with {recipe.uplink!r}: {exc}"
+        log.warning("client %s, round %d: %s", task.client, task.round, why)
+        return ClientResult(task.client, b"", len(task.data), metrics=out.metrics, error=why)
     return ClientResult(
         client=task.client,
-        uplink=recipe.uplink.encode(delta).to_bytes(),
+        uplink=uplink,
         num_examples=len(task.data),
         local=tree.clone(tree.select(trained, plan.local)),
         metrics={**out.metrics, **metrics},
-        extras=recipe.uplink.encode(out.extras).to_bytes() if out.extras else b"",
+        extras=extras,
         memory=tree.clone({**out.memory, **transformed}),
     )
+
+
+def _load(model: nn.Module, plan: ParamPlan, task: ClientTask, recipe: Recipe) -> Params:
+    """Load the weights the client holds this round into ``model``: its starting weights
+    (verified at set-up), a stage hand-over, its local keys, the decoded global shared keys —
+    narrowed to its own slice for heterogeneous ranks. Returns the global shared keys."""
+    frozen: Params = task.frozen
+    local = task.local
+    if task.setup is not None:
+        start = verify_start(task.setup, task.start_sha256, client=task.client)
+        frozen = tree.select(start, plan.frozen)
+        local = {**tree.select(start, plan.local), **local}
+    if task.handover is not None:
+        handed = SETUP_CODEC.decode(Payload.from_bytes(task.handover))
+        frozen = {**frozen, **{k: handed[k] for k in plan.frozen if k in handed}}
+        local = {**{k: handed[k] for k in plan.local if k in handed}, **local}
+    global_shared = recipe.downlink.decode(Payload.from_bytes(task.downlink))
+    weights = {**frozen, **local, **global_shared}
+    if isinstance(recipe.policy, PerClientRank):  # the client holds its own slice
+        weights = recipe.policy.truncate(weights, task.client)
+        global_shared = {k: weights[k] for k in global_shared}
+    model.load_state_dict(weights, strict=True)
+    return global_shared
 
 
 def _split_memory(memory: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

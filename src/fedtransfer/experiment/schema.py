@@ -26,6 +26,7 @@ from fedtransfer.server.sample import Sampler, Uniform
 from fedtransfer.transfer.policies import Full, HeadOnly
 from fedtransfer.transfer.policy import TransferPolicy
 from fedtransfer.transfer.pretrain import PretrainSpec
+from fedtransfer.transfer.schedule import Stages
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,24 @@ class ExperimentConfig:
                 raise ConfigError(
                     f"arms.{i}.name: {arm.name!r} must be non-empty, without '/' or a leading '.'"
                 )
+            self._check_staged(i, arm)
+
+    def _check_staged(self, i: int, arm: ArmConfig) -> None:
+        """A staged schedule needs the synchronous federated loop (the only one with stages)."""
+        if not isinstance(arm.policy or self.policy, Stages):
+            return
+        if arm.mode != "federated":
+            raise ConfigError(
+                f"arms.{i} ({arm.name}): a staged policy (kind: stages) needs mode: federated, "
+                f"got mode: {arm.mode}; hint: give this arm a single-stage policy, e.g. "
+                "{kind: full}"
+            )
+        if (arm.fedbuff or self.fedbuff) is not None:
+            raise ConfigError(
+                f"arms.{i} ({arm.name}): a staged policy (kind: stages) cannot run under "
+                "fedbuff, because updates in flight would belong to the previous stage; hint: "
+                "set fedbuff: null for this arm"
+            )
 
     def recipe(self, arm: ArmConfig) -> Recipe:
         """The recipe of ``arm``: the experiment's components with the arm's overrides."""

@@ -113,6 +113,13 @@ class Lora:
         for path in self._target_paths(model):
             layer = model.get_submodule(path) if path else model
             if isinstance(layer, LoRAModule):
+                if (layer.rank, layer.alpha) != (self.rank, self.alpha):
+                    raise PlanError(
+                        f"Lora: layer {path or '<root>'!r} already has a LoRA adapter of rank "
+                        f"{layer.rank}, alpha {layer.alpha}, not rank {self.rank}, alpha "
+                        f"{self.alpha}; hint: every Lora stage of a schedule must use the same "
+                        "rank and alpha (adapters are created once, by the first)"
+                    )
                 continue
             gen = generator(self.seed, "lora_A", path)
             wrapper = wrap(layer, rank=self.rank, alpha=self.alpha, generator=gen)
