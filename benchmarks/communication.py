@@ -137,9 +137,16 @@ def _plot(summaries: dict[int, dict[str, Any]], runs_dir: Path, path: Path) -> N
     seed = sorted(summaries)[0]
     folder = runs_dir / f"bench-communication-seed{seed}"
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    for name in summaries[seed]["arms"]:
+    colors = plt.get_cmap("tab20").colors
+    for i, name in enumerate(summaries[seed]["arms"]):
         mine = [r for r in records if r["arm"] == name]
-        ax.plot([r["cum_bytes"] / MB for r in mine], [r["accuracy"] for r in mine], label=name)
+        ax.plot(
+            [r["cum_bytes"] / MB for r in mine],
+            [r["accuracy"] for r in mine],
+            label=name,
+            color=colors[i % len(colors)],
+            linestyle=("-", "--", ":")[i % 3],
+        )
     ax.axhline(0.9, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xscale("symlog", linthresh=0.1)
     ax.set_xlim(left=0)
