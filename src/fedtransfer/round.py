@@ -162,31 +162,22 @@ def dispatch(
     handovers = {
         c: SETUP_CODEC.encode(tree.select(state.start, k)).to_bytes() for c, k in lacking.items()
     }
-    frozen = tree.select(state.start, plan.frozen)
-    # local keys a client has not stored (new, only ever rejected, new in this stage) start
-    # from the starting weights
-    start_local = tree.select(state.start, plan.local)
-    tasks = []
-    for c in clients:
-        # a client behind a stage holds neither the frozen nor the local keys of its hand-over
-        # until it decodes the hand-over
-        lacks = set(lacking.get(c, ()))
-        tasks.append(
-            ClientTask(
-                client=c,
-                round=r,
-                seed=state.seed,
-                downlink=downlink,
-                data=_data_for(c, population, threat, malicious, state.seed, r),
-                local={**_omit(start_local, lacks), **_held(state.clients.get(c, {}), plan.local)},
-                frozen=_omit(frozen, lacks),
-                start_sha256=state.start_sha256,
-                setup=setup if c in new_clients else None,
-                memory=state.memory.get(c, {}),
-                broadcast=broadcast,
-                handover=handovers.get(c),
-            )
+    tasks = [
+        ClientTask(
+            client=c,
+            round=r,
+            seed=state.seed,
+            downlink=downlink,
+            data=_data_for(c, population, threat, malicious, state.seed, r),
+            **_holdings(state, plan, c, lacking.get(c, ())),
+            start_sha256=state.start_sha256,
+            setup=setup if c in new_clients else None,
+            memory=state.memory.get(c, {}),
+            broadcast=broadcast,
+            handover=handovers.get(c),
         )
+        for c in clients
+    ]
     results = runtime.map(partial(client_update, recipe=recipe, model_fn=model_fn), tasks)
     return Dispatched(
         results=results,
@@ -275,14 +266,20 @@ def _part(state: State, prefix: str) -> State:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _omit(a: dict[str, Tensor], keys: set[str]) -> dict[str, Tensor]:
-    return {k: v for k, v in a.items() if k not in keys} if keys else a
+def _holdings(
+    state: ServerState, plan: ParamPlan, client: str, lacks: Sequence[str]
+) -> dict[str, dict[str, Tensor]]:
+    """The frozen and local keys ``client`` holds (in simulation the server hands them over).
 
-
-def _held(stored: dict[str, Tensor], local: Sequence[str]) -> dict[str, Tensor]:
-    """The stored local keys that are still local (a stage may have changed the labels)."""
-    keys = set(local)
-    return {k: v for k, v in stored.items() if k in keys}
+    Local keys it has not stored (new, only ever rejected, new in this stage) start from the
+    starting weights; a client behind a stage lacks its hand-over keys until it decodes them."""
+    missing = set(lacks)
+    local = set(plan.local)
+    held = {k: v for k, v in state.clients.get(client, {}).items() if k in local}
+    return {
+        "frozen": {k: state.start[k] for k in plan.frozen if k not in missing},
+        "local": {**{k: state.start[k] for k in plan.local if k not in missing}, **held},
+    }
 
 
 def _data_for(
