@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -27,3 +29,28 @@ def generator(seed: int, *parts: object) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(derive_seed(seed, *parts))
     return gen
+
+
+@contextmanager
+def global_cpu_seed(seed: int) -> Iterator[None]:
+    """Seed torch's global CPU generator for a block (for code that draws from it, e.g. user
+    models with dropout) and restore its state afterwards.
+
+    Only the CPU generator: ``torch.manual_seed`` also seeds every accelerator backend, which
+    costs ~0.7 ms a call even without one (a third of a small client's round).
+
+    >>> import torch
+    >>> with global_cpu_seed(3):
+    ...     a = torch.rand(2)
+    >>> with global_cpu_seed(3):
+    ...     b = torch.rand(2)
+    >>> bool(torch.equal(a, b))
+    True
+    """
+    gen = torch.default_generator
+    saved = gen.get_state()
+    gen.manual_seed(seed)
+    try:
+        yield
+    finally:
+        gen.set_state(saved)

@@ -6,7 +6,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from fedtransfer import tree
@@ -15,7 +14,7 @@ from fedtransfer.codecs import Exact, Payload
 from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import CompatibilityError, FedTransferError, PayloadError
 from fedtransfer.recipe import Recipe
-from fedtransfer.seeding import derive_seed, generator
+from fedtransfer.seeding import derive_seed, generator, global_cpu_seed
 from fedtransfer.transfer.policy import ParamPlan, PerClientRank
 from fedtransfer.types import Metrics, Params
 
@@ -115,9 +114,8 @@ def _client_update(
         spec=recipe.local,
         generator=generator(task.seed, "batches", task.round, task.client),
     )
-    with torch.random.fork_rng(devices=[]):
-        # user models may draw from the global RNG (dropout): seed it per (run, round, client)
-        torch.manual_seed(derive_seed(task.seed, "torch", task.round, task.client))
+    # user models may draw from the global RNG (dropout): seed it per (run, round, client)
+    with global_cpu_seed(derive_seed(task.seed, "torch", task.round, task.client)):
         out = recipe.objective.train(model, plan, task.data, ctx)
     trained = model.state_dict()
     delta = tree.sub(tree.select(trained, plan.shared), global_shared)

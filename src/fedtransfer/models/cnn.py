@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
+
+from fedtransfer.seeding import global_cpu_seed
 
 
 class SmallCNN(nn.Module):
@@ -53,6 +54,5 @@ class CNN:
 
     def init(self, seed: int) -> nn.Module:
         """A freshly initialised model whose weights depend only on ``seed``."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with global_cpu_seed(seed):
             return self()

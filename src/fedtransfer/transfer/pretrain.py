@@ -17,7 +17,7 @@ from fedtransfer.client.evaluate import evaluate
 from fedtransfer.client.train import LocalTraining, local_train
 from fedtransfer.data.augment import RandomAffine
 from fedtransfer.data.federated import TensorData
-from fedtransfer.seeding import derive_seed, generator
+from fedtransfer.seeding import derive_seed, generator, global_cpu_seed
 from fedtransfer.transfer.policies import Full
 from fedtransfer.transfer.pretrained import Checkpoint, load_checkpoint, save_checkpoint
 
@@ -56,8 +56,7 @@ def pretrain(
     n_hold = round(spec.holdout_fraction * len(source))
     holdout, train = source.subset(order[:n_hold]), source.subset(order[n_hold:])
     plan = Full().plan(model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "pretrain-torch"))
+    with global_cpu_seed(derive_seed(seed, "pretrain-torch")):
         fit = local_train(
             model,
             plan,
