@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,7 +17,7 @@ from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import CompatibilityError, FedTransferError, PayloadError
 from fedtransfer.recipe import Recipe
 from fedtransfer.seeding import derive_seed, generator, global_cpu_seed
-from fedtransfer.transfer.policy import ParamPlan, PerClientRank
+from fedtransfer.transfer.policy import ParamPlan, PerClientRank, TransferPolicy
 from fedtransfer.types import Metrics, Params
 
 log = logging.getLogger(__name__)
@@ -100,8 +102,7 @@ def client_update(
 def _client_update(
     task: ClientTask, recipe: Recipe, model_fn: Callable[[], nn.Module]
 ) -> ClientResult:
-    model = recipe.policy.prepare(model_fn())
-    plan = recipe.policy.plan(model)
+    model, plan = worker_model(recipe.policy, model_fn)
     global_shared = _load(model, plan, task, recipe)
     broadcast = {}
     if task.broadcast is not None:
@@ -142,6 +143,38 @@ def _client_update(
         extras=extras,
         memory=tree.clone({**out.memory, **transformed}),
     )
+
+
+_WORKER = threading.local()
+_KEEP = 4
+
+
+def worker_model(
+    policy: TransferPolicy, model_fn: Callable[[], nn.Module]
+) -> tuple[nn.Module, ParamPlan]:
+    """The prepared model and its plan for ``(policy, model_fn)``, built once per worker thread
+    and reused by every client it runs (each client loads its whole state dict, strictly, so
+    nothing of the previous client's weights survives). ``model_fn`` must build the same
+    architecture on every call. Unhashable factories get a fresh model each time.
+    """
+    try:
+        key = (policy, model_fn)
+        hash(key)
+    except TypeError:
+        fresh = policy.prepare(model_fn())
+        return fresh, policy.plan(fresh)
+    cache: OrderedDict[object, tuple[nn.Module, ParamPlan]] = (
+        getattr(_WORKER, "models", None) or OrderedDict()
+    )
+    _WORKER.models = cache
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    model = policy.prepare(model_fn())
+    cache[key] = (model, policy.plan(model))
+    while len(cache) > _KEEP:  # stages and arms switch policies: keep the latest few
+        cache.popitem(last=False)
+    return cache[key]
 
 
 def _load(model: nn.Module, plan: ParamPlan, task: ClientTask, recipe: Recipe) -> Params:
