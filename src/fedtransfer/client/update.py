@@ -177,6 +177,18 @@ def worker_model(
     return cache[key]
 
 
+def _downlink(recipe: Recipe, data: bytes) -> dict[str, Tensor]:
+    """The decoded global model: every client of a round receives the same bytes, so a worker
+    decodes them once (keyed by the bytes themselves, whose hash Python caches; the decoded
+    tensors are only read: loading copies them into the model)."""
+    last = getattr(_WORKER, "downlink", None)
+    if last is not None and last[0] == (recipe.downlink, data):
+        return dict(last[1])
+    decoded = recipe.downlink.decode(Payload.from_bytes(data))
+    _WORKER.downlink = ((recipe.downlink, data), decoded)
+    return dict(decoded)
+
+
 def _load(model: nn.Module, plan: ParamPlan, task: ClientTask, recipe: Recipe) -> Params:
     """Load the weights the client holds this round into ``model``: its starting weights
     (verified at set-up), a stage hand-over, its local keys, the decoded global shared keys —
@@ -191,7 +203,7 @@ def _load(model: nn.Module, plan: ParamPlan, task: ClientTask, recipe: Recipe) -
         handed = SETUP_CODEC.decode(Payload.from_bytes(task.handover))
         frozen = {**frozen, **{k: handed[k] for k in plan.frozen if k in handed}}
         local = {**{k: handed[k] for k in plan.local if k in handed}, **local}
-    global_shared = recipe.downlink.decode(Payload.from_bytes(task.downlink))
+    global_shared = _downlink(recipe, task.downlink)
     weights = {**frozen, **local, **global_shared}
     if isinstance(recipe.policy, PerClientRank):  # the client holds its own slice
         weights = recipe.policy.truncate(weights, task.client)
