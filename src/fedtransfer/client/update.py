@@ -155,7 +155,8 @@ def worker_model(
     """The prepared model and its plan for ``(policy, model_fn)``, built once per worker thread
     and reused by every client it runs (each client loads its whole state dict, strictly, so
     nothing of the previous client's weights survives). ``model_fn`` must build the same
-    architecture on every call. Unhashable factories get a fresh model each time.
+    architecture on every call, and buffers left out of the state dict (``persistent=False``)
+    must be constants. Unhashable factories get a fresh model each time.
     """
     try:
         key = (policy, model_fn)
