@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
@@ -10,10 +12,13 @@ from torch import nn
 
 from fedtransfer import (
     AllClients,
+    ClientResult,
+    ClientTask,
     FederatedDataset,
     Full,
     LocalTraining,
     Recipe,
+    SerialRuntime,
     ServerState,
     TensorData,
 )
@@ -109,3 +114,17 @@ def tiny_recipe() -> Recipe:
 @pytest.fixture
 def tiny_state(tiny_recipe: Recipe) -> ServerState:
     return ServerState.initial(tiny_recipe, make_tiny_model(), seed=0)
+
+
+@dataclass(frozen=True)
+class RecordingRuntime:
+    """The serial runtime, keeping every task and every client result (in task order)."""
+
+    tasks: list[ClientTask] = field(default_factory=list)
+    results: list[ClientResult] = field(default_factory=list)
+
+    def map(self, fn: Callable[[Any], ClientResult], tasks: Sequence[Any]) -> list[ClientResult]:
+        out = SerialRuntime().map(fn, tasks)
+        self.tasks.extend(tasks)
+        self.results.extend(out)
+        return out

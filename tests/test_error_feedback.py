@@ -3,18 +3,17 @@ and through ``run_round`` the residual lives in the client's memory under ``tran
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from tests.conftest import make_tiny_data, make_tiny_model
+from tests.conftest import RecordingRuntime, make_tiny_data, make_tiny_model
 from torch import Tensor
 
 from fedtransfer import (
-    ClientResult,
     ClientTask,
     CompatibilityError,
     ConfigError,
@@ -23,7 +22,6 @@ from fedtransfer import (
     LocalTraining,
     Payload,
     Recipe,
-    SerialRuntime,
     ServerState,
     client_update,
     load_state,
@@ -51,18 +49,6 @@ class Scripted:
 
     def sample(self, population: Sequence[str], *, seed: int, round: int) -> list[str]:
         return [c for c in population if c in self.cohorts[round - 1]]
-
-
-@dataclass(frozen=True)
-class RecordingRuntime:
-    tasks: list[ClientTask] = field(default_factory=list)
-    results: list[ClientResult] = field(default_factory=list)
-
-    def map(self, fn: Callable[[Any], ClientResult], tasks: Sequence[Any]) -> list[ClientResult]:
-        out = SerialRuntime().map(fn, tasks)
-        self.tasks.extend(tasks)
-        self.results.extend(out)
-        return out
 
 
 def _update(seed: int) -> dict[str, Tensor]:

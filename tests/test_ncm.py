@@ -3,16 +3,16 @@ nearest-class-mean classifier of the cohort's pooled frozen features."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
+from tests.conftest import RecordingRuntime
 from torch import Tensor, nn
 
 from fedtransfer import (
-    ClientResult,
     CompatibilityError,
     FederatedDataset,
     Float32,
@@ -74,16 +74,6 @@ def _population(classes: Sequence[int], *, spread: float = 0.15) -> FederatedDat
         xt = centres[yt] + spread * torch.randn(20, IN_DIM, generator=gen)
         train[f"c{i}"], test[f"c{i}"] = TensorData(x, y), TensorData(xt, yt)
     return FederatedDataset(train, test, NUM_CLASSES)
-
-
-@dataclass(frozen=True)
-class RecordingRuntime:
-    results: list[ClientResult] = field(default_factory=list)
-
-    def map(self, fn: Callable[[Any], ClientResult], tasks: Sequence[Any]) -> list[ClientResult]:
-        out = SerialRuntime().map(fn, tasks)
-        self.results.extend(out)
-        return out
 
 
 def _recipe(objective: NearestClassMean | None = None) -> Recipe:

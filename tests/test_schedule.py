@@ -4,19 +4,18 @@ that stopped being shared, and resume across the boundary."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from tests.conftest import make_tiny_data, make_tiny_model
+from tests.conftest import RecordingRuntime, make_tiny_data, make_tiny_model
 from torch import Tensor
 
 from fedtransfer import (
     AllClients,
-    ClientResult,
     ClientTask,
     CompatibilityError,
     ConfigError,
@@ -62,20 +61,6 @@ class Scripted:
 
     def sample(self, population: Sequence[str], *, seed: int, round: int) -> list[str]:
         return [c for c in population if c in self.cohorts[round - 1]]
-
-
-@dataclass(frozen=True)
-class RecordingRuntime:
-    """The serial runtime, keeping every task and result for inspection."""
-
-    tasks: list[ClientTask] = field(default_factory=list)
-    results: list[ClientResult] = field(default_factory=list)
-
-    def map(self, fn: Callable[[Any], ClientResult], tasks: Sequence[Any]) -> list[ClientResult]:
-        out = SerialRuntime().map(fn, tasks)
-        self.tasks.extend(tasks)
-        self.results.extend(out)
-        return out
 
 
 # rounds 1-2: FedBABU body under a frozen head; from round 3 the head alone (the body freezes)

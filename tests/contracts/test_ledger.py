@@ -3,17 +3,12 @@ codec and every kind of policy (frozen, local and adapter keys)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
-
 import pytest
-from tests.conftest import make_tiny_data, make_tiny_model
+from tests.conftest import RecordingRuntime, make_tiny_data, make_tiny_model
 
 from fedtransfer import (
     AllClients,
     BFloat16,
-    ClientResult,
     Float16,
     Float32,
     Full,
@@ -24,7 +19,6 @@ from fedtransfer import (
     Lora,
     Payload,
     Recipe,
-    SerialRuntime,
     ServerState,
     TopK,
     run_round,
@@ -43,16 +37,6 @@ POLICIES: list[TransferPolicy] = [
 ]
 
 
-@dataclass(frozen=True)
-class Recording:
-    results: list[ClientResult] = field(default_factory=list)
-
-    def map(self, fn: Callable[[Any], ClientResult], tasks: Sequence[Any]) -> list[ClientResult]:
-        out = SerialRuntime().map(fn, tasks)
-        self.results.extend(out)
-        return out
-
-
 @pytest.mark.parametrize("policy", POLICIES, ids=repr)
 @pytest.mark.parametrize("codec", CODECS, ids=repr)
 def test_ledger_counts_the_payloads_of_shared_keys_only(
@@ -69,7 +53,7 @@ def test_ledger_counts_the_payloads_of_shared_keys_only(
     data = make_tiny_data()
     plan = recipe.validate(make_tiny_model(), population=data.clients)
     state = ServerState.initial(recipe, make_tiny_model(), seed=0)
-    runtime = Recording()
+    runtime = RecordingRuntime()
     new, report = run_round(recipe, state, data, runtime, model_fn=make_tiny_model)
     n = len(data.clients)
     assert report.accepted == tuple(data.clients)

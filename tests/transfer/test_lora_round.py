@@ -3,13 +3,9 @@ plain LoRA does not (the mean of products is not the product of means)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
-
 import pytest
 import torch
-from tests.conftest import make_tiny_model
+from tests.conftest import RecordingRuntime, make_tiny_model
 from torch import Tensor
 
 from fedtransfer import (
@@ -18,7 +14,6 @@ from fedtransfer import (
     LocalTraining,
     Payload,
     Recipe,
-    SerialRuntime,
     ServerState,
     fedavg,
     run_round,
@@ -30,18 +25,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 LAYERS = ("body.1", "head")
 LOCAL = LocalTraining(lr=0.2, steps=4, batch_size=8)
-
-
-@dataclass(frozen=True)
-class RecordingRuntime:
-    """The serial runtime, keeping every client result of the round for inspection."""
-
-    results: list[ClientResult] = field(default_factory=list)
-
-    def map(self, fn: Callable[[Any], ClientResult], tasks: Sequence[Any]) -> list[ClientResult]:
-        out = SerialRuntime().map(fn, tasks)
-        self.results.extend(out)
-        return out
 
 
 def _one_round(
