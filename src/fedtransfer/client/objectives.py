@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from fedtransfer.client.features import train_head_cached
 from fedtransfer.client.train import LocalTraining, local_train
 from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import ConfigError
@@ -176,6 +177,10 @@ class Plain(_Base):
     def train(
         self, model: nn.Module, plan: ParamPlan, data: TensorData, ctx: ClientContext
     ) -> ClientOut:
+        # only the head trains (linear probing): train it on cached frozen-trunk features
+        cached = train_head_cached(model, plan, data, ctx.spec, generator=ctx.generator)
+        if cached is not None:
+            return ClientOut(cached)
         return ClientOut(local_train(model, plan, data, ctx.spec, generator=ctx.generator))
 
 

@@ -1,0 +1,149 @@
+"""Frozen-trunk feature caching: a frozen trunk computes the same features every round, so a
+worker computes them once per client and trains only the head on them."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fedtransfer import tree
+from fedtransfer.client.train import LocalTraining, local_train, set_modes
+from fedtransfer.data.federated import TensorData
+from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.types import Metrics
+
+BUDGET_BYTES = 512 * 1024 * 1024
+"""Cached features a worker keeps at most (least recently used first out)."""
+
+_WORKER = threading.local()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    data: Tensor  # held so that its id stays unique while the entry lives
+    features: Tensor
+
+
+@contextmanager
+def no_feature_cache() -> Iterator[None]:
+    """Train without the cache in this block (for comparisons and benchmarks)."""
+    before = getattr(_WORKER, "off", False)
+    _WORKER.off = True
+    try:
+        yield
+    finally:
+        _WORKER.off = before
+
+
+def head_path(model: nn.Module, plan: ParamPlan) -> str | None:
+    """The module that holds every key not frozen, if that is a proper submodule (else None)."""
+    free = [k.split(".")[:-1] for k, label in plan.labels.items() if label != "frozen"]
+    if not free:
+        return None
+    common: list[str] = []
+    for parts in zip(*free, strict=False):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common) or None
+
+
+def train_head_cached(
+    model: nn.Module,
+    plan: ParamPlan,
+    data: TensorData,
+    spec: LocalTraining,
+    *,
+    generator: torch.Generator,
+) -> Metrics | None:
+    """``local_train`` of a model whose only trainable part is its final module (the head),
+    on cached features of the frozen trunk; ``None`` when that does not apply exactly (then
+    the caller trains the whole model). Same minibatches from ``generator``, same results.
+    """
+    path = head_path(model, plan)
+    if path is None or getattr(_WORKER, "off", False) or len(data) == 0:
+        return None
+    head = model.get_submodule(path)
+    features = _features(model, plan, head, path, data)
+    if features is None:
+        return None
+    prefix = path + "."
+    labels = {k[len(prefix) :]: v for k, v in plan.labels.items() if k.startswith(prefix)}
+    head_plan = ParamPlan.for_model(head, labels)
+    metrics = local_train(head, head_plan, TensorData(features, data.y), spec, generator=generator)
+    model.eval()
+    return metrics
+
+
+def _features(
+    model: nn.Module, plan: ParamPlan, head: nn.Module, path: str, data: TensorData
+) -> Tensor | None:
+    frozen = {k: v for k, v in model.state_dict().items() if not k.startswith(path + ".")}
+    key = (id(data.x), path, tree.sha256(frozen))
+    cache: OrderedDict[tuple[int, str, str], _Entry] = _cache()
+    hit = cache.get(key)
+    if hit is not None and hit.data is data.x:
+        cache.move_to_end(key)
+        return hit.features
+    features = _compute(model, plan, head, data.x)
+    if features is None:
+        return None
+    cache[key] = _Entry(data.x, features)
+    while sum(e.features.nbytes for e in cache.values()) > BUDGET_BYTES and len(cache) > 1:
+        cache.popitem(last=False)
+    return features
+
+
+def _cache() -> OrderedDict[tuple[int, str, str], _Entry]:
+    cache = getattr(_WORKER, "features", None)
+    if cache is None:
+        cache = _WORKER.features = OrderedDict()
+    return cache
+
+
+def _compute(model: nn.Module, plan: ParamPlan, head: nn.Module, x: Tensor) -> Tensor | None:
+    """The head's inputs for ``x``, with the trunk in the modes training gives it; None unless
+    the head is the model's last step and the trunk is deterministic (no active dropout …)."""
+    captured: list[Tensor | None] = []
+
+    def capture(_m: nn.Module, args: tuple[object, ...], _o: object) -> None:
+        # a head called with anything but one tensor (keywords, several inputs) is not cached
+        first = args[0] if len(args) == 1 else None
+        captured.append(first.detach() if isinstance(first, Tensor) else None)
+
+    hook = head.register_forward_hook(capture)
+    rng = torch.default_generator.get_state()  # probing must not move a dropout's draws
+    try:
+        set_modes(model, plan)
+        head.eval()  # the head must not update its own statistics while features are read
+        with torch.no_grad():
+            probe = x[:2]
+            first = model(probe)
+            again = model(probe)
+            head_in = captured[0] if len(captured) == 2 else None
+            exact = (
+                head_in is not None
+                and isinstance(first, Tensor)
+                and torch.equal(first, again)
+                and torch.equal(head(head_in), first)
+            )
+            if not exact:
+                return None
+            captured.clear()
+            parts = []
+            for i in range(0, len(x), 256):
+                model(x[i : i + 256])
+                part = captured[-1]
+                assert part is not None  # the probe saw a single tensor input
+                parts.append(part)
+    finally:
+        hook.remove()
+        model.eval()
+        torch.default_generator.set_state(rng)
+    return torch.cat(parts)

@@ -1,0 +1,159 @@
+"""Frozen-trunk feature caching: head-only training on cached features gives exactly the
+weights of training the whole model, falls back when it cannot be exact, and is invalidated
+when the trunk changes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from tests.conftest import make_tiny_data, make_tiny_model
+from torch import nn
+
+from fedtransfer import (
+    AllClients,
+    Full,
+    HeadOnly,
+    LocalTraining,
+    Lora,
+    Recipe,
+    SerialRuntime,
+    ServerState,
+    TensorData,
+    run_round,
+    tree,
+)
+from fedtransfer.client import features
+from fedtransfer.client.features import head_path, no_feature_cache, train_head_cached
+from fedtransfer.client.train import local_train
+from fedtransfer.seeding import generator
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SPEC = LocalTraining(lr=0.1, momentum=0.9, epochs=2, batch_size=8)
+
+
+class DropoutTrunk(nn.Module):
+    """Dropout outside the frozen body stays active in training: the features are not the
+    same twice, so they cannot be cached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16))
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.body(x)))
+
+
+class HeadWithNorm(nn.Module):
+    """The head has BatchNorm: its statistics must not move while features are read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def _rounds(recipe: Recipe, model_fn: Callable[[], nn.Module], cached: bool) -> ServerState:
+    state = ServerState.initial(recipe, model_fn(), seed=0)
+    data = make_tiny_data()
+    for _ in range(3):
+        if cached:
+            state, _ = run_round(recipe, state, data, SerialRuntime(), model_fn=model_fn)
+        else:
+            with no_feature_cache():
+                state, _ = run_round(recipe, state, data, SerialRuntime(), model_fn=model_fn)
+    return state
+
+
+def _seeded(cls: type[nn.Module]) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return cls()
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "model_fn",
+    [make_tiny_model, _seeded(HeadWithNorm), _seeded(DropoutTrunk)],
+    ids=["tiny", "head-with-batchnorm", "dropout-trunk"],
+)
+def test_round_head_only_with_cache_equals_without(model_fn: Callable[[], nn.Module]) -> None:
+    recipe = Recipe(policy=HeadOnly(), local=SPEC, sampler=AllClients())
+    cached, plain = _rounds(recipe, model_fn, True), _rounds(recipe, model_fn, False)
+    assert tree.equal(cached.params, plain.params)
+    assert tree.equal(cached.weights_for(), plain.weights_for())
+
+
+def test_head_path_is_the_module_holding_every_trainable_key() -> None:
+    model = make_tiny_model()
+    assert head_path(model, HeadOnly().plan(model)) == "head"
+    assert head_path(model, Full().plan(model)) is None
+    lora = Lora(rank=2, train=("head",))
+    prepared = lora.prepare(make_tiny_model())
+    assert head_path(prepared, lora.plan(prepared)) is None
+
+
+def _train(model: nn.Module, data: TensorData) -> dict[str, float] | None:
+    plan = HeadOnly().plan(model)
+    return train_head_cached(model, plan, data, SPEC, generator=generator(0, "t"))
+
+
+def test_train_head_cached_falls_back_when_the_trunk_is_random() -> None:
+    model = _seeded(DropoutTrunk)()
+    assert _train(model, make_tiny_data().train["c0"]) is None
+
+
+def test_train_head_cached_matches_local_train_and_reuses_features() -> None:
+    data = make_tiny_data().train["c0"]
+    model, reference = make_tiny_model(), make_tiny_model()
+    calls: list[int] = []
+    original = features._compute
+
+    def counting(*args: object) -> torch.Tensor | None:
+        calls.append(1)
+        return original(*args)  # type: ignore[arg-type]
+
+    features._compute = counting  # type: ignore[assignment]
+    try:
+        start = tree.clone(model.state_dict())
+        first = _train(model, data)
+        model.load_state_dict(start)
+        second = _train(model, data)
+    finally:
+        features._compute = original  # type: ignore[assignment]
+    expected = local_train(
+        reference, HeadOnly().plan(reference), data, SPEC, generator=generator(0, "t")
+    )
+    assert first == second == expected
+    assert tree.equal(model.state_dict(), reference.state_dict())
+    assert calls == [1]  # the second call found the features in the cache
+
+
+def test_train_head_cached_recomputes_when_the_trunk_changes() -> None:
+    data = make_tiny_data().train["c0"]
+    model = make_tiny_model()
+    _train(model, data)
+    with torch.no_grad():
+        model.body[1].weight.add_(0.5)  # a new stage trained the trunk
+    changed, reference = tree.clone(model.state_dict()), make_tiny_model()
+    reference.load_state_dict(changed)
+    _train(model, data)
+    local_train(reference, HeadOnly().plan(reference), data, SPEC, generator=generator(0, "t"))
+    assert tree.equal(model.state_dict(), reference.state_dict())
+
+
+def test_feature_cache_stays_within_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(features, "BUDGET_BYTES", 1)
+    monkeypatch.setattr(features._WORKER, "features", None, raising=False)
+    population = make_tiny_data()
+    for c in population.clients:
+        _train(make_tiny_model(), population.train[c])
+    assert len(features._cache()) == 1
