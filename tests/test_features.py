@@ -13,6 +13,7 @@ from torch import nn
 
 from fedtransfer import (
     AllClients,
+    FederatedDataset,
     Full,
     HeadOnly,
     LocalTraining,
@@ -60,9 +61,14 @@ class HeadWithNorm(nn.Module):
         return self.head(self.body(x))
 
 
-def _rounds(recipe: Recipe, model_fn: Callable[[], nn.Module], cached: bool) -> ServerState:
+def _rounds(
+    recipe: Recipe,
+    model_fn: Callable[[], nn.Module],
+    cached: bool,
+    data: FederatedDataset | None = None,
+) -> ServerState:
     state = ServerState.initial(recipe, model_fn(), seed=0)
-    data = make_tiny_data()
+    data = data or make_tiny_data()
     for _ in range(3):
         if cached:
             state, _ = run_round(recipe, state, data, SerialRuntime(), model_fn=model_fn)
@@ -157,3 +163,17 @@ def test_feature_cache_stays_within_its_budget(monkeypatch: pytest.MonkeyPatch) 
     for c in population.clients:
         _train(make_tiny_model(), population.train[c])
     assert len(features._cache()) == 1
+
+
+def test_round_cache_follows_a_stage_that_retrains_the_trunk() -> None:
+    """Full fine-tuning, then head only: the cached trunk is the one the first stage trained."""
+    from fedtransfer.transfer.schedule import Stage, Stages
+
+    stages = Stages((Stage(1, Full()), Stage(None, HeadOnly())))
+    recipe = Recipe(policy=stages, local=SPEC, sampler=AllClients())
+    head_first = Recipe(policy=HeadOnly(), local=SPEC, sampler=AllClients())
+    data = make_tiny_data()  # the same client data objects throughout
+    _rounds(head_first, make_tiny_model, True, data)  # caches features of the starting trunk
+    cached = _rounds(recipe, make_tiny_model, True, data)
+    plain = _rounds(recipe, make_tiny_model, False, data)
+    assert tree.equal(cached.weights_for(), plain.weights_for())

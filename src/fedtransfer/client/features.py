@@ -61,16 +61,20 @@ def train_head_cached(
     spec: LocalTraining,
     *,
     generator: torch.Generator,
+    trunk: str = "",
 ) -> Metrics | None:
     """``local_train`` of a model whose only trainable part is its final module (the head),
     on cached features of the frozen trunk; ``None`` when that does not apply exactly (then
     the caller trains the whole model). Same minibatches from ``generator``, same results.
+
+    ``trunk`` names the trunk's weights (the run's starting-weights hash: every key outside
+    the head is frozen, so it comes from the starting weights); empty, they are hashed here.
     """
     path = head_path(model, plan)
     if path is None or getattr(_WORKER, "off", False) or len(data) == 0:
         return None
     head = model.get_submodule(path)
-    features = _features(model, plan, head, path, data)
+    features = _features(model, plan, head, path, data, trunk)
     if features is None:
         return None
     prefix = path + "."
@@ -82,10 +86,12 @@ def train_head_cached(
 
 
 def _features(
-    model: nn.Module, plan: ParamPlan, head: nn.Module, path: str, data: TensorData
+    model: nn.Module, plan: ParamPlan, head: nn.Module, path: str, data: TensorData, trunk: str
 ) -> Tensor | None:
-    frozen = {k: v for k, v in model.state_dict().items() if not k.startswith(path + ".")}
-    key = (id(data.x), path, tree.sha256(frozen))
+    if not trunk:
+        frozen = set(plan.frozen)
+        trunk = tree.sha256({k: v for k, v in model.state_dict().items() if k in frozen})
+    key = (id(data.x), path, trunk)
     cache: OrderedDict[tuple[int, str, str], _Entry] = _cache()
     hit = cache.get(key)
     if hit is not None and hit.data is data.x:

@@ -42,6 +42,9 @@ class ClientContext:
     broadcast: State
     spec: LocalTraining
     generator: torch.Generator
+    start_sha256: str = ""
+    """Hash of the starting weights the client's frozen keys come from (it identifies the
+    frozen trunk for feature caching); empty when unknown."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,7 +181,9 @@ class Plain(_Base):
         self, model: nn.Module, plan: ParamPlan, data: TensorData, ctx: ClientContext
     ) -> ClientOut:
         # only the head trains (linear probing): train it on cached frozen-trunk features
-        cached = train_head_cached(model, plan, data, ctx.spec, generator=ctx.generator)
+        cached = train_head_cached(
+            model, plan, data, ctx.spec, generator=ctx.generator, trunk=ctx.start_sha256
+        )
         if cached is not None:
             return ClientOut(cached)
         return ClientOut(local_train(model, plan, data, ctx.spec, generator=ctx.generator))

@@ -114,6 +114,7 @@ def _client_update(
         broadcast=broadcast,
         spec=recipe.local,
         generator=generator(task.seed, "batches", task.round, task.client),
+        start_sha256=task.start_sha256,
     )
     # user models may draw from the global RNG (dropout): seed it per (run, round, client)
     with global_cpu_seed(derive_seed(task.seed, "torch", task.round, task.client)):
