@@ -111,9 +111,13 @@ def _write(rows: list[dict[str, Any]], args: argparse.Namespace, began: float, l
     md = [
         "# Frozen-trunk feature caching: head-only rounds, cached vs uncached",
         "",
-        __doc__.split("\n\n")[1].replace("\n", " ")
-        + " "
-        + __doc__.split("\n\n")[2].split(" Run from")[0].replace("\n", " "),
+        "FedAvg with `HeadOnly()` (only the final linear layer trains and travels) on the serial "
+        "runtime, 1 torch thread. **pbench-cnn-100**: the perf-anchors CNN workload (synthetic "
+        "28×28 data, 100 clients × 64 examples, all 100 per round, one local epoch of batch-32 "
+        "SGD at lr 0.05). **digits-cnn-10**: the default experiment's task (sklearn digits over "
+        "20 clients, 10 per round, the SmallCNN). Both arms start from the same weights; the "
+        "first round (set-up distribution, and the cached arm computing features) is shown "
+        "apart, s/round is the median of the others, and the final weights are compared.",
         "",
         f"- Command: `.venv/bin/python benchmarks/feature_cache.py --rounds {args.rounds}`",
         f"- Date: {datetime.date.today().isoformat()}; wall time {time.time() - began:.0f} s",
