@@ -9,14 +9,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
 from torch import Tensor, nn
 
 from fedtransfer import tree
 from fedtransfer.attacks import Threat
 from fedtransfer.client.objectives import scale_floats
-from fedtransfer.client.update import SETUP_CODEC, ClientResult, ClientTask, client_update
+from fedtransfer.client.update import SETUP_CODEC, ClientResult, ClientTask, ClientUpdate
 from fedtransfer.codecs import Payload
 from fedtransfer.data.federated import FederatedDataset, TensorData
 from fedtransfer.errors import FedTransferError, UpdateRejected
@@ -26,7 +25,7 @@ from fedtransfer.seeding import generator
 from fedtransfer.server.validate import validate_update
 from fedtransfer.staged import begin_round, handover_keys
 from fedtransfer.state import Pending, ServerState
-from fedtransfer.transfer.policy import ParamPlan, PerClientRank
+from fedtransfer.transfer.policy import ParamPlan, per_client_rank
 from fedtransfer.transfer.schedule import StagePolicy
 from fedtransfer.types import Metrics, State
 
@@ -178,7 +177,7 @@ def dispatch(
         )
         for c in clients
     ]
-    results = runtime.map(partial(client_update, recipe=recipe, model_fn=model_fn), tasks)
+    results = runtime.map(ClientUpdate(recipe, model_fn), tasks)
     return Dispatched(
         results=results,
         plan=plan,
@@ -303,7 +302,7 @@ def _decode(
     """Decode every result's update and extras; a payload that does not decode is a rejection."""
     received: Received = []
     rejected: list[tuple[str, str]] = []
-    per_client = recipe.policy if isinstance(recipe.policy, PerClientRank) else None
+    per_client = per_client_rank(recipe.policy)
     for res in results:
         if res.error:
             rejected.append((res.client, f"client {res.client}, round {r}: {res.error}"))

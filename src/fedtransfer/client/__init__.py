@@ -7,7 +7,13 @@ from fedtransfer.client.objectives import ClientContext, ClientOut, Objective, P
 from fedtransfer.client.personalization import Ditto, Personalization, Rep, personalize
 from fedtransfer.client.train import LocalTraining, local_train
 from fedtransfer.client.transforms import ClientTransform, ErrorFeedback
-from fedtransfer.client.update import ClientResult, ClientTask, client_update, verify_start
+from fedtransfer.client.update import (
+    ClientResult,
+    ClientTask,
+    ClientUpdate,
+    client_update,
+    verify_start,
+)
 
 __all__ = [
     "ClientContext",
@@ -15,6 +21,7 @@ __all__ = [
     "ClientResult",
     "ClientTask",
     "ClientTransform",
+    "ClientUpdate",
     "Ditto",
     "Dyn",
     "ErrorFeedback",

@@ -17,7 +17,7 @@ from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import CompatibilityError, FedTransferError, PayloadError
 from fedtransfer.recipe import Recipe
 from fedtransfer.seeding import derive_seed, generator, global_cpu_seed
-from fedtransfer.transfer.policy import ParamPlan, PerClientRank, TransferPolicy
+from fedtransfer.transfer.policy import ParamPlan, TransferPolicy, per_client_rank
 from fedtransfer.types import Metrics, Params
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,19 @@ def client_update(
         raise RuntimeError(f"client {task.client}, round {task.round} failed: {exc!r}") from exc
 
 
+@dataclass(frozen=True, eq=False)
+class ClientUpdate:
+    """:func:`client_update` bound to a recipe and a model factory: the function a round maps
+    over its tasks with a :class:`~fedtransfer.runtime.Runtime` (it pickles, for process and
+    Ray runtimes, when ``model_fn`` does: a class or a module-level function)."""
+
+    recipe: Recipe
+    model_fn: Callable[[], nn.Module]
+
+    def __call__(self, task: ClientTask) -> ClientResult:
+        return client_update(task, recipe=self.recipe, model_fn=self.model_fn)
+
+
 def _client_update(
     task: ClientTask, recipe: Recipe, model_fn: Callable[[], nn.Module]
 ) -> ClientResult:
@@ -123,8 +136,9 @@ def _client_update(
     delta = tree.sub(tree.select(trained, plan.shared), global_shared)
     if out.update_scale != 1.0:
         delta = scale_floats(delta, out.update_scale)
-    if isinstance(recipe.policy, PerClientRank):
-        delta = recipe.policy.trim(delta, task.client)
+    per_client = per_client_rank(recipe.policy)
+    if per_client is not None:
+        delta = per_client.trim(delta, task.client)
     try:
         delta, transformed, metrics = _transform(recipe, delta, kept)
         uplink = recipe.uplink.encode(delta).to_bytes()
@@ -207,8 +221,9 @@ def _load(model: nn.Module, plan: ParamPlan, task: ClientTask, recipe: Recipe) -
         local = {**{k: handed[k] for k in plan.local if k in handed}, **local}
     global_shared = _downlink(recipe, task.downlink)
     weights = {**frozen, **local, **global_shared}
-    if isinstance(recipe.policy, PerClientRank):  # the client holds its own slice
-        weights = recipe.policy.truncate(weights, task.client)
+    per_client = per_client_rank(recipe.policy)
+    if per_client is not None:  # the client holds its own slice
+        weights = per_client.truncate(weights, task.client)
         global_shared = {k: weights[k] for k in global_shared}
     model.load_state_dict(weights, strict=True)
     return global_shared

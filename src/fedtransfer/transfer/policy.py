@@ -129,3 +129,15 @@ class PerClientRank(Protocol):
 
     def pad(self, update: Mapping[str, Tensor], client: str) -> dict[str, Tensor]:
         """A trimmed update back in global shapes."""
+
+
+_PER_CLIENT_RANK: dict[type, bool] = {}
+
+
+def per_client_rank(policy: object) -> PerClientRank | None:
+    """``policy`` if it is a :class:`PerClientRank`, else ``None`` (decided once per class: a
+    protocol ``isinstance`` costs microseconds, and the round asks for every client)."""
+    kind = type(policy)
+    if kind not in _PER_CLIENT_RANK:
+        _PER_CLIENT_RANK[kind] = isinstance(policy, PerClientRank)
+    return policy if _PER_CLIENT_RANK[kind] else None  # type: ignore[return-value]
