@@ -79,7 +79,7 @@ def weighted_mean(trees: Sequence[Params], weights: Sequence[float]) -> dict[str
         acc = torch.zeros(ref.shape, dtype=torch.float64)
         for t, w in zip(trees, weights, strict=True):
             if w:
-                acc += t[k].double() * (float(w) / total)
+                acc.add_(t[k].double(), alpha=float(w) / total)
         out[k] = _cast_like(acc, ref)
     return out
 

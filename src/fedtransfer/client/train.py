@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -75,12 +77,47 @@ class LocalTraining:
         return self.epochs * math.ceil(num_examples / self.batch_size)
 
 
-def _optimizer(spec: LocalTraining, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+class _SGD:
+    """``torch.optim.SGD``'s update (no dampening, no Nesterov) on a fixed parameter list,
+    with ``torch._foreach`` kernels: the same arithmetic in the same order, so the same bits,
+    without the per-step bookkeeping of ``torch.optim`` that dominates small models' steps.
+    Parameters without a gradient are skipped, as ``torch.optim`` does."""
+
+    def __init__(self, spec: LocalTraining, params: list[nn.Parameter]) -> None:
+        self.params = params
+        self.lr, self.momentum, self.weight_decay = spec.lr, spec.momentum, spec.weight_decay
+        self.buffers: list[Tensor | None] = [None] * len(params)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        held = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params = [self.params[i] for i in held]
+        grads = [self.params[i].grad for i in held]
+        if not params:
+            return
+        if self.weight_decay != 0:
+            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
+        if self.momentum != 0:
+            bufs: list[Tensor] = []
+            for i, g in zip(held, grads, strict=True):
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = self.buffers[i] = torch.clone(g).detach()
+                else:
+                    buf.mul_(self.momentum).add_(g)
+                bufs.append(buf)
+            grads = bufs
+        torch._foreach_add_(params, grads, alpha=-self.lr)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def _optimizer(spec: LocalTraining, params: list[nn.Parameter]) -> torch.optim.Optimizer | _SGD:
     if spec.optimizer == "adam":
         return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    return torch.optim.SGD(
-        params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
-    )
+    return _SGD(spec, params)
 
 
 def _loss(spec: LocalTraining, out: Tensor, y: Tensor) -> Tensor:
@@ -92,16 +129,83 @@ def _loss(spec: LocalTraining, out: Tensor, y: Tensor) -> Tensor:
 def set_modes(model: nn.Module, plan: ParamPlan) -> None:
     """Train mode, except modules whose state is entirely frozen: those run in eval mode, so
     a frozen pre-trained trunk keeps its BatchNorm statistics and computes the same features."""
-    model.train()
-    keys_by_prefix: dict[str, list[str]] = {}
-    for key in plan.labels:
-        parts = key.split(".")
-        for i in range(len(parts)):
-            keys_by_prefix.setdefault(".".join(parts[:i]), []).append(key)
-    for path, module in model.named_modules():
-        keys = keys_by_prefix.get(path, [])
-        if keys and all(plan.labels[k] == "frozen" for k in keys):
+    _set_modes(model, _layout(model, plan))
+
+
+def _set_modes(model: nn.Module, layout: _Layout) -> None:
+    if not layout.plain_modes:
+        model.train()
+        for module in layout.frozen_modules:
             module.eval()
+        return
+    for module in layout.modules:  # what train() and eval() do, without their recursion
+        object.__setattr__(module, "training", True)
+    for module in layout.frozen_modules:
+        object.__setattr__(module, "training", False)
+
+
+def _eval(model: nn.Module, layout: _Layout) -> None:
+    if not layout.plain_modes:
+        model.eval()
+        return
+    for module in layout.modules:
+        object.__setattr__(module, "training", False)
+
+
+@dataclass(frozen=True, eq=False)
+class _Layout:
+    """What the loop needs of a (model, plan) pair, worked out once: every parameter by key,
+    the trainable ones, and the modules whose state is entirely frozen."""
+
+    plan: ParamPlan
+    named: dict[str, nn.Parameter]
+    by_key: dict[str, nn.Parameter]
+    frozen_modules: tuple[nn.Module, ...]
+    modules: tuple[nn.Module, ...]
+    plain_modes: bool
+    """No module overrides ``train``/``eval``: modes can be set module by module."""
+
+
+_LAYOUTS = threading.local()
+
+
+def _layout(model: nn.Module, plan: ParamPlan) -> _Layout:
+    """The layout of ``(model, plan)``, remembered per model (weakly: it goes with the model)
+    for its latest plan — a worker reuses its model and a round's clients share a plan. A
+    model whose parameters were replaced since gets a fresh layout."""
+    cache: weakref.WeakKeyDictionary[nn.Module, _Layout] | None = getattr(_LAYOUTS, "cache", None)
+    if cache is None:
+        cache = _LAYOUTS.cache = weakref.WeakKeyDictionary()
+    hit = cache.get(model)
+    if hit is not None and hit.plan is plan:
+        params = [p for m in hit.modules for p in m._parameters.values() if p is not None]
+        if len(params) == len(hit.named) and all(
+            p is q for p, q in zip(params, hit.named.values(), strict=True)
+        ):
+            return hit
+    named = dict(model.named_parameters())
+    keys_by_prefix: dict[str, list[str]] = {}
+    for k in plan.labels:
+        parts = k.split(".")
+        for i in range(len(parts)):
+            keys_by_prefix.setdefault(".".join(parts[:i]), []).append(k)
+    modules = tuple(model.modules())
+    frozen_modules = tuple(
+        module
+        for path, module in model.named_modules()
+        if keys_by_prefix.get(path)
+        and all(plan.labels[k] == "frozen" for k in keys_by_prefix[path])
+    )
+    layout = _Layout(
+        plan,
+        named,
+        {name: p for name, p in named.items() if name in plan.trainable},
+        frozen_modules,
+        modules,
+        all(type(m).train is nn.Module.train and type(m).eval is nn.Module.eval for m in modules),
+    )
+    cache[model] = layout
+    return layout
 
 
 def local_train(
@@ -123,16 +227,18 @@ def local_train(
     ``backward`` (SCAFFOLD); both see the trainable parameters by state-dict key. Returns the
     mean training loss (without the penalty), the number of steps and of examples seen.
     """
-    named = dict(model.named_parameters())
+    layout = _layout(model, plan)
+    named, by_key = layout.named, layout.by_key
     for name, p in named.items():
-        p.requires_grad_(name in plan.trainable)
-    by_key = {name: p for name, p in named.items() if name in plan.trainable}
+        want = name in by_key
+        if p.requires_grad != want:
+            p.requires_grad_(want)
     trainable = list(by_key.values())
     total_steps = spec.num_steps(len(data)) if len(data) else 0
     if not trainable or total_steps == 0:
         return {"loss": float("nan"), "steps": 0.0, "examples": 0.0}
     opt = _optimizer(spec, trainable)
-    set_modes(model, plan)
+    _set_modes(model, layout)
     n, bs = len(data), min(spec.batch_size, len(data))
     loss_sum, seen, step = 0.0, 0, 0
     while step < total_steps:
@@ -153,7 +259,8 @@ def local_train(
             loss_sum += float(loss.detach()) * len(idx)
             seen += len(idx)
             step += 1
-    model.eval()
+    _eval(model, layout)
     for p in named.values():
-        p.requires_grad_(True)
+        if not p.requires_grad:
+            p.requires_grad_(True)
     return {"loss": loss_sum / max(seen, 1), "steps": float(step), "examples": float(seen)}

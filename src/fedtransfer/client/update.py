@@ -8,7 +8,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from fedtransfer import tree
 from fedtransfer.client.objectives import ClientContext, scale_floats
@@ -225,8 +227,36 @@ def _load(model: nn.Module, plan: ParamPlan, task: ClientTask, recipe: Recipe) -
     if per_client is not None:  # the client holds its own slice
         weights = per_client.truncate(weights, task.client)
         global_shared = {k: weights[k] for k in global_shared}
-    model.load_state_dict(weights, strict=True)
+    load_weights(model, weights)
     return global_shared
+
+
+_PLAIN_LOADERS = (nn.Module._load_from_state_dict, _NormBase._load_from_state_dict)
+
+
+def load_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    """``model.load_state_dict(weights, strict=True)``, as one batched copy when that is what it
+    amounts to: the same keys and shapes, and no module that loads or names its state its own
+    way (hooks, a custom ``_load_from_state_dict``); otherwise ``load_state_dict`` itself (and
+    its errors)."""
+    for m in model.modules():
+        if (
+            type(m)._load_from_state_dict not in _PLAIN_LOADERS
+            or m._load_state_dict_pre_hooks
+            or m._load_state_dict_post_hooks
+            or m._state_dict_hooks
+            or m._state_dict_pre_hooks
+        ):
+            model.load_state_dict(weights, strict=True)
+            return
+    targets = model.state_dict()
+    if targets.keys() != weights.keys() or any(
+        t.shape != weights[k].shape for k, t in targets.items()
+    ):
+        model.load_state_dict(weights, strict=True)  # raises with its own message
+        return
+    with torch.no_grad():
+        torch._foreach_copy_(list(targets.values()), [weights[k] for k in targets])
 
 
 def _split_memory(memory: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

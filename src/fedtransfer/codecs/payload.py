@@ -16,9 +16,12 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -85,25 +88,12 @@ class Payload:
 
     @cached_property
     def _bytes(self) -> bytes:
-        header = {
-            "codec": self.codec,
-            "meta": dict(self.meta),
-            "tensors": [
-                {
-                    "key": e.key,
-                    "dtype": dtype_name(e.tensor.dtype),
-                    "shape": list(e.tensor.shape),
-                    "meta": dict(e.meta),
-                }
-                for e in self.entries
-            ],
-        }
-        head = json.dumps(header, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
-        parts = [_PREFIX.pack(MAGIC, VERSION, len(head)), head]
+        head = _header_bytes(self)
+        parts: list[bytes | memoryview] = [_PREFIX.pack(MAGIC, VERSION, len(head)), head]
         for e in self.entries:
             t = e.tensor.detach().contiguous().cpu()
-            if t.numel():
-                parts.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            if t.numel():  # a view of the tensor's bytes: join copies them once
+                parts.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         return b"".join(parts)
 
     def to_bytes(self) -> bytes:
@@ -120,7 +110,8 @@ class Payload:
         """Parse and validate bytes produced by :meth:`to_bytes`."""
         if not isinstance(data, bytes | bytearray | memoryview):
             raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
-        data = bytes(data)
+        if not isinstance(data, bytes):
+            data = bytes(data)
         if len(data) < _PREFIX.size:
             raise PayloadError(
                 f"payload truncated: {len(data)} bytes, shorter than the {_PREFIX.size}-byte prefix"
@@ -141,12 +132,12 @@ class Payload:
                 "that follow the prefix (truncated or garbled payload)"
             )
         start = _PREFIX.size + head_len
-        header = _parse_header(data[_PREFIX.size : start])
+        header = _parse_header_cached(data[_PREFIX.size : start])
         entries, offset = [], start
         for spec in header["tensors"]:
             dtype = DTYPES[spec["dtype"]]
             count = math.prod(spec["shape"])
-            size = count * torch.empty((), dtype=dtype).element_size()
+            size = count * dtype.itemsize
             if offset + size > len(data):
                 raise PayloadError(
                     f"payload truncated: tensor {spec['key']!r} needs {size} bytes at offset "
@@ -159,14 +150,69 @@ class Payload:
                 if dtype == torch.bool and bool((raw > 1).any()):
                     raise PayloadError(f"payload tensor {spec['key']!r}: bool bytes must be 0 or 1")
                 tensor = torch.from_numpy(raw).view(dtype).reshape(spec["shape"])
-            entries.append(Entry(spec["key"], tensor, spec["meta"]))
+            entries.append(Entry(spec["key"], tensor, MappingProxyType(spec["meta"])))
             offset += size
         if offset != len(data):
             raise PayloadError(
                 f"payload has {len(data) - offset} unexpected trailing bytes after the last "
                 "tensor (oversized or garbled payload)"
             )
-        return cls(header["codec"], tuple(entries), header["meta"])
+        return cls(header["codec"], tuple(entries), MappingProxyType(header["meta"]))
+
+
+_HEADERS: OrderedDict[object, bytes] = OrderedDict()
+_PARSED: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
+_KEEP_HEADERS = 64
+_headers_lock = threading.Lock()
+
+
+def _remember(cache: OrderedDict[Any, Any], key: object, value: Any) -> None:
+    with _headers_lock:
+        cache[key] = value
+        while len(cache) > _KEEP_HEADERS:
+            cache.popitem(last=False)
+
+
+def _header_bytes(payload: Payload) -> bytes:
+    """The JSON header of ``payload``. A round sends many payloads of one layout (every
+    client's update): headers without meta are remembered by layout."""
+    layout: object = None
+    if not payload.meta and not any(e.meta for e in payload.entries):
+        layout = (
+            payload.codec,
+            tuple((e.key, e.tensor.dtype, tuple(e.tensor.shape)) for e in payload.entries),
+        )
+        hit = _HEADERS.get(layout)
+        if hit is not None:
+            return hit
+    header = {
+        "codec": payload.codec,
+        "meta": dict(payload.meta),
+        "tensors": [
+            {
+                "key": e.key,
+                "dtype": dtype_name(e.tensor.dtype),
+                "shape": list(e.tensor.shape),
+                "meta": dict(e.meta),
+            }
+            for e in payload.entries
+        ],
+    }
+    head = json.dumps(header, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    if layout is not None:
+        _remember(_HEADERS, layout, head)
+    return head
+
+
+def _parse_header_cached(raw: bytes) -> dict[str, Any]:
+    """:func:`_parse_header`, remembered by the header's bytes (a round's updates share one
+    layout). The parsed header is only read, never changed, by ``from_bytes``."""
+    hit = _PARSED.get(raw)
+    if hit is not None:
+        return hit
+    header = _parse_header(raw)
+    _remember(_PARSED, raw, header)
+    return header
 
 
 def _parse_header(raw: bytes) -> dict[str, Any]:

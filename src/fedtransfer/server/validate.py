@@ -39,6 +39,7 @@ def validate_update(
         raise reject(
             f"keys differ from the plan's shared keys: missing {missing[:5]}, unexpected {extra[:5]}"
         )
+    floats: list[Tensor] = []
     for key, ref in reference.items():
         value = update[key]
         if not isinstance(value, Tensor):
@@ -47,6 +48,22 @@ def validate_update(
             raise reject(f"{key!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
         if value.dtype != ref.dtype:
             raise reject(f"{key!r} has dtype {value.dtype}, expected {ref.dtype}")
+        if value.dtype.is_floating_point and value.numel():
+            floats.append(value)
+    if not floats or _all_finite(floats):
+        return
+    for key, value in zip(reference, (update[k] for k in reference), strict=True):
         if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
             raise reject(f"{key!r} holds {bad} non-finite values (NaN or inf)")
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """True only if every value is finite, in one cheap reduction per tensor: a sum is NaN or
+    inf whenever one of its terms is (inf never cancels to a finite value: inf − inf is NaN).
+    A non-finite sum may also be an overflow of finite values, so ``False`` means "check each
+    tensor"."""
+    sums = [t.sum() for t in tensors]
+    if len({t.dtype for t in tensors}) > 1:
+        return math.isfinite(sum(float(s) for s in sums))
+    return math.isfinite(float(torch.stack(sums).sum()))
