@@ -5,6 +5,7 @@ when the trunk changes."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,13 +157,49 @@ def test_train_head_cached_recomputes_when_the_trunk_changes() -> None:
     assert tree.equal(model.state_dict(), reference.state_dict())
 
 
-def test_feature_cache_stays_within_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_feature_cache_spills_past_its_memory_budget_with_the_same_results(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(features, "BUDGET_BYTES", 1)
     monkeypatch.setattr(features._WORKER, "features", None, raising=False)
+    monkeypatch.setenv(features.SPILL_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(features._Spill, "_dir", None)
+    population = make_tiny_data()
+    for _ in range(2):  # the second pass trains on features read back from the files
+        for c in population.clients:
+            model, reference = make_tiny_model(), make_tiny_model()
+            _train(model, population.train[c])
+            local_train(
+                reference,
+                HeadOnly().plan(reference),
+                population.train[c],
+                SPEC,
+                generator=generator(0, "t"),
+            )
+            assert tree.equal(model.state_dict(), reference.state_dict())
+    cache = features._cache()
+    assert len(cache) == len(population.clients)
+    spilled = [e for e in cache.values() if e.file is not None]
+    assert len(spilled) == len(cache) - 1  # all but the newest live in files
+    assert all(e.file is not None and e.file.parent.parent == tmp_path for e in spilled)
+    assert sorted(p.name for p in tmp_path.glob("*/*.bin")) == sorted(
+        e.file.name for e in spilled if e.file is not None
+    )
+
+
+def test_feature_cache_drops_spilled_files_past_its_disk_budget(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(features, "BUDGET_BYTES", 1)
+    monkeypatch.setattr(features, "DISK_BUDGET_BYTES", 1)
+    monkeypatch.setattr(features._WORKER, "features", None, raising=False)
+    monkeypatch.setenv(features.SPILL_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(features._Spill, "_dir", None)
     population = make_tiny_data()
     for c in population.clients:
         _train(make_tiny_model(), population.train[c])
-    assert len(features._cache()) == 1
+    assert len(features._cache()) == 1  # only the newest: in memory
+    assert list(tmp_path.glob("*/*.bin")) == []  # every spilled file was removed
 
 
 def test_round_cache_follows_a_stage_that_retrains_the_trunk() -> None:

@@ -3,11 +3,17 @@ worker computes them once per client and trains only the head on them."""
 
 from __future__ import annotations
 
+import atexit
+import itertools
+import os
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +25,15 @@ from fedtransfer.transfer.policy import ParamPlan
 from fedtransfer.types import Metrics
 
 BUDGET_BYTES = 512 * 1024 * 1024
-"""Cached features a worker keeps at most (least recently used first out)."""
+"""Cached features a worker keeps in memory at most; past it, the least recently used spill to
+memory-mapped files (the operating system pages them in and out)."""
+
+DISK_BUDGET_BYTES = 16 * 1024**3
+"""Spilled features a worker keeps on disk at most (least recently used first out)."""
+
+SPILL_DIR_ENV = "FEDTRANSFER_FEATURE_SPILL_DIR"
+"""Where spilled features go (a fresh folder inside it per process); default: the system's
+temporary folder. Each process removes its own folder at exit."""
 
 _WORKER = threading.local()
 
@@ -28,6 +42,59 @@ _WORKER = threading.local()
 class _Entry:
     data: Tensor  # held so that its id stays unique while the entry lives
     features: Tensor
+    file: Path | None = None  # spilled: ``features`` maps this file
+
+
+class _Spill:
+    """This process's spill folder, made on first use and removed at exit."""
+
+    _dir: Path | None = None
+    _lock = threading.Lock()
+    _count = itertools.count()
+
+    @classmethod
+    def new_file(cls) -> Path:
+        with cls._lock:
+            if cls._dir is None or not cls._dir.is_dir():
+                root = os.environ.get(SPILL_DIR_ENV) or None
+                cls._dir = Path(tempfile.mkdtemp(prefix="fedtransfer-features-", dir=root))
+                atexit.register(shutil.rmtree, cls._dir, True)
+            return cls._dir / f"{os.getpid()}-{next(cls._count)}.bin"
+
+
+def _spill(entry: _Entry) -> _Entry:
+    """``entry`` with its features written to a file and mapped back (same values)."""
+    features = entry.features.contiguous()
+    path = _Spill.new_file()
+    raw = features.reshape(-1).view(torch.uint8)
+    raw.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=True, size=raw.numel(), dtype=torch.uint8)
+    return _Entry(entry.data, mapped.view(features.dtype).reshape(features.shape), path)
+
+
+def _drop(entry: _Entry) -> None:
+    if entry.file is not None:
+        entry.file.unlink(missing_ok=True)
+
+
+def _fit(cache: OrderedDict[tuple[int, str, str], _Entry]) -> None:
+    """Keep the cache within its budgets: spill the least recently used in-memory entries
+    (never the newest), then drop the least recently used spilled ones."""
+    in_memory = sum(e.features.nbytes for e in cache.values() if e.file is None)
+    for key in list(cache)[:-1]:
+        if in_memory <= BUDGET_BYTES:
+            break
+        entry = cache[key]
+        if entry.file is None:
+            cache[key] = _spill(entry)
+            in_memory -= entry.features.nbytes
+    on_disk = sum(e.features.nbytes for e in cache.values() if e.file is not None)
+    for key in list(cache)[:-1]:
+        if on_disk <= DISK_BUDGET_BYTES:
+            break
+        if cache[key].file is not None:
+            on_disk -= cache[key].features.nbytes
+            _drop(cache.pop(key))
 
 
 @contextmanager
@@ -100,9 +167,10 @@ def _features(
     features = _compute(model, plan, head, data.x)
     if features is None:
         return None
+    if hit is not None:
+        _drop(hit)
     cache[key] = _Entry(data.x, features)
-    while sum(e.features.nbytes for e in cache.values()) > BUDGET_BYTES and len(cache) > 1:
-        cache.popitem(last=False)
+    _fit(cache)
     return features
 
 
