@@ -61,3 +61,55 @@ class Source(Protocol):
 
     def load(self) -> TensorData:
         """All examples of the source."""
+
+
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+
+@dataclass(frozen=True)
+class CifarJpeg:
+    """CIFAR-10 images stored as ``<root>/<class>/<name>.jpg`` (the layout of the data folder's
+    ``cifar10-jpg/test``), as ``(N, 3, 32, 32)`` float32 normalised with the CIFAR ResNet
+    checkpoints' mean and std; labels in CIFAR-10's class order. ``per_class`` keeps the first
+    images of each class (sorted by file name)."""
+
+    root: str
+    per_class: int | None = None
+
+    def load(self) -> TensorData:
+        from pathlib import Path
+
+        from PIL import Image
+
+        from fedtransfer.models.resnet import CIFAR_MEAN, CIFAR_STD
+
+        root = Path(self.root)
+        missing = [c for c in CIFAR10_CLASSES if not (root / c).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"CifarJpeg: {root} lacks the class folders {missing[:3]}…; expected "
+                "<root>/<class>/*.jpg for the 10 CIFAR-10 classes (e.g. the data folder's "
+                "cifar10-jpg/test)"
+            )
+        images, labels = [], []
+        for label, name in enumerate(CIFAR10_CLASSES):
+            files = sorted((root / name).glob("*.jpg"))[: self.per_class]
+            for file in files:
+                with Image.open(file) as img:
+                    images.append(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)
+            labels += [label] * len(files)
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        mean = torch.tensor(CIFAR_MEAN).reshape(1, 3, 1, 1)
+        std = torch.tensor(CIFAR_STD).reshape(1, 3, 1, 1)
+        return TensorData(((x - mean) / std).contiguous(), torch.tensor(labels, dtype=torch.int64))
