@@ -6,7 +6,12 @@ serial runtime, 1 torch thread:
 * ``pbench-cnn-100`` — the perf-anchors CNN workload (synthetic 28×28 data, 100 clients × 64
   examples, 100 clients per round, one local epoch of batch-32 SGD at lr 0.05);
 * ``digits-cnn-10`` — the default experiment's task (sklearn digits over 20 clients, 10 per
-  round, SmallCNN from its own seeded initialisation; the trunk is frozen either way).
+  round, SmallCNN from its own seeded initialisation; the trunk is frozen either way);
+* ``resnet20-cifar-20`` — ResNet-20 with the published CIFAR-10 weights (the data folder's
+  ``resnet-cifar10-weights``) fine-tuned head-only on the JPEG CIFAR-10 test images (the data
+  folder's ``cifar10-jpg``, 1,000 images over 20 IID clients, all 20 per round, one local epoch
+  of batch-32 SGD at lr 0.05). ``--data DIR`` (or ``FEDTRANSFER_DATA_DIR``) names the data
+  folder (default ``../shared/data``).
 
 Each arm runs ``--rounds`` rounds from the same start; the first round of the cached arm computes
 the features (and both carry the set-up distribution), so the table reports the first round
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -39,6 +45,7 @@ import spine
 from machine import load_average, machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parent.parent
 
 
 def _pbench() -> tuple[ft.FederatedDataset, Callable[[], nn.Module], ft.Recipe, nn.Module]:
@@ -58,6 +65,23 @@ def _digits() -> tuple[ft.FederatedDataset, Callable[[], nn.Module], ft.Recipe, 
     cfg = ExperimentConfig()
     recipe = ft.fedavg(ft.HeadOnly(), local=cfg.local, clients_per_round=10)
     return build_population(cfg), cfg.model, recipe, cfg.model.init(0)
+
+
+def _resnet(data_dir: Path) -> Callable[[], tuple[Any, ...]]:
+    def make() -> tuple[ft.FederatedDataset, Callable[[], nn.Module], ft.Recipe, nn.Module]:
+        from fedtransfer.data.sources import CifarJpeg
+        from fedtransfer.models.resnet import CifarResNetFactory, load_cifar_resnet
+
+        images = CifarJpeg(str(data_dir / "cifar10-jpg" / "test"), per_class=100).load()
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+        parts = [p.numpy() for p in order.tensor_split(20)]
+        population = ft.federate(images, parts, num_classes=10, test_fraction=0.2, seed=0)
+        model = load_cifar_resnet(data_dir / "resnet-cifar10-weights" / "resnet20-12fca82f.th")
+        local = ft.LocalTraining(lr=0.05, epochs=1, batch_size=32)
+        recipe = ft.fedavg(ft.HeadOnly(), local=local, clients_per_round=20)
+        return population, CifarResNetFactory(20), recipe, model
+
+    return make
 
 
 def _arm(workload: tuple[Any, ...], rounds: int, cached: bool) -> tuple[list[float], str]:
@@ -82,11 +106,22 @@ def _arm(workload: tuple[Any, ...], rounds: int, cached: bool) -> tuple[list[flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("FEDTRANSFER_DATA_DIR", REPO / ".." / "shared" / "data")),
+        help="the shared data folder (resnet-cifar10-weights/, cifar10-jpg/)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     began, load = time.time(), load_average()
     rows = []
-    for name, make in (("pbench-cnn-100", _pbench), ("digits-cnn-10", _digits)):
+    workloads: tuple[tuple[str, Callable[[], tuple[Any, ...]]], ...] = (
+        ("pbench-cnn-100", _pbench),
+        ("digits-cnn-10", _digits),
+        ("resnet20-cifar-20", _resnet(args.data)),
+    )
+    for name, make in workloads:
         workload = make()
         plain, plain_hash = _arm(workload, args.rounds, cached=False)
         cached, cached_hash = _arm(workload, args.rounds, cached=True)
@@ -115,7 +150,9 @@ def _write(rows: list[dict[str, Any]], args: argparse.Namespace, began: float, l
         "runtime, 1 torch thread. **pbench-cnn-100**: the perf-anchors CNN workload (synthetic "
         "28×28 data, 100 clients × 64 examples, all 100 per round, one local epoch of batch-32 "
         "SGD at lr 0.05). **digits-cnn-10**: the default experiment's task (sklearn digits over "
-        "20 clients, 10 per round, the SmallCNN). Both arms start from the same weights; the "
+        "20 clients, 10 per round, the SmallCNN). **resnet20-cifar-20**: ResNet-20 with the "
+        "published CIFAR-10 weights, head-only on 1,000 JPEG CIFAR-10 test images over 20 IID "
+        "clients (800 train), all 20 per round, one local epoch of batch-32 SGD. Both arms start from the same weights; the "
         "first round (set-up distribution, and the cached arm computing features) is shown "
         "apart, s/round is the median of the others, and the final weights are compared.",
         "",
