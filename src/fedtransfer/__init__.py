@@ -40,17 +40,21 @@ from fedtransfer.client import (
     client_update,
     evaluate,
 )
+from fedtransfer.clientstore import ClientStore
 from fedtransfer.codecs import BFloat16, Codec, Exact, Float16, Float32, Int8, Payload, TopK
 from fedtransfer.data import (
     IID,
     Digits,
     Dirichlet,
     FederatedDataset,
+    LazySplit,
     MNIST5k,
     QuantitySkew,
     Shards,
     TensorData,
     federate,
+    open_lazy_population,
+    write_lazy_population,
 )
 from fedtransfer.errors import (
     CompatibilityError,
@@ -63,7 +67,14 @@ from fedtransfer.errors import (
 from fedtransfer.models import CNN, HFClassifier, SmallCNN
 from fedtransfer.recipe import Recipe
 from fedtransfer.round import RoundReport, run_round
-from fedtransfer.runtime import Runtime, SerialRuntime
+from fedtransfer.runtime import (
+    AutoRuntime,
+    ProcessRuntime,
+    RayRuntime,
+    Runtime,
+    SerialRuntime,
+    VectorizedRuntime,
+)
 from fedtransfer.server import (
     AllClients,
     Bulyan,
@@ -119,11 +130,13 @@ __all__ = [
     "IPM",
     "AllClients",
     "Attack",
+    "AutoRuntime",
     "BFloat16",
     "Bulyan",
     "CenteredClipping",
     "ClientDelays",
     "ClientResult",
+    "ClientStore",
     "ClientTask",
     "ClientTransform",
     "ClientUpdate",
@@ -151,6 +164,7 @@ __all__ = [
     "Krum",
     "LabelFlip",
     "LastK",
+    "LazySplit",
     "LocalBatchNorm",
     "LocalTraining",
     "Lora",
@@ -171,8 +185,10 @@ __all__ = [
     "Plain",
     "PlanError",
     "PretrainSpec",
+    "ProcessRuntime",
     "Prox",
     "QuantitySkew",
+    "RayRuntime",
     "Recipe",
     "Rep",
     "RoundReport",
@@ -199,6 +215,7 @@ __all__ = [
     "TrimmedMean",
     "Uniform",
     "UpdateRejected",
+    "VectorizedRuntime",
     "babu_then_head",
     "client_update",
     "ditto",
@@ -220,6 +237,7 @@ __all__ = [
     "load_state",
     "lp_ft",
     "merge",
+    "open_lazy_population",
     "pretrain",
     "progressive",
     "run_buffered_step",
@@ -227,4 +245,5 @@ __all__ = [
     "save_checkpoint",
     "save_state",
     "scaffold",
+    "write_lazy_population",
 ]

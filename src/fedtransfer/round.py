@@ -16,6 +16,7 @@ from fedtransfer import tree
 from fedtransfer.attacks import Threat
 from fedtransfer.client.objectives import scale_floats
 from fedtransfer.client.update import SETUP_CODEC, ClientResult, ClientTask, ClientUpdate
+from fedtransfer.clientstore import merged
 from fedtransfer.codecs import Payload
 from fedtransfer.data.federated import FederatedDataset, TensorData
 from fedtransfer.errors import FedTransferError, UpdateRejected
@@ -91,15 +92,17 @@ def conclude(
 ) -> tuple[ServerState, RoundReport]:
     """The next state and its report: what the clients that were heard from keep, the ledger
     (``results`` sent up, ``sent`` went down), and, for asynchronous runs, the updates still in
-    flight and the simulated clock."""
+    flight and the simulated clock. Clients' states are updated through
+    :func:`~fedtransfer.clientstore.merged`: a dict is copied, a :class:`ClientStore` writes
+    only the cohort's files."""
     params, server, metrics = applied
     bytes_up = sum(len(res.uplink) + len(res.extras) for res in results)
     new_state = state.replace(
         round=state.round + 1,
         params=params,
         server=server,
-        clients={**state.clients, **{res.client: res.local for res, _, _ in kept}},
-        memory={**state.memory, **{res.client: res.memory for res, _, _ in kept if res.memory}},
+        clients=merged(state.clients, {res.client: res.local for res, _, _ in kept}),
+        memory=merged(state.memory, {res.client: res.memory for res, _, _ in kept if res.memory}),
         set_up=sent.set_up,
         synced=sent.synced,
         ledger={

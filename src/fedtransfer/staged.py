@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from fedtransfer import tree
+from fedtransfer.clientstore import emptied, mapped
 from fedtransfer.recipe import Recipe
 from fedtransfer.state import ServerState
 from fedtransfer.transfer.schedule import StagePolicy, stage_recipe
@@ -49,10 +50,8 @@ def enter_stage(
         params=params,
         server=server,
         # clients keep the local keys that stay local; the others restart from the start
-        clients={
-            c: {k: v for k, v in held.items() if k in local} for c, held in state.clients.items()
-        },
-        memory={},
+        clients=mapped(state.clients, lambda held: {k: v for k, v in held.items() if k in local}),
+        memory=emptied(state.memory),
         stage=index,
         synced={c: state.synced.get(c, 0) for c in state.set_up},
     )

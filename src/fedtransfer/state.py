@@ -16,12 +16,26 @@ from torch import Tensor, nn
 
 from fedtransfer import tree
 from fedtransfer.client.update import ClientResult
+from fedtransfer.clientstore import (
+    ClientStore,
+    PerClient,
+    digests,
+    pin,
+    pools_of,
+    restore,
+    unpin,
+)
 from fedtransfer.errors import CompatibilityError
 from fedtransfer.recipe import Recipe
 from fedtransfer.transfer.schedule import stage_recipe
 from fedtransfer.types import State
 
 FORMAT = "fedtransfer-state/1"
+FORMAT_STORES = "fedtransfer-state/2"
+"""The format of checkpoints whose client states live in a :class:`ClientStore` (``stores`` in
+``state.json`` names its directory and client ids, the tensor ``stores/<group>/digests`` their
+files); older readers refuse them instead of silently dropping the clients' states."""
+STORE_GROUPS = ("clients", "memory")
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,6 +48,11 @@ class ServerState:
     * ``clients`` — each client's local keys, as the client keeps them (simulation);
     * ``memory`` — each client's objective memory (control variates, personal models), as the
       client keeps it;
+
+      both are dicts, or, for large populations, :class:`~fedtransfer.clientstore.ClientStore`
+      mappings that keep each client's tensors on disk and a bounded cache in memory
+      (``initial(..., client_store=directory)``); a round updates either without
+      materialising the population (:func:`~fedtransfer.clientstore.merged`);
     * ``set_up`` — clients that have received and verified the starting weights;
     * ``ledger`` — cumulative bytes: ``setup``, ``up``, ``down``;
     * ``history`` — one metrics record per finished round (JSON-safe);
@@ -49,8 +68,8 @@ class ServerState:
     start: dict[str, Tensor]
     start_sha256: str
     server: State = field(default_factory=dict)
-    clients: dict[str, dict[str, Tensor]] = field(default_factory=dict)
-    memory: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    clients: PerClient = field(default_factory=dict)
+    memory: PerClient = field(default_factory=dict)
     set_up: tuple[str, ...] = ()
     ledger: dict[str, int] = field(default_factory=lambda: {"setup": 0, "up": 0, "down": 0})
     history: tuple[dict[str, Any], ...] = ()
@@ -60,8 +79,23 @@ class ServerState:
     synced: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def initial(cls, recipe: Recipe, model: nn.Module, *, seed: int) -> ServerState:
-        """Round-0 state from a (pre-trained or freshly initialised) model."""
+    def initial(
+        cls,
+        recipe: Recipe,
+        model: nn.Module,
+        *,
+        seed: int,
+        client_store: str | os.PathLike[str] | None = None,
+    ) -> ServerState:
+        """Round-0 state from a (pre-trained or freshly initialised) model.
+
+        With ``client_store``, ``clients`` and ``memory`` are :class:`ClientStore` mappings over
+        that directory (created if needed): each client's local keys and objective memory live
+        on disk, so memory stays bounded by the cohort for populations of 10 000+ clients.
+        Checkpoints (:func:`save_state`) then reference the store's files instead of copying
+        them; keep the store directory next to the checkpoints (e.g. ``run/clients`` beside
+        ``run/checkpoints``) and use it from one process at a time.
+        """
         recipe, _ = stage_recipe(recipe, 1)
         prepared = recipe.policy.prepare(model)
         plan = recipe.policy.plan(prepared)
@@ -70,6 +104,10 @@ class ServerState:
         server = recipe.pipeline.init(params)
         objective = recipe.objective.server_init(params, plan)
         server.update({f"objective/{k}": v.clone() for k, v in objective.items()})
+        clients: PerClient = {}
+        memory: PerClient = {}
+        if client_store is not None:
+            clients, memory = ClientStore.open(client_store), ClientStore.open(client_store)
         return cls(
             round=0,
             seed=seed,
@@ -77,6 +115,8 @@ class ServerState:
             start=start,
             start_sha256=tree.sha256(start),
             server=server,
+            clients=clients,
+            memory=memory,
         )
 
     def weights_for(self, client: str | None = None) -> dict[str, Tensor]:
@@ -149,14 +189,20 @@ def _flatten(state: ServerState) -> dict[str, Tensor]:
         ("server/", state.server),
     ):
         flat.update({prefix + k: v.detach().clone() for k, v in part.items()})
-    for group in ("clients", "memory"):
-        per_client: dict[str, dict[str, Tensor]] = getattr(state, group)
+    for group in STORE_GROUPS:
+        per_client: PerClient = getattr(state, group)
+        if isinstance(per_client, ClientStore):  # referenced by state.json, not copied
+            continue
         for i, client in enumerate(sorted(per_client)):
             flat.update(
                 {f"{group}/{i}/{k}": v.detach().clone() for k, v in per_client[client].items()}
             )
     for i, item in enumerate(state.pending):
         flat.update(item.tensors(f"pending/{i}/"))
+    for group in STORE_GROUPS:
+        store = getattr(state, group)
+        if isinstance(store, ClientStore):
+            flat[f"stores/{group}/digests"] = digests(store)
     return flat
 
 
@@ -166,6 +212,13 @@ def save_state(state: ServerState, directory: str | os.PathLike[str], *, keep: i
     The new folder is complete before ``latest.json`` is atomically replaced, and no folder is
     removed until then, so a crash at any moment leaves ``latest.json`` naming a complete
     checkpoint. Afterwards only the newest ``keep`` folders remain.
+
+    Clients' states held in a :class:`ClientStore` are not copied: the checkpoint names the
+    store (relative to ``directory``), its client ids and each client's file (by digest), and
+    the files are made durable and pinned in the store (as ``round-…``) before the folder
+    becomes the checkpoint. Store files never change, so later rounds cannot alter this
+    checkpoint; when a folder is pruned its pin goes, and the store's files that no pin and no
+    live state references are deleted.
     """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
@@ -173,13 +226,14 @@ def save_state(state: ServerState, directory: str | os.PathLike[str], *, keep: i
     tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
     save_file(_flatten(state), str(tmp / "state.safetensors"))
+    pools = pools_of(*(getattr(state, group) for group in STORE_GROUPS))
     meta = {
-        "format": FORMAT,
+        "format": FORMAT_STORES if pools else FORMAT,
         "round": state.round,
         "seed": state.seed,
         "start_sha256": state.start_sha256,
-        "clients": sorted(state.clients),
-        "memory": sorted(state.memory),
+        "clients": _flat_ids(state.clients),
+        "memory": _flat_ids(state.memory),
         "set_up": list(state.set_up),
         "ledger": state.ledger,
         "history": list(state.history),
@@ -188,16 +242,56 @@ def save_state(state: ServerState, directory: str | os.PathLike[str], *, keep: i
         "stage": state.stage,
         "synced": state.synced,
     }
+    if pools:
+        meta["stores"] = _store_refs(state, root)
     _write_json(tmp / "state.json", meta)
+    for stores in pools.values():  # after state.json: a stale folder with a pin names its stores
+        pin(stores, final.name)
     _fsync_dir(tmp)
     os.replace(tmp, final)
     _write_json(root / "latest.json", {"checkpoint": final.name, "round": state.round})
     older = sorted(p for p in root.glob("round-*") if p.is_dir() and p != final)
     for old in older[: max(0, len(older) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_checkpoint(old, old.name)
     for stale in root.glob(".tmp-round-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        _remove_checkpoint(stale, stale.name.removeprefix(".tmp-"))
+    for stores in pools.values():
+        stores[0].collect()
     return final
+
+
+def _flat_ids(per_client: PerClient) -> list[str]:
+    return [] if isinstance(per_client, ClientStore) else sorted(per_client)
+
+
+def _store_refs(state: ServerState, root: Path) -> dict[str, Any]:
+    """For each group held in a store: its directory relative to ``root`` and its client ids
+    in order (their files' digests are the tensor ``stores/<group>/digests``)."""
+    out: dict[str, Any] = {}
+    for group in STORE_GROUPS:
+        store = getattr(state, group)
+        if isinstance(store, ClientStore):
+            out[group] = {"path": os.path.relpath(store.root, root.resolve()), "ids": list(store)}
+    return out
+
+
+def _stored_groups(folder: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    if meta is None:
+        try:
+            meta = json.loads((folder / "state.json").read_text())
+        except (OSError, ValueError):
+            return {}
+    stores: dict[str, Any] = meta.get("stores", {})
+    return stores
+
+
+def _remove_checkpoint(folder: Path, name: str) -> None:
+    """Remove a checkpoint folder, then its pins in the stores it references (in this order:
+    a crash in between leaves a pin without a checkpoint, which only keeps files longer)."""
+    paths = {ref["path"] for ref in _stored_groups(folder).values()}
+    shutil.rmtree(folder, ignore_errors=True)
+    for path in sorted(paths):
+        unpin(folder.parent / path, name)
 
 
 def load_state(directory: str | os.PathLike[str]) -> ServerState:
@@ -208,15 +302,24 @@ def load_state(directory: str | os.PathLike[str]) -> ServerState:
         raise CompatibilityError(f"no checkpoint in {root}: latest.json is missing")
     folder = root / json.loads(pointer.read_text())["checkpoint"]
     meta = json.loads((folder / "state.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise CompatibilityError(f"{folder}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format") not in (FORMAT, FORMAT_STORES):
+        raise CompatibilityError(
+            f"{folder}: format {meta.get('format')!r}, expected {FORMAT!r} or {FORMAT_STORES!r}"
+        )
     flat = load_file(str(folder / "state.safetensors"))
 
     def part(prefix: str) -> dict[str, Tensor]:
         return {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
 
-    clients = {c: part(f"clients/{i}/") for i, c in enumerate(meta["clients"])}
-    memory = {c: part(f"memory/{i}/") for i, c in enumerate(meta.get("memory", []))}
+    groups: dict[str, PerClient] = {
+        "clients": {c: part(f"clients/{i}/") for i, c in enumerate(meta["clients"])},
+        "memory": {c: part(f"memory/{i}/") for i, c in enumerate(meta.get("memory", []))},
+    }
+    for group, ref in _stored_groups(folder, meta).items():
+        recorded = flat.get(f"stores/{group}/digests")
+        if recorded is None:
+            raise CompatibilityError(f"{folder}: the digests of the {group} store are missing")
+        groups[group] = restore(root / ref["path"], [str(c) for c in ref["ids"]], recorded)
     start = part("start/")
     if tree.sha256(start) != meta["start_sha256"]:
         raise CompatibilityError(
@@ -230,8 +333,8 @@ def load_state(directory: str | os.PathLike[str]) -> ServerState:
         start=start,
         start_sha256=meta["start_sha256"],
         server=part("server/"),
-        clients=clients,
-        memory=memory,
+        clients=groups["clients"],
+        memory=groups["memory"],
         set_up=tuple(meta["set_up"]),
         ledger={k: int(v) for k, v in meta["ledger"].items()},
         history=tuple(meta["history"]),
@@ -246,8 +349,11 @@ def load_state(directory: str | os.PathLike[str]) -> ServerState:
 
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
+    # one C-encoded string: json.dump (and any indent) encodes in Python, a few strings per
+    # item, which for population-sized lists churns memory at every checkpoint
+    text = json.dumps(data, sort_keys=True, allow_nan=True)
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True, allow_nan=True)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

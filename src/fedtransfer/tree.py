@@ -74,14 +74,13 @@ def weighted_mean(trees: Sequence[Params], weights: Sequence[float]) -> dict[str
     first = trees[0]
     for t in trees[1:]:
         _check_same_keys(first, t, "weighted_mean")
-    out: dict[str, Tensor] = {}
-    for k, ref in first.items():
-        acc = torch.zeros(ref.shape, dtype=torch.float64)
-        for t, w in zip(trees, weights, strict=True):
-            if w:
-                acc.add_(t[k].double(), alpha=float(w) / total)
-        out[k] = _cast_like(acc, ref)
-    return out
+    keys = list(first)
+    accs = [torch.zeros(first[k].shape, dtype=torch.float64) for k in keys]
+    for t, w in zip(trees, weights, strict=True):
+        if w and keys:  # one call per tree; floating tensors are promoted to float64 as added
+            values = [t[k] if t[k].dtype.is_floating_point else t[k].double() for k in keys]
+            torch._foreach_add_(accs, values, alpha=float(w) / total)
+    return {k: _cast_like(acc, first[k]) for k, acc in zip(keys, accs, strict=True)}
 
 
 def global_norm(a: Params) -> float:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from torch import nn
 
 from fedtransfer import (
     FederatedDataset,
+    ProcessRuntime,
+    RayRuntime,
     Recipe,
     Runtime,
     SerialRuntime,
@@ -19,11 +22,42 @@ from fedtransfer import (
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-RUNTIMES: list[Runtime] = [SerialRuntime()]
+ROOT = Path(__file__).resolve().parents[2]
+
+# one thread per worker, as the serial reference runs here (single_thread)
+RUNTIMES: list[Runtime] = [
+    SerialRuntime(),
+    ProcessRuntime(workers=2, threads=1),
+    RayRuntime(num_actors=2, threads=1),  # a local Ray instance with 2 CPUs
+]
+
+
+def square_pair(t: int) -> tuple[int, int]:
+    return t, t * t
+
+
+def identity(t: int) -> int:
+    return t
+
+
+@pytest.fixture(scope="module")
+def workers_import_tests() -> Iterator[None]:
+    """Worker processes and Ray actors import the mapped functions (this module) and the model
+    factory (``tests.conftest``) by name: they start from the repository root with it on
+    ``sys.path``. The workers stop at the end of the module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        mp.syspath_prepend(str(ROOT))
+        yield
+        for rt in RUNTIMES:
+            if isinstance(rt, ProcessRuntime):
+                rt.close()
+            elif isinstance(rt, RayRuntime):
+                rt.shutdown()
 
 
 @pytest.fixture(params=RUNTIMES, ids=repr)
-def runtime(request: pytest.FixtureRequest) -> Runtime:
+def runtime(request: pytest.FixtureRequest, workers_import_tests: None) -> Runtime:
     return request.param
 
 
@@ -45,11 +79,11 @@ def test_runtime_is_a_runtime(runtime: Runtime) -> None:
 
 def test_runtime_map_preserves_task_order(runtime: Runtime) -> None:
     tasks = [5, 3, 9, 1, 7, 2]
-    assert runtime.map(lambda t: (t, t * t), tasks) == [(t, t * t) for t in tasks]
+    assert runtime.map(square_pair, tasks) == [(t, t * t) for t in tasks]
 
 
 def test_runtime_map_of_no_tasks_is_empty(runtime: Runtime) -> None:
-    assert runtime.map(lambda t: t, []) == []
+    assert runtime.map(identity, []) == []
 
 
 def test_runtime_two_rounds_match_serial_runtime_bit_for_bit(

@@ -91,12 +91,12 @@ class _SGD:
     @torch.no_grad()
     def step(self) -> None:
         held = [i for i, p in enumerate(self.params) if p.grad is not None]
-        params = [self.params[i] for i in held]
-        grads = [self.params[i].grad for i in held]
+        params: list[Tensor] = [self.params[i] for i in held]
+        grads: list[Tensor] = [g for i in held if (g := self.params[i].grad) is not None]
         if not params:
             return
         if self.weight_decay != 0:
-            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
+            grads = list(torch._foreach_add(grads, params, alpha=self.weight_decay))
         if self.momentum != 0:
             bufs: list[Tensor] = []
             for i, g in zip(held, grads, strict=True):

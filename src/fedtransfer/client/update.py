@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from fedtransfer import tree
-from fedtransfer.client.objectives import ClientContext, scale_floats
+from fedtransfer.client.objectives import ClientContext, ClientOut, scale_floats
 from fedtransfer.codecs import Exact, Payload
 from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import CompatibilityError, FedTransferError, PayloadError
@@ -113,12 +113,55 @@ class ClientUpdate:
     def __call__(self, task: ClientTask) -> ClientResult:
         return client_update(task, recipe=self.recipe, model_fn=self.model_fn)
 
+    def batch(
+        self,
+        tasks: Sequence[ClientTask],
+        *,
+        max_params: int | None = None,
+        convolutions: bool = True,
+    ) -> list[ClientResult] | None:
+        """Every task's result at once, trained together on stacked parameters, or ``None``
+        when the cohort cannot be (or, past ``max_params`` trainable scalars or with a
+        training convolution and ``convolutions=False``, should not be) vectorised: then map
+        the tasks one by one (see :func:`~fedtransfer.client.vectorized.vectorized_update`)."""
+        from fedtransfer.client.vectorized import vectorized_update  # it imports this module
+
+        return vectorized_update(
+            tasks,
+            recipe=self.recipe,
+            model_fn=self.model_fn,
+            max_params=max_params,
+            convolutions=convolutions,
+        )
+
 
 def _client_update(
     task: ClientTask, recipe: Recipe, model_fn: Callable[[], nn.Module]
 ) -> ClientResult:
     model, plan = worker_model(recipe.policy, model_fn)
-    global_shared = _load(model, plan, task, recipe)
+    start = start_client(task, recipe, plan)
+    load_weights(model, start.weights)
+    # user models may draw from the global RNG (dropout): seed it per (run, round, client)
+    with global_cpu_seed(derive_seed(task.seed, "torch", task.round, task.client)):
+        out = recipe.objective.train(model, plan, task.data, start.ctx)
+    return finish_client(task, recipe, plan, model.state_dict(), start, out)
+
+
+@dataclass(frozen=True, eq=False)
+class ClientStart:
+    """A client's round before training: the weights it holds (every state-dict key), the
+    decoded global shared keys, the objective's context, and the client transforms' memory."""
+
+    weights: dict[str, Tensor]
+    global_shared: Params
+    ctx: ClientContext
+    kept: dict[str, Tensor]
+
+
+def start_client(task: ClientTask, recipe: Recipe, plan: ParamPlan) -> ClientStart:
+    """Everything a client does before it trains (shared by the serial and vectorised paths):
+    verify and assemble its weights, decode the broadcast, split its memory, seed its context."""
+    weights, global_shared = _weights(plan, task, recipe)
     broadcast = {}
     if task.broadcast is not None:
         broadcast = recipe.downlink.decode(Payload.from_bytes(task.broadcast))
@@ -131,18 +174,31 @@ def _client_update(
         generator=generator(task.seed, "batches", task.round, task.client),
         start_sha256=task.start_sha256,
     )
-    # user models may draw from the global RNG (dropout): seed it per (run, round, client)
-    with global_cpu_seed(derive_seed(task.seed, "torch", task.round, task.client)):
-        out = recipe.objective.train(model, plan, task.data, ctx)
-    trained = model.state_dict()
-    delta = tree.sub(tree.select(trained, plan.shared), global_shared)
+    return ClientStart(weights, global_shared, ctx, kept)
+
+
+def finish_client(
+    task: ClientTask,
+    recipe: Recipe,
+    plan: ParamPlan,
+    trained: Params,
+    start: ClientStart,
+    out: ClientOut,
+    *,
+    delta: dict[str, Tensor] | None = None,
+) -> ClientResult:
+    """Everything a client does after it trains (shared by the serial and vectorised paths):
+    delta ▸ scale ▸ trim ▸ client transforms ▸ encode ▸ result, from its ``trained`` weights
+    (``delta``, the trained minus the global shared keys, when the caller has it already)."""
+    if delta is None:
+        delta = tree.sub(tree.select(trained, plan.shared), start.global_shared)
     if out.update_scale != 1.0:
         delta = scale_floats(delta, out.update_scale)
     per_client = per_client_rank(recipe.policy)
     if per_client is not None:
         delta = per_client.trim(delta, task.client)
     try:
-        delta, transformed, metrics = _transform(recipe, delta, kept)
+        delta, transformed, metrics = _transform(recipe, delta, start.kept)
         uplink = recipe.uplink.encode(delta).to_bytes()
         extras = recipe.uplink.encode(out.extras).to_bytes() if out.extras else b""
     except PayloadError as exc:
@@ -207,10 +263,10 @@ def _downlink(recipe: Recipe, data: bytes) -> dict[str, Tensor]:
     return dict(decoded)
 
 
-def _load(model: nn.Module, plan: ParamPlan, task: ClientTask, recipe: Recipe) -> Params:
-    """Load the weights the client holds this round into ``model``: its starting weights
-    (verified at set-up), a stage hand-over, its local keys, the decoded global shared keys —
-    narrowed to its own slice for heterogeneous ranks. Returns the global shared keys."""
+def _weights(plan: ParamPlan, task: ClientTask, recipe: Recipe) -> tuple[dict[str, Tensor], Params]:
+    """The weights the client holds this round: its starting weights (verified at set-up), a
+    stage hand-over, its local keys, the decoded global shared keys — narrowed to its own slice
+    for heterogeneous ranks. Returns them and the global shared keys."""
     frozen: Params = task.frozen
     local = task.local
     if task.setup is not None:
@@ -227,8 +283,7 @@ def _load(model: nn.Module, plan: ParamPlan, task: ClientTask, recipe: Recipe) -
     if per_client is not None:  # the client holds its own slice
         weights = per_client.truncate(weights, task.client)
         global_shared = {k: weights[k] for k in global_shared}
-    load_weights(model, weights)
-    return global_shared
+    return weights, global_shared
 
 
 _PLAIN_LOADERS = (nn.Module._load_from_state_dict, _NormBase._load_from_state_dict)

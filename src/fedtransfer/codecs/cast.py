@@ -65,11 +65,14 @@ class Float32:
         return 0.0
 
     def encode(self, params: Params) -> Payload:
-        entries = tuple(
-            Entry(k, v.detach().to(torch.float32) if v.dtype.is_floating_point else v.detach())
-            for k, v in params.items()
-        )
-        return Payload("float32", entries)
+        entries: list[Entry] = []
+        for k, v in params.items():
+            if v.requires_grad:
+                v = v.detach()
+            if v.dtype.is_floating_point and v.dtype != torch.float32:
+                v = v.to(torch.float32)
+            entries.append(Entry(k, v))
+        return Payload("float32", tuple(entries))
 
     def decode(self, payload: Payload) -> dict[str, Tensor]:
         check_header(payload, codec="float32", meta={}, where="Float32.decode")

@@ -91,9 +91,14 @@ class Payload:
         head = _header_bytes(self)
         parts: list[bytes | memoryview] = [_PREFIX.pack(MAGIC, VERSION, len(head)), head]
         for e in self.entries:
-            t = e.tensor.detach().contiguous().cpu()
-            if t.numel():  # a view of the tensor's bytes: join copies them once
-                parts.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            t = e.tensor
+            if not t.numel():
+                continue
+            if t.dtype in _NUMPY and not t.requires_grad and t.is_cpu and t.is_contiguous():
+                parts.append(t.numpy().data)  # its bytes (join copies them once)
+                continue
+            t = t.detach().contiguous().cpu()
+            parts.append(t.reshape(-1).view(torch.uint8).numpy().data)
         return b"".join(parts)
 
     def to_bytes(self) -> bytes:
@@ -132,25 +137,25 @@ class Payload:
                 "that follow the prefix (truncated or garbled payload)"
             )
         start = _PREFIX.size + head_len
-        header = _parse_header_cached(data[_PREFIX.size : start])
+        header, layout = _parse_header_cached(data[_PREFIX.size : start])
         entries, offset = [], start
-        for spec in header["tensors"]:
-            dtype = DTYPES[spec["dtype"]]
-            count = math.prod(spec["shape"])
-            size = count * dtype.itemsize
+        for key, dtype, shape, count, size, wire, meta in layout:
             if offset + size > len(data):
                 raise PayloadError(
-                    f"payload truncated: tensor {spec['key']!r} needs {size} bytes at offset "
+                    f"payload truncated: tensor {key!r} needs {size} bytes at offset "
                     f"{offset}, only {len(data) - offset} remain"
                 )
             if count == 0:
-                tensor = torch.empty(spec["shape"], dtype=dtype)
+                tensor = torch.empty(shape, dtype=dtype)
+            elif wire is not None:  # read in the numpy dtype: one copy, aligned
+                raw = np.frombuffer(data, dtype=wire, count=count, offset=offset).copy()
+                tensor = torch.from_numpy(raw).reshape(shape)
             else:
                 raw = np.frombuffer(data, dtype=np.uint8, count=size, offset=offset).copy()
                 if dtype == torch.bool and bool((raw > 1).any()):
-                    raise PayloadError(f"payload tensor {spec['key']!r}: bool bytes must be 0 or 1")
-                tensor = torch.from_numpy(raw).view(dtype).reshape(spec["shape"])
-            entries.append(Entry(spec["key"], tensor, MappingProxyType(spec["meta"])))
+                    raise PayloadError(f"payload tensor {key!r}: bool bytes must be 0 or 1")
+                tensor = torch.from_numpy(raw).view(dtype).reshape(shape)
+            entries.append(Entry(key, tensor, meta))
             offset += size
         if offset != len(data):
             raise PayloadError(
@@ -160,8 +165,26 @@ class Payload:
         return cls(header["codec"], tuple(entries), MappingProxyType(header["meta"]))
 
 
+_NUMPY: dict[torch.dtype, Any] = {
+    torch.float64: np.float64,
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.int16: np.int16,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+}
+"""Dtypes numpy shares with torch, bit for bit (not bool: its bytes are checked one by one;
+not bfloat16)."""
+
+_Layout = tuple[tuple[str, torch.dtype, tuple[int, ...], int, int, Any, Mapping[str, Any]], ...]
+"""Per tensor of a header: key, dtype, shape, element count, byte size, numpy dtype (or
+``None``) and its meta."""
+
+
 _HEADERS: OrderedDict[object, bytes] = OrderedDict()
-_PARSED: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
+_PARSED: OrderedDict[bytes, tuple[dict[str, Any], _Layout]] = OrderedDict()
 _KEEP_HEADERS = 64
 _headers_lock = threading.Lock()
 
@@ -204,15 +227,27 @@ def _header_bytes(payload: Payload) -> bytes:
     return head
 
 
-def _parse_header_cached(raw: bytes) -> dict[str, Any]:
-    """:func:`_parse_header`, remembered by the header's bytes (a round's updates share one
-    layout). The parsed header is only read, never changed, by ``from_bytes``."""
+def _parse_header_cached(raw: bytes) -> tuple[dict[str, Any], _Layout]:
+    """:func:`_parse_header` and its tensors' layout, remembered by the header's bytes (a
+    round's updates share one layout). Both are only read, never changed, by ``from_bytes``."""
     hit = _PARSED.get(raw)
     if hit is not None:
         return hit
     header = _parse_header(raw)
-    _remember(_PARSED, raw, header)
-    return header
+    layout: _Layout = tuple(
+        (
+            spec["key"],
+            DTYPES[spec["dtype"]],
+            tuple(spec["shape"]),
+            math.prod(spec["shape"]),
+            math.prod(spec["shape"]) * DTYPES[spec["dtype"]].itemsize,
+            _NUMPY.get(DTYPES[spec["dtype"]]),
+            MappingProxyType(spec["meta"]),
+        )
+        for spec in header["tensors"]
+    )
+    _remember(_PARSED, raw, (header, layout))
+    return header, layout
 
 
 def _parse_header(raw: bytes) -> dict[str, Any]:

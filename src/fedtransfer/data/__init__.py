@@ -1,6 +1,7 @@
 """Federated data: sources, seeded partitioners, per-client splits and partition statistics."""
 
 from fedtransfer.data.federated import FederatedDataset, TensorData, federate
+from fedtransfer.data.lazy import LazySplit, open_lazy_population, write_lazy_population
 from fedtransfer.data.partition import (
     IID,
     Dirichlet,
@@ -18,6 +19,7 @@ __all__ = [
     "Digits",
     "Dirichlet",
     "FederatedDataset",
+    "LazySplit",
     "MNIST5k",
     "QuantitySkew",
     "Shards",
@@ -25,6 +27,8 @@ __all__ = [
     "dirichlet",
     "federate",
     "iid",
+    "open_lazy_population",
     "quantity_skew",
     "shards",
+    "write_lazy_population",
 ]

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedtransfer.errors import FedTransferError
+from fedtransfer.errors import ConfigError, FedTransferError
 from fedtransfer.experiment import config as cfgio
 from fedtransfer.experiment import report
 from fedtransfer.experiment.run import (
@@ -22,6 +24,14 @@ from fedtransfer.experiment.run import (
     new_run_dir,
     resume,
     run_experiment,
+)
+from fedtransfer.runtime import (
+    AutoRuntime,
+    ProcessRuntime,
+    RayRuntime,
+    Runtime,
+    SerialRuntime,
+    VectorizedRuntime,
 )
 from fedtransfer.transfer.pretrain import pretrain
 
@@ -96,11 +106,32 @@ def _parser() -> argparse.ArgumentParser:
             help="override a config value, e.g. --set rounds=40 --set arms.scratch.local.lr=0.1",
         )
 
+    def with_runtime(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--runtime",
+            choices=("serial", "process", "ray", "vectorized", "auto"),
+            default="serial",
+            help="where client updates run: this process one client at a time (serial, the "
+            "default), worker processes, or Ray actors — results identical at the same "
+            "--threads — or a whole cohort at once with torch.func (vectorized; auto: only for "
+            "small models without trainable convolutions), equal to serial within float "
+            "rounding",
+        )
+        sp.add_argument(
+            "--workers",
+            type=int,
+            help="worker processes or Ray actors (default: usable CPUs / threads)",
+        )
+        sp.add_argument(
+            "--threads", type=int, help="torch threads, here and in each worker (default: torch's)"
+        )
+
     run = sub.add_parser("run", help="run an experiment (default: the offline demo)")
     with_config(run)
     run.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
     run.add_argument("--name", help="run directory name (default: the config's name)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    with_runtime(run)
 
     pre = sub.add_parser("pretrain", help="pre-train centrally and write a checkpoint")
     with_config(pre)
@@ -108,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
 
     res = sub.add_parser("resume", help="continue a stopped run")
     res.add_argument("run_dir")
+    with_runtime(res)
 
     rep = sub.add_parser("report", help="rewrite report.md and plots of a finished run")
     rep.add_argument("run_dir")
@@ -137,14 +169,35 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _runtime(args: argparse.Namespace) -> contextlib.AbstractContextManager[Runtime]:
+    """The runtime the options ask for, as a context that stops its workers at the end."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.runtime == "process":
+        return ProcessRuntime(workers=args.workers, threads=args.threads)
+    if args.runtime == "ray":
+        return RayRuntime(num_actors=args.workers, threads=args.threads)
+    if args.workers is not None:
+        raise ConfigError("--workers: needs --runtime process or --runtime ray")
+    if args.runtime == "vectorized":
+        return contextlib.nullcontext(VectorizedRuntime())
+    if args.runtime == "auto":
+        return contextlib.nullcontext(AutoRuntime())
+    return contextlib.nullcontext(SerialRuntime())
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         cfg = load_config(args.config, args.set)
-        run_dir = new_run_dir(args.runs_dir, args.name or cfg.name, overwrite=args.overwrite)
-        console.print(f"run directory: [bold]{run_dir}[/]")
-        run_experiment(cfg, run_dir, observer=_Display())
+        with _runtime(args) as runtime:
+            run_dir = new_run_dir(args.runs_dir, args.name or cfg.name, overwrite=args.overwrite)
+            console.print(f"run directory: [bold]{run_dir}[/]")
+            run_experiment(cfg, run_dir, observer=_Display(), runtime=runtime)
     elif args.command == "resume":
-        resume(args.run_dir, observer=_Display())
+        with _runtime(args) as runtime:
+            resume(args.run_dir, observer=_Display(), runtime=runtime)
     elif args.command == "report":
         path = report.write_report(args.run_dir)
         print_summary(json.loads((Path(args.run_dir) / "summary.json").read_text()))

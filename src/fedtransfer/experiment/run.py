@@ -108,13 +108,19 @@ def run_experiment(
     return _Run(config, root, observer or _quiet, runtime or SerialRuntime()).execute()
 
 
-def resume(run_dir: str | os.PathLike[str], *, observer: Observer | None = None) -> dict[str, Any]:
-    """Continue a stopped run from its last checkpoint; results equal an uninterrupted run."""
+def resume(
+    run_dir: str | os.PathLike[str],
+    *,
+    observer: Observer | None = None,
+    runtime: Runtime | None = None,
+) -> dict[str, Any]:
+    """Continue a stopped run from its last checkpoint; results equal an uninterrupted run
+    (with any runtime: every runtime reproduces the serial one)."""
     root = Path(run_dir)
     path = root / CONFIG_FILE
     if not path.exists():
         raise ConfigError(f"{root} is not a run directory: {CONFIG_FILE} is missing")
-    return run_experiment(load_config(path), root, observer=observer)
+    return run_experiment(load_config(path), root, observer=observer, runtime=runtime)
 
 
 def load_config(

@@ -33,9 +33,9 @@ def validate_update(
         )
     if not float(weight) > 0:
         raise reject(f"weight {weight!r} must be > 0")
-    missing = [k for k in reference if k not in update]
-    extra = [k for k in update if k not in reference]
-    if missing or extra:
+    if update.keys() != reference.keys():
+        missing = [k for k in reference if k not in update]
+        extra = [k for k in update if k not in reference]
         raise reject(
             f"keys differ from the plan's shared keys: missing {missing[:5]}, unexpected {extra[:5]}"
         )
@@ -62,8 +62,6 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     """True only if every value is finite, in one cheap reduction per tensor: a sum is NaN or
     inf whenever one of its terms is (inf never cancels to a finite value: inf − inf is NaN).
     A non-finite sum may also be an overflow of finite values, so ``False`` means "check each
-    tensor"."""
-    sums = [t.sum() for t in tensors]
-    if len({t.dtype for t in tensors}) > 1:
-        return math.isfinite(sum(float(s) for s in sums))
-    return math.isfinite(float(torch.stack(sums).sum()))
+    tensor". (The sums add up as Python floats: float64, where float32 sums cannot
+    overflow.)"""
+    return math.isfinite(sum(float(t.sum()) for t in tensors))
