@@ -29,9 +29,9 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check src tests benchmarks
 	$(PY) -m mypy
 
+# the performance suite (about 25 minutes on 2 cores): benchmarks/results/perf.md
 bench: $(STAMP)
-	$(PY) benchmarks/spine.py
-	$(PY) benchmarks/feature_cache.py
+	$(PY) benchmarks/perf/run.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

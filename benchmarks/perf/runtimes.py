@@ -11,7 +11,7 @@ recorded, never asserted.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/runtimes.py     # writes benchmarks/results/runtimes.{md,json}
+    .venv/bin/python benchmarks/perf/runtimes.py     # writes benchmarks/results/runtimes.{md,json}
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import torch
 
 import fedtransfer as ft
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import spine
 from machine import load_average, machine_info
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 WORKLOADS = (("cnn", 100), ("mlp", 100))
 RUNTIMES = ("serial", "process", "ray")
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "runtimes",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(
-            [".venv/bin/python", "benchmarks/runtimes.py", *(argv if argv else sys.argv[1:])]
+            [".venv/bin/python", "benchmarks/perf/runtimes.py", *(argv if argv else sys.argv[1:])]
         ),
         "rounds": args.rounds,
         "workers": args.workers,

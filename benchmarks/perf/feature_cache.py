@@ -18,7 +18,7 @@ the features (and both carry the set-up distribution), so the table reports the 
 apart and the median of the others. The final weights of the two arms are compared bit for bit.
 Run from the repository root::
 
-    .venv/bin/python benchmarks/feature_cache.py     # writes benchmarks/results/feature_cache.*
+    .venv/bin/python benchmarks/perf/feature_cache.py     # writes benchmarks/results/feature_cache.*
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ from torch import nn
 import fedtransfer as ft
 from fedtransfer.client.features import no_feature_cache
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import spine
 from machine import load_average, machine_info
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent.parent / "results"
 REPO = RESULTS.parent.parent
 
 
@@ -156,7 +156,7 @@ def _write(rows: list[dict[str, Any]], args: argparse.Namespace, began: float, l
         "first round (set-up distribution, and the cached arm computing features) is shown "
         "apart, s/round is the median of the others, and the final weights are compared.",
         "",
-        f"- Command: `.venv/bin/python benchmarks/feature_cache.py --rounds {args.rounds}`",
+        f"- Command: `.venv/bin/python benchmarks/perf/feature_cache.py --rounds {args.rounds}`",
         f"- Date: {datetime.date.today().isoformat()}; wall time {time.time() - began:.0f} s",
         f"- Machine: {info['cpu_model']}, {info['cpu_count']} cores; Python {info['python']}, "
         f"torch {info['torch']} ({info['torch_threads']} threads); fedtransfer at {info['git']}",

@@ -17,7 +17,7 @@ carries over from the forking parent) after every round.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/soak.py     # writes benchmarks/results/soak.{md,json,png}
+    .venv/bin/python benchmarks/perf/soak.py     # writes benchmarks/results/soak.{md,json,png}
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ from torch import nn
 
 import fedtransfer as ft
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import load_average, machine_info
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent.parent / "results"
 PEAK_BAR_BYTES = 10**9
 GROWTH_BAR = 0.05
 BASE_ROUND = 10
@@ -288,7 +288,7 @@ def _write(
     info = machine_info()
     info["torch_threads"] = 1  # the arms run with torch.set_num_threads(1)
     command = (
-        f".venv/bin/python benchmarks/soak.py --clients {args.clients} --rounds {args.rounds} "
+        f".venv/bin/python benchmarks/perf/soak.py --clients {args.clients} --rounds {args.rounds} "
         f"--cohort {args.cohort} --examples {args.examples} --dict-rounds {args.dict_rounds}"
     )
     if args.out != "soak":
