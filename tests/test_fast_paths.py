@@ -130,3 +130,43 @@ def test_payload_header_cache_keeps_payloads_apart() -> None:
     meta = Payload.from_bytes(a).entries[0].meta
     with pytest.raises(TypeError):
         meta["x"] = 1  # type: ignore[index]  # shared parsed headers are read-only
+
+
+def test_verify_start_reuses_only_an_identical_verification() -> None:
+    from fedtransfer import tree
+    from fedtransfer.client.update import SETUP_CODEC, verify_start
+    from fedtransfer.errors import CompatibilityError
+
+    weights = dict(_net().state_dict())
+    sha = tree.sha256(weights)
+    setup = SETUP_CODEC.encode(weights).to_bytes()
+    first = verify_start(setup, sha, client="a")
+    again = verify_start(bytes(bytearray(setup)), sha, client="b")  # equal bytes: remembered
+    assert tree.equal(first, weights) and tree.equal(again, weights)
+    tampered = bytearray(setup)
+    tampered[-1] ^= 1
+    with pytest.raises(CompatibilityError, match="client c: starting weights sha256"):
+        verify_start(bytes(tampered), sha, client="c")
+    with pytest.raises(CompatibilityError, match="client d: starting weights sha256"):
+        verify_start(setup, "0" * 64, client="d")
+    assert tree.equal(verify_start(setup, sha, client="e"), weights)
+
+
+def test_weighted_mean_keeps_the_arithmetic_of_the_plain_loop() -> None:
+    """Aggregation must not change a run's bits (the default run's rounds-to-target depend
+    on them): the batched form equals ``acc += t.double() * (w / total)`` exactly."""
+    from fedtransfer import tree
+
+    g = torch.Generator().manual_seed(0)
+    trees = [
+        {"a": torch.randn(1000, generator=g), "b": torch.randn(33, 7, generator=g)}
+        for _ in range(40)
+    ]
+    weights = [float(i % 7 + 1) for i in range(40)]
+    out = tree.weighted_mean(trees, weights)
+    total = sum(weights)
+    for k in ("a", "b"):
+        acc = torch.zeros(trees[0][k].shape, dtype=torch.float64)
+        for t, w in zip(trees, weights, strict=True):
+            acc += t[k].double() * (w / total)
+        assert torch.equal(out[k], acc.float()), k

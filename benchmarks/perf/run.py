@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import time
@@ -54,7 +55,10 @@ def run(names: list[str]) -> dict[str, float]:
     """Run each benchmark in a fresh process; raise if one fails. Returns their seconds."""
     seconds = {}
     for name in names:
-        cmd = [sys.executable, *BENCHMARKS[name]]
+        # the interpreter as a path relative to the repository: the benchmarks record their
+        # own command line, and results name no absolute path of this machine
+        python = os.path.relpath(sys.executable, REPO)
+        cmd = [python if not python.startswith("..") else sys.executable, *BENCHMARKS[name]]
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         began = time.perf_counter()
         subprocess.run(cmd, cwd=REPO, check=True)

@@ -77,9 +77,12 @@ def weighted_mean(trees: Sequence[Params], weights: Sequence[float]) -> dict[str
     keys = list(first)
     accs = [torch.zeros(first[k].shape, dtype=torch.float64) for k in keys]
     for t, w in zip(trees, weights, strict=True):
-        if w and keys:  # one call per tree; floating tensors are promoted to float64 as added
-            values = [t[k] if t[k].dtype.is_floating_point else t[k].double() for k in keys]
-            torch._foreach_add_(accs, values, alpha=float(w) / total)
+        if w and keys:
+            # one call per tree for each of: promote, scale, add — separate roundings, the same
+            # arithmetic as ``acc += t.double() * w`` (a fused multiply-add would round once
+            # and change the bits of every run's trajectory)
+            values = torch._foreach_mul([t[k].double() for k in keys], float(w) / total)
+            torch._foreach_add_(accs, values)
     return {k: _cast_like(acc, first[k]) for k, acc in zip(keys, accs, strict=True)}
 
 

@@ -27,8 +27,16 @@ def test_runtime_option_builds_that_runtime(choice: str, kind: type) -> None:
 
 def test_workers_need_a_pool() -> None:
     args = _parser().parse_args(["run", "--runtime", "vectorized", "--workers", "2"])
-    with pytest.raises(ConfigError, match="--workers"):
-        _runtime(args)
+    with pytest.raises(ConfigError, match="--workers"), _runtime(args):
+        pass
+
+
+def test_threads_hold_for_the_command_only() -> None:
+    before = torch.get_num_threads()
+    args = _parser().parse_args(["run", "--threads", str(before + 1)])
+    with _runtime(args):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
 
 
 def _final(run: Path) -> dict[str, torch.Tensor]:

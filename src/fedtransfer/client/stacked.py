@@ -54,6 +54,12 @@ class Schedule:
         lengths = [_sizes(drawn[i]) for i in order]
         width = max(max(sizes, default=0) for sizes in lengths)
         steps = [len(sizes) for sizes in lengths]
+        full = [d for d in (drawn[i] for i in order) if isinstance(d, Tensor)]
+        if steps[0] and len(full) == len(order) and all(d.shape == full[0].shape for d in full):
+            index = torch.stack(full, dim=1)  # every client's full minibatches: one copy
+            real = torch.full((steps[0], len(order)), width)
+            mask = torch.ones(steps[0], len(order), width)
+            return cls(order, steps, lengths, index, mask, real.float())
         index = torch.zeros(steps[0], len(order), width, dtype=torch.long)
         for j, i in enumerate(order):
             d = drawn[i]
@@ -89,6 +95,8 @@ def _losses(spec: LocalTraining, out: Tensor, y: Tensor, mask: Tensor, count: Te
     clients, width = out.shape[:2]
     if spec.loss == "mse":
         per = (out - y.reshape(out.shape).to(out.dtype)).pow(2)
+    elif out.dim() == 3 and y.dim() == 2 and not y.dtype.is_floating_point:
+        per = _class_cross_entropy(out.flatten(0, 1), y.flatten(0, 1)).view(clients, width)
     else:
         per = F.cross_entropy(out.flatten(0, 1), y.flatten(0, 1), reduction="none")
     if per.numel() == clients * width:
@@ -96,6 +104,15 @@ def _losses(spec: LocalTraining, out: Tensor, y: Tensor, mask: Tensor, count: Te
     else:  # several outputs per example: the serial loss is their mean too
         per = per.reshape(clients, width, -1).mean(-1)
     return (per * mask).sum(-1) / count
+
+
+def _class_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """``F.cross_entropy(logits, target, reduction="none")`` for ``(examples, classes)``
+    logits and class indices, with the log-softmax taken over dimension 0 of the transposed
+    logits: on a CPU, its kernel over a short last dimension (a few classes) is ~10x slower.
+    (A target out of range raises: the cohort then runs serially.)"""
+    log_probs = F.log_softmax(logits.t(), 0)
+    return -log_probs.gather(0, target.unsqueeze(0)).squeeze(0)
 
 
 def stack(
@@ -156,15 +173,18 @@ class _Gather:
 
     def __call__(self, index: Tensor) -> tuple[Tensor, Tensor]:
         k, width = index.shape
+        x0, y0 = self.data[0].x, self.data[0].y
         if self.shared is not None:
             (x, rx), (y, ry) = self.shared
             if self.out is None or self.out[0].shape[0] < k * width:
-                self.out = (x.new_empty((k * width, *x.shape[1:])), y.new_empty((k * width, *y.shape[1:])))
+                self.out = (
+                    x.new_empty((k * width, *x.shape[1:])),
+                    y.new_empty((k * width, *y.shape[1:])),
+                )
             xb, yb = self.out[0][: k * width], self.out[1][: k * width]
             torch.index_select(x, 0, (index + rx[:k, None]).view(-1), out=xb)
             torch.index_select(y, 0, (index + ry[:k, None]).view(-1), out=yb)
-            return xb.view(k, width, *x.shape[1:]), yb.view(k, width, *y.shape[1:])
-        x0, y0 = self.data[0].x, self.data[0].y
+            return xb.view(k, width, *x0.shape[1:]), yb.view(k, width, *y0.shape[1:])
         xb = torch.empty((k, width, *x0.shape[1:]), dtype=x0.dtype)
         yb = torch.empty((k, width, *y0.shape[1:]), dtype=y0.dtype)
         for j in range(k):
@@ -200,8 +220,9 @@ def _rows_of_one(tensors: list[Tensor]) -> tuple[Tensor, Tensor] | None:
             return None
         rows.append(shift // stride[0])
     span = max(r + len(t) for r, t in zip(rows, tensors, strict=True))
-    whole = first.as_strided((span, *rest), stride, base)
-    return whole, torch.tensor(rows, dtype=torch.long)
+    if first.dim() > 1 and first[0].is_contiguous():  # rows as flat vectors: a faster copy
+        return first.as_strided((span, first[0].numel()), (stride[0], 1), base), torch.tensor(rows)
+    return first.as_strided((span, *rest), stride, base), torch.tensor(rows)
 
 
 def train_stacked(

@@ -76,10 +76,19 @@ class ClientResult:
 
 
 def verify_start(setup: bytes, expected_sha256: str, *, client: str) -> dict[str, Tensor]:
-    """Decode the set-up payload and check its weights' hash (the identical-start guarantee)."""
+    """Decode the set-up payload and check its weights' hash (the identical-start guarantee).
+
+    Every new client of a run receives the same set-up bytes: a worker that has verified
+    exactly these bytes against this hash reuses its result (the decoded tensors are only
+    read: loading copies them into the model)."""
+    last = getattr(_WORKER, "start", None)
+    if last is not None and last[0] == expected_sha256 and last[1] == setup:
+        return dict(last[2])
     weights = SETUP_CODEC.decode(Payload.from_bytes(setup))
     seen = tree.sha256(weights)
-    if seen != expected_sha256:
+    if seen == expected_sha256:
+        _WORKER.start = (expected_sha256, setup, weights)
+    else:
         raise CompatibilityError(
             f"client {client}: starting weights sha256 {seen[:16]}… does not match the run's "
             f"recorded {expected_sha256[:16]}…; every client must start from the same checkpoint "

@@ -240,10 +240,12 @@ def _train(
     data = [tasks[i].data for i in sched.order]
     losses = train_stacked(model, plan, spec, sched, stacked, keys, fixed, data)
     deltas = _deltas(plan, stacked, starts)
+    rows = {k: v.unbind(0) for k, v in stacked.items()}  # each client's row, in one call per key
+    delta_rows = None if deltas is None else {k: d.unbind(0) for k, d in deltas.items()}
     out: list[_Trained] = [_Trained({}, None, {})] * len(tasks)
     for j, i in enumerate(sched.order):
-        trained = {k: stacked[k][j] if k in stacked else fixed[k] for k in plan.labels}
-        delta = None if deltas is None else {k: d[j] for k, d in deltas.items()}
+        trained = {k: rows[k][j] if k in rows else fixed[k] for k in plan.labels}
+        delta = None if delta_rows is None else {k: d[j] for k, d in delta_rows.items()}
         out[i] = _Trained(trained, delta, client_metrics(sched, j, losses))
     return out
 

@@ -148,8 +148,8 @@ class Payload:
             if count == 0:
                 tensor = torch.empty(shape, dtype=dtype)
             elif wire is not None:  # read in the numpy dtype: one copy, aligned
-                raw = np.frombuffer(data, dtype=wire, count=count, offset=offset).copy()
-                tensor = torch.from_numpy(raw).reshape(shape)
+                raw = np.frombuffer(data, dtype=wire, count=count, offset=offset)
+                tensor = torch.from_numpy(raw.reshape(shape).copy())
             else:
                 raw = np.frombuffer(data, dtype=np.uint8, count=size, offset=offset).copy()
                 if dtype == torch.bool and bool((raw > 1).any()):

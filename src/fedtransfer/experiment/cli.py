@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,23 +170,32 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _runtime(args: argparse.Namespace) -> contextlib.AbstractContextManager[Runtime]:
-    """The runtime the options ask for, as a context that stops its workers at the end."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if args.runtime == "process":
-        return ProcessRuntime(workers=args.workers, threads=args.threads)
-    if args.runtime == "ray":
-        return RayRuntime(num_actors=args.workers, threads=args.threads)
-    if args.workers is not None:
+@contextlib.contextmanager
+def _runtime(args: argparse.Namespace) -> Iterator[Runtime]:
+    """The runtime the options ask for, stopping its workers at the end; ``--threads`` holds
+    for the command and the thread count before it is restored afterwards."""
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
+    if args.workers is not None and args.runtime not in ("process", "ray"):
         raise ConfigError("--workers: needs --runtime process or --runtime ray")
-    if args.runtime == "vectorized":
-        return contextlib.nullcontext(VectorizedRuntime())
-    if args.runtime == "auto":
-        return contextlib.nullcontext(AutoRuntime())
-    return contextlib.nullcontext(SerialRuntime())
+    before = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.runtime == "process":
+            with ProcessRuntime(workers=args.workers, threads=args.threads) as pool:
+                yield pool
+        elif args.runtime == "ray":
+            with RayRuntime(num_actors=args.workers, threads=args.threads) as actors:
+                yield actors
+        elif args.runtime == "vectorized":
+            yield VectorizedRuntime()
+        elif args.runtime == "auto":
+            yield AutoRuntime()
+        else:
+            yield SerialRuntime()
+    finally:
+        torch.set_num_threads(before)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

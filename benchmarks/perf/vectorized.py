@@ -12,8 +12,8 @@ asserted.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/vectorized.py          # full run, writes results/vectorized.*
-    .venv/bin/python benchmarks/vectorized.py --quick  # smoke run, writes results/vectorized-quick.*
+    .venv/bin/python benchmarks/perf/vectorized.py          # full run, writes results/vectorized.*
+    .venv/bin/python benchmarks/perf/vectorized.py --quick  # smoke run, writes results/vectorized-quick.*
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ from torch import nn
 
 import fedtransfer as ft
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import load_average, machine_info
 from spine import Timing, Workload, find_anchors, import_pbench, load_note, make_workload, run_plain
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 WORKLOADS: tuple[tuple[str, int], ...] = (("mlp", 10), ("mlp", 100), ("cnn", 10), ("cnn", 100))
 QUICK_WORKLOADS: tuple[tuple[str, int], ...] = (("mlp", 10), ("mlp", 100))
 IMPLS = ("plain", "serial", "vectorized", "pbench-vmap")
@@ -248,7 +248,7 @@ PARTS: tuple[tuple[str, str, str], ...] = (
     ("clients (`ClientUpdate.batch`)", "fedtransfer/client/update.py", "batch"),
     ("clients ▸ start (verify, weights, context)", "fedtransfer/client/update.py", "start_client"),
     ("clients ▸ training loop", "fedtransfer/client/stacked.py", "train_stacked"),
-    ("clients ▸ training loop ▸ minibatch gathering", "fedtransfer/client/stacked.py", "_gather"),
+    ("clients ▸ training loop ▸ minibatch gathering", "fedtransfer/client/stacked.py", "__call__"),
     (
         "clients ▸ training loop ▸ backward passes",
         "~",
