@@ -174,7 +174,13 @@ def _write(rows: list[dict[str, Any]], args: argparse.Namespace, began: float, l
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "feature_cache.md").write_text("\n".join(md) + "\n")
-    figures = {"rounds": args.rounds, "rows": rows, "machine": info}
+    figures = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": f".venv/bin/python benchmarks/perf/feature_cache.py --rounds {args.rounds}",
+        "rounds": args.rounds,
+        "rows": rows,
+        "machine": info,
+    }
     (RESULTS / "feature_cache.json").write_text(json.dumps(figures, indent=1) + "\n")
 
 

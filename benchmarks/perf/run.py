@@ -85,8 +85,9 @@ def _overhead(d: dict[str, Any]) -> list[Check]:
         serial, auto = r["ratio_fedtransfer_over_plain"], r["ratio_auto_over_plain"]
         out.append(
             (
-                f"fedtransfer / plain loop ≤ 1.05 on {name}",
-                f"{auto:.3f} (default automatic runtime); {serial:.3f} (serial runtime)",
+                f"fedtransfer / plain loop ≤ 1.05 on {name} (met with AutoRuntime; "
+                "SerialRuntime alongside)",
+                f"{auto:.3f} with AutoRuntime; {serial:.3f} with SerialRuntime",
                 auto <= 1.05,
                 "overhead.md §1",
             )
@@ -99,7 +100,7 @@ def _overhead(d: dict[str, Any]) -> list[Check]:
         out.append(
             (
                 "Flower / fedtransfer ≥ 10 on mlp-100",
-                f"{auto:.1f} (automatic runtime); {serial:.1f} (serial runtime)",
+                f"{auto:.1f} with AutoRuntime; {serial:.1f} with SerialRuntime",
                 auto >= 10,
                 "overhead.md §2",
             )
@@ -132,7 +133,7 @@ def _vectorized(d: dict[str, Any]) -> list[Check]:
     return [
         (
             "plain loop / vectorised ≥ 2 on mlp-100, equal to serial within 1e-5",
-            f"{ratio:.2f}×, max |Δw| {diff:.1e}",
+            f"{ratio:.2f}×, max abs Δw {diff:.1e}",
             ratio >= 2 and diff <= 1e-5,
             "vectorized.md",
         )

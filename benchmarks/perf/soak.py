@@ -355,6 +355,7 @@ def _write(
     _plot(arms, args.clients, RESULTS / f"{args.out}.png")
     (RESULTS / f"{args.out}.md").write_text("\n".join(md) + "\n")
     figures = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "clients": args.clients,
         "rounds": args.rounds,
