@@ -58,3 +58,20 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def machine_section(result: dict[str, Any]) -> list[str]:
+    """The "## Machine" lines of a pbench-workload benchmark's markdown: ``result`` holds
+    ``machine`` (:func:`machine_info`), ``anchors``, ``load_before`` and ``load_after``."""
+    m = result["machine"]
+    return [
+        "## Machine",
+        "",
+        f"- platform: {m['platform']}",
+        f"- CPU: {m['cpu_model']}; {m['cpu_count']} cores ({m['cpus_usable']} usable)",
+        f"- Python {m['python']}, torch {m['torch']}, torch threads {m['torch_threads']}",
+        f"- fedtransfer {m['fedtransfer']} (git {m['git']})",
+        f"- perf-anchors: `{result['anchors']}`",
+        f"- load average (1, 5, 15 min): before {result['load_before']}, "
+        f"after {result['load_after']}",
+    ]

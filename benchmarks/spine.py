@@ -32,7 +32,7 @@ from torch import nn
 import fedtransfer as ft
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import load_average, machine_info
+from machine import load_average, machine_info, machine_section
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ANCHORS = REPO / ".." / "shared" / "perf-anchors"
@@ -322,7 +322,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown(result: dict[str, Any], png_name: str) -> str:
-    m, rows = result["machine"], result["workloads"]
+    rows = result["workloads"]
     samples = result["rounds"] * result["reps"]
     lines = [
         "# spine benchmark: `fedtransfer.run_round` vs a plain PyTorch FedAvg loop",
@@ -366,15 +366,7 @@ def markdown(result: dict[str, Any], png_name: str) -> str:
         "The **plain** column is the same loop as the `sequential` rows' *train-only s/round* "
         "in the perf-anchors `measured-2core-cpu/summary.md` (1 torch thread).",
         "",
-        "## Machine",
-        "",
-        f"- platform: {m['platform']}",
-        f"- CPU: {m['cpu_model']}; {m['cpu_count']} cores ({m['cpus_usable']} usable)",
-        f"- Python {m['python']}, torch {m['torch']}, torch threads {m['torch_threads']}",
-        f"- fedtransfer {m['fedtransfer']} (git {m['git']})",
-        f"- perf-anchors: `{result['anchors']}`",
-        f"- load average (1, 5, 15 min): before {result['load_before']}, "
-        f"after {result['load_after']}",
+        *machine_section(result),
         "",
     ]
     return "\n".join(lines)

@@ -34,7 +34,7 @@ import fedtransfer as ft
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import spine
-from machine import load_average, machine_info
+from machine import load_average, machine_info, machine_section
 
 REPO = Path(__file__).resolve().parent.parent.parent
 WORKLOADS = (("cnn", 100), ("mlp", 100))
@@ -263,7 +263,6 @@ def load_note(result: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
     w, t = result["workers"], result["threads"]
     plain = ", ".join(
         f"{row['workload']} {row['plain_pickle_bytes_per_task'] / 1e6:.1f} MB"
@@ -306,15 +305,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         load_note(result),
         "",
-        "## Machine",
-        "",
-        f"- platform: {m['platform']}",
-        f"- CPU: {m['cpu_model']}; {m['cpu_count']} cores ({m['cpus_usable']} usable)",
-        f"- Python {m['python']}, torch {m['torch']}, torch threads {m['torch_threads']}",
-        f"- fedtransfer {m['fedtransfer']} (git {m['git']})",
-        f"- perf-anchors: `{result['anchors']}`",
-        f"- load average (1, 5, 15 min): before {result['load_before']}, "
-        f"after {result['load_after']}",
+        *machine_section(result),
         f"- wall time of the whole benchmark: {result['total_seconds']:.0f} s",
         "",
     ]

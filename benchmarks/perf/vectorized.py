@@ -39,7 +39,7 @@ from torch import nn
 import fedtransfer as ft
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from machine import load_average, machine_info
+from machine import load_average, machine_info, machine_section
 from spine import Timing, Workload, find_anchors, import_pbench, load_note, make_workload, run_plain
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -417,7 +417,6 @@ def sweep_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
     samples = result["rounds"] * result["reps"]
     lines = [
         "# vectorized benchmark: `VectorizedRuntime` vs `SerialRuntime` vs a plain PyTorch loop",
@@ -486,15 +485,7 @@ def markdown(result: dict[str, Any]) -> str:
             "",
         ]
     lines += [
-        "## Machine",
-        "",
-        f"- platform: {m['platform']}",
-        f"- CPU: {m['cpu_model']}; {m['cpu_count']} cores ({m['cpus_usable']} usable)",
-        f"- Python {m['python']}, torch {m['torch']}, torch threads {m['torch_threads']}",
-        f"- fedtransfer {m['fedtransfer']} (git {m['git']})",
-        f"- perf-anchors: `{result['anchors']}`",
-        f"- load average (1, 5, 15 min): before {result['load_before']}, "
-        f"after {result['load_after']}",
+        *machine_section(result),
         "",
     ]
     return "\n".join(lines)
