@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedtransfer import Float32, Full, HeadOnly, LocalTraining, Payload, TensorData
+from fedtransfer import Exact, Float32, Full, HeadOnly, LocalTraining, Payload, TensorData
 from fedtransfer.client.train import _SGD, local_train
 from fedtransfer.client.update import load_weights
 from fedtransfer.errors import UpdateRejected
@@ -163,10 +163,44 @@ def test_weighted_mean_keeps_the_arithmetic_of_the_plain_loop() -> None:
         for _ in range(40)
     ]
     weights = [float(i % 7 + 1) for i in range(40)]
-    out = tree.weighted_mean(trees, weights)
     total = sum(weights)
+    expected = {}
     for k in ("a", "b"):
         acc = torch.zeros(trees[0][k].shape, dtype=torch.float64)
         for t, w in zip(trees, weights, strict=True):
             acc += t[k].double() * (w / total)
-        assert torch.equal(out[k], acc.float()), k
+        expected[k] = acc.float()
+    # separate tensors, trees whose tensors lie end to end in one buffer (a decoded payload:
+    # aggregated in one call per tree), and a mix of both: the same bits
+    decoded = [Float32().decode(Payload.from_bytes(Float32().encode(t).to_bytes())) for t in trees]
+    assert all(tree.flat(list(t.values())) is not None for t in decoded)
+    assert tree.flat(list(trees[0].values())) is None
+    mixed = [d if i % 3 else t for i, (t, d) in enumerate(zip(trees, decoded, strict=True))]
+    for given in (trees, decoded, mixed):
+        out = tree.weighted_mean(given, weights)
+        for k in ("a", "b"):
+            assert torch.equal(out[k], expected[k]), k
+    # float64 trees: the inputs are never scaled in place
+    doubles = [
+        Exact().decode(Payload.from_bytes(Exact().encode(tree.cast(t, torch.float64)).to_bytes()))
+        for t in trees[:3]
+    ]
+    before = [tree.clone(t) for t in doubles]
+    tree.weighted_mean(doubles, [1.0, 2.0, 3.0])
+    assert all(tree.equal(a, b) for a, b in zip(doubles, before, strict=True))
+    with pytest.raises(ValueError, match="'b' has shape"):
+        tree.weighted_mean([trees[0], {"a": trees[1]["a"], "b": trees[1]["b"].t()}], [1.0, 1.0])
+
+
+def test_flat_only_spans_tensors_laid_end_to_end() -> None:
+    from fedtransfer import tree
+
+    buf = torch.arange(12.0)
+    assert torch.equal(tree.flat([buf[:4].view(2, 2), buf[4:12]]), buf)
+    assert torch.equal(tree.flat([buf[2:5], buf[5:7]]), buf[2:7])
+    assert tree.flat([buf[4:8], buf[:4]]) is None  # out of order
+    assert tree.flat([buf[:4], buf[5:8]]) is None  # a gap
+    assert tree.flat([buf[:6].view(2, 3).t(), buf[6:]]) is None  # not contiguous
+    assert tree.flat([buf[:4], buf.double()[4:]]) is None  # another dtype
+    assert tree.flat([buf[:4], torch.arange(8.0)]) is None  # another storage
+    assert tree.flat([]) is None

@@ -57,6 +57,38 @@ def clone(a: Params) -> dict[str, Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in a.items()}
 
 
+def flat(tensors: Sequence[Tensor]) -> Tensor | None:
+    """The 1-D tensor whose consecutive pieces are exactly ``tensors`` (in order), when they are
+    contiguous views laid end to end in one storage with one dtype (as a decoded payload's
+    tensors are); else ``None``. Element-wise work on it is the same arithmetic as on each
+    piece, in one call instead of one per tensor.
+
+    >>> import torch
+    >>> buf = torch.arange(5.0)
+    >>> flat([buf[:2].view(2, 1), buf[2:]]).tolist(), flat([buf[:2], buf[3:]])
+    ([0.0, 1.0, 2.0, 3.0, 4.0], None)
+    """
+    if not tensors:
+        return None
+    first = tensors[0]
+    if first.requires_grad or first.layout != torch.strided:
+        return None
+    offset, size = first.storage_offset(), first.element_size()
+    base = first.data_ptr() - offset * size
+    end = offset
+    for t in tensors:
+        if (
+            t.dtype != first.dtype
+            or t.storage_offset() != end
+            or t.data_ptr() - end * size != base
+            or t.requires_grad
+            or not t.is_contiguous()
+        ):
+            return None
+        end += t.numel()
+    return first.as_strided((end - offset,), (1,), offset)
+
+
 def weighted_mean(trees: Sequence[Params], weights: Sequence[float]) -> dict[str, Tensor]:
     """Weighted mean ``sum_i w_i t_i / sum_i w_i``, accumulated in float64.
 
@@ -75,15 +107,32 @@ def weighted_mean(trees: Sequence[Params], weights: Sequence[float]) -> dict[str
     for t in trees[1:]:
         _check_same_keys(first, t, "weighted_mean")
     keys = list(first)
-    accs = [torch.zeros(first[k].shape, dtype=torch.float64) for k in keys]
+    sizes = [first[k].numel() for k in keys]
+    acc = torch.zeros(sum(sizes), dtype=torch.float64)  # every key's accumulator, end to end
+    accs = [a.view(first[k].shape) for a, k in zip(acc.split(sizes), keys, strict=True)]
     for t, w in zip(trees, weights, strict=True):
-        if w and keys:
-            # one call per tree for each of: promote, scale, add — separate roundings, the same
-            # arithmetic as ``acc += t.double() * w`` (a fused multiply-add would round once
-            # and change the bits of every run's trajectory)
-            values = torch._foreach_mul([t[k].double() for k in keys], float(w) / total)
-            torch._foreach_add_(accs, values)
-    return {k: _cast_like(acc, first[k]) for k, acc in zip(keys, accs, strict=True)}
+        if not w or not keys:
+            continue
+        # promote, scale, add: separate roundings, the same arithmetic as
+        # ``acc += t.double() * w`` (a fused multiply-add would round once and change the bits
+        # of every run's trajectory) — on the whole tree at once when its tensors lie end to
+        # end (a decoded payload), else in one call per tree for each step
+        values = [t[k] for k in keys]
+        for k, v in zip(keys, values, strict=True):
+            if v.shape != first[k].shape:
+                raise ValueError(
+                    f"tree.weighted_mean: {k!r} has shape {tuple(v.shape)} in one tree and "
+                    f"{tuple(first[k].shape)} in the first"
+                )
+        whole = flat(values)
+        if whole is not None:
+            # (a copy even of a float64 tree: never scale the input in place)
+            acc.add_(whole.to(torch.float64, copy=True).mul_(float(w) / total))
+        else:
+            torch._foreach_add_(
+                accs, torch._foreach_mul([v.double() for v in values], float(w) / total)
+            )
+    return {k: _cast_like(a, first[k]) for k, a in zip(keys, accs, strict=True)}
 
 
 def global_norm(a: Params) -> float:

@@ -196,30 +196,32 @@ class _Gather:
 def _rows_of_one(tensors: list[Tensor]) -> tuple[Tensor, Tensor] | None:
     """When every non-empty tensor is a slice of rows of one strided tensor: that tensor (as
     a view spanning them all) and each one's first row in it (0 for empty ones)."""
-    held = [t for t in tensors if len(t)]
+    held = [t for t in tensors if t.shape and t.shape[0]]
     if not held:
         return None
     first = held[0]
-    stride, rest = first.stride(), first.shape[1:]
-    if first.dim() == 0 or stride[0] <= 0:
+    stride, rest, size = first.stride(), first.shape[1:], first.element_size()
+    if stride[0] <= 0:
         return None
-    ptr = first.untyped_storage().data_ptr()
+    base_ptr = first.data_ptr() - first.storage_offset() * size  # its storage's start
     for t in held:
         if (
             t.dtype != first.dtype
             or t.shape[1:] != rest
             or t.stride() != stride
-            or t.untyped_storage().data_ptr() != ptr
+            or t.data_ptr() - t.storage_offset() * size != base_ptr
         ):
             return None
     base = min(t.storage_offset() for t in held)
     rows: list[int] = []
+    span = 0
     for t in tensors:
-        shift = t.storage_offset() - base if len(t) else 0
+        n = t.shape[0] if t.shape else 0
+        shift = t.storage_offset() - base if n else 0
         if shift % stride[0]:
             return None
         rows.append(shift // stride[0])
-    span = max(r + len(t) for r, t in zip(rows, tensors, strict=True))
+        span = max(span, rows[-1] + n)
     if first.dim() > 1 and first[0].is_contiguous():  # rows as flat vectors: a faster copy
         return first.as_strided((span, first[0].numel()), (stride[0], 1), base), torch.tensor(rows)
     return first.as_strided((span, *rest), stride, base), torch.tensor(rows)

@@ -13,6 +13,7 @@ length of :meth:`Payload.to_bytes`; byte counts are never estimated.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -139,17 +140,19 @@ class Payload:
         start = _PREFIX.size + head_len
         header, layout = _parse_header_cached(data[_PREFIX.size : start])
         entries, offset = [], start
-        for key, dtype, shape, count, size, wire, meta in layout:
+        run: list[Tensor] = []  # decoded tensors of the current run, still to hand out
+        for i, (key, dtype, shape, count, size, wire, meta) in enumerate(layout):
             if offset + size > len(data):
                 raise PayloadError(
                     f"payload truncated: tensor {key!r} needs {size} bytes at offset "
                     f"{offset}, only {len(data) - offset} remain"
                 )
-            if count == 0:
+            if wire is not None:  # read in the numpy dtype: aligned, one copy per run
+                if not run:
+                    run = _read_run(data, layout, i, offset)
+                tensor = run.pop()
+            elif count == 0:
                 tensor = torch.empty(shape, dtype=dtype)
-            elif wire is not None:  # read in the numpy dtype: one copy, aligned
-                raw = np.frombuffer(data, dtype=wire, count=count, offset=offset)
-                tensor = torch.from_numpy(raw.reshape(shape).copy())
             else:
                 raw = np.frombuffer(data, dtype=np.uint8, count=size, offset=offset).copy()
                 if dtype == torch.bool and bool((raw > 1).any()):
@@ -163,6 +166,33 @@ class Payload:
                 "tensor (oversized or garbled payload)"
             )
         return cls(header["codec"], tuple(entries), MappingProxyType(header["meta"]))
+
+
+def _read_run(data: bytes, layout: tuple[Any, ...], i: int, offset: int) -> list[Tensor]:
+    """The tensors ``layout[i:]`` that follow each other from ``offset`` in one wire dtype,
+    decoded with one copy: views of it laid end to end (see :func:`fedtransfer.tree.flat`),
+    in reverse order (``pop`` hands them out)."""
+    wire = layout[i][5]
+    end, views = offset, []
+    total = 0
+    for _key, _dtype, shape, count, size, w, _meta in layout[i:]:
+        if w is not wire or end + size > len(data):
+            break
+        views.append((shape, _strides(shape), total))
+        total += count
+        end += size
+    flat = torch.from_numpy(np.frombuffer(data, dtype=wire, count=total, offset=offset).copy())
+    return [flat.as_strided(shape, strides, at) for shape, strides, at in reversed(views)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A contiguous tensor's strides for ``shape``."""
+    out, step = [], 1
+    for d in reversed(shape):
+        out.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(out))
 
 
 _NUMPY: dict[torch.dtype, Any] = {

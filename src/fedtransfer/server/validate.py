@@ -9,6 +9,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from fedtransfer import tree
 from fedtransfer.errors import UpdateRejected
 
 
@@ -63,5 +64,9 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     inf whenever one of its terms is (inf never cancels to a finite value: inf − inf is NaN).
     A non-finite sum may also be an overflow of finite values, so ``False`` means "check each
     tensor". (The sums add up as Python floats: float64, where float32 sums cannot
-    overflow.)"""
+    overflow.) A decoded payload's tensors, laid end to end in one buffer, take one reduction
+    for them all."""
+    whole = tree.flat(tensors)
+    if whole is not None:
+        return math.isfinite(float(whole.sum()))
     return math.isfinite(sum(float(t.sum()) for t in tensors))
