@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# the data directory the dataset loaders read (FEMNIST, MNIST, CIFAR-10, AG News, SST-2)
+export FEDTRANSFER_DATA ?= ../shared/data
 
 .PHONY: run test lint bench install clean
 

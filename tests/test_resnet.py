@@ -20,14 +20,14 @@ from fedtransfer.seeding import generator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DATA = Path(os.environ.get("FEDTRANSFER_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
+DATA = Path(os.environ.get("FEDTRANSFER_DATA", Path(__file__).parents[2] / "shared" / "data"))
 WEIGHTS = DATA / "resnet-cifar10-weights"
 
 
 @pytest.fixture(scope="module")
 def cifar() -> CifarJpeg:
     root = DATA / "cifar10-jpg" / "test"
-    assert root.is_dir(), f"the shared data folder is missing {root}; set FEDTRANSFER_DATA_DIR"
+    assert root.is_dir(), f"the shared data folder is missing {root}; set FEDTRANSFER_DATA"
     return CifarJpeg(str(root), per_class=20)
 
 

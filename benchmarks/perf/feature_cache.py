@@ -10,7 +10,7 @@ serial runtime, 1 torch thread:
 * ``resnet20-cifar-20`` — ResNet-20 with the published CIFAR-10 weights (the data folder's
   ``resnet-cifar10-weights``) fine-tuned head-only on the JPEG CIFAR-10 test images (the data
   folder's ``cifar10-jpg``, 1,000 images over 20 IID clients, all 20 per round, one local epoch
-  of batch-32 SGD at lr 0.05). ``--data DIR`` (or ``FEDTRANSFER_DATA_DIR``) names the data
+  of batch-32 SGD at lr 0.05). ``--data DIR`` (or ``FEDTRANSFER_DATA``) names the data
   folder (default ``../shared/data``).
 
 Each arm runs ``--rounds`` rounds from the same start; the first round of the cached arm computes
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument(
         "--data",
         type=Path,
-        default=Path(os.environ.get("FEDTRANSFER_DATA_DIR", REPO / ".." / "shared" / "data")),
+        default=Path(os.environ.get("FEDTRANSFER_DATA", REPO / ".." / "shared" / "data")),
         help="the shared data folder (resnet-cifar10-weights/, cifar10-jpg/)",
     )
     args = parser.parse_args()

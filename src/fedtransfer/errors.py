@@ -30,3 +30,11 @@ class UpdateRejected(FedTransferError):
         super().__init__(message)
         self.client = client
         self.round = round
+
+
+class DataMissing(FedTransferError):
+    """Dataset files are not in the data directory (the message names what to put where)."""
+
+
+class ChecksumError(FedTransferError):
+    """A dataset or weights file does not match its published checksum."""

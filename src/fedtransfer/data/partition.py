@@ -177,6 +177,19 @@ class QuantitySkew:
         )
 
 
+@dataclass(frozen=True)
+class Natural:
+    """The source's own clients (FEMNIST's writers, a dataset's user column), with their own
+    train/test split: the experiment takes the first ``num_clients`` of them. Only sources
+    with natural clients (a ``load_federated()`` method) accept it."""
+
+    def __call__(self, labels: np.ndarray, num_clients: int, seed: int) -> Parts:
+        raise ValueError(
+            "Natural: the partition comes from the source itself (its writers or users); use "
+            "it with a source that has natural clients, such as {kind: femnist}"
+        )
+
+
 @runtime_checkable
 class Partitioner(Protocol):
     """Labels, client count and seed to per-client index arrays."""

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedtransfer.data.files import DATA_ENV, DOWNLOAD_ENV
 from fedtransfer.errors import ConfigError, FedTransferError
 from fedtransfer.experiment import config as cfgio
 from fedtransfer.experiment import report
@@ -95,6 +97,15 @@ def print_summary(summary: dict[str, Any]) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtransfer", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.add_argument(
+        "--data-dir",
+        help=f"the data directory the dataset loaders read (default: ${DATA_ENV}, else ./data)",
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="download missing dataset files (checked against their published checksums)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
@@ -149,6 +160,26 @@ def _parser() -> argparse.ArgumentParser:
     with_config(part)
     part.add_argument("--out", help="also write partition.json and a histogram plot here")
 
+    bench = sub.add_parser("bench", help="benchmarks: run a config over seeds and report")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    transfer = bench_sub.add_parser(
+        "transfer",
+        help="pre-trained vs scratch over seeds: configs/NAME.yaml -> benchmarks/results/NAME.md",
+    )
+    transfer.add_argument("bench_name", metavar="NAME", help="e.g. femnist (configs/femnist.yaml)")
+    transfer.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default 0 1 2")
+    transfer.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override the config"
+    )
+    transfer.add_argument("--configs", default="configs", help="config folder (default: configs)")
+    transfer.add_argument(
+        "--out", default="benchmarks/results", help="report folder (default: benchmarks/results)"
+    )
+    transfer.add_argument(
+        "--runs-dir", default="runs/bench", help="run directories (default: runs/bench)"
+    )
+    with_runtime(transfer)
+
     show = sub.add_parser("config", help="print the resolved configuration as YAML")
     with_config(show)
     return p
@@ -156,6 +187,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.data_dir is not None:  # read by every loader, here and in worker processes
+        os.environ[DATA_ENV] = args.data_dir
+    if args.download:
+        os.environ[DOWNLOAD_ENV] = "1"
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -205,6 +240,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             run_dir = new_run_dir(args.runs_dir, args.name or cfg.name, overwrite=args.overwrite)
             console.print(f"run directory: [bold]{run_dir}[/]")
             run_experiment(cfg, run_dir, observer=_Display(), runtime=runtime)
+    elif args.command == "bench":
+        from fedtransfer.experiment.bench import run_transfer_bench
+
+        with _runtime(args) as runtime:
+            run_transfer_bench(
+                args.bench_name,
+                configs=Path(args.configs),
+                seeds=args.seeds,
+                runs_dir=Path(args.runs_dir),
+                out=Path(args.out),
+                overrides=args.set,
+                runtime=runtime,
+                log=console.print,
+            )
     elif args.command == "resume":
         with _runtime(args) as runtime:
             resume(args.run_dir, observer=_Display(), runtime=runtime)

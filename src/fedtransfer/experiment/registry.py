@@ -11,9 +11,10 @@ from fedtransfer.client.objectives import Objective, Plain, Prox
 from fedtransfer.client.personalization import Ditto, Rep
 from fedtransfer.client.transforms import ClientTransform, ErrorFeedback
 from fedtransfer.codecs import BFloat16, Codec, Exact, Float16, Float32, Int8, TopK
-from fedtransfer.data.partition import IID, Dirichlet, Partitioner, QuantitySkew, Shards
+from fedtransfer.data.datasets import Cifar10, Femnist, MnistIdx
+from fedtransfer.data.partition import IID, Dirichlet, Natural, Partitioner, QuantitySkew, Shards
 from fedtransfer.data.sources import Digits, MNIST5k, Source
-from fedtransfer.models import CNN, ModelFactory
+from fedtransfer.models import CNN, LeafCNN, ModelFactory
 from fedtransfer.server.aggregate import Aggregator, Mean
 from fedtransfer.server.clipping import CenteredClipping, NormBound
 from fedtransfer.server.optimizers import (
@@ -79,14 +80,21 @@ GROUPS: dict[Any, dict[str, type]] = {
         "topk": TopK,
     },
     Sampler: {"uniform": Uniform, "all": AllClients},
-    Source: {"digits": Digits, "mnist5k": MNIST5k},
+    Source: {
+        "digits": Digits,
+        "mnist5k": MNIST5k,
+        "femnist": Femnist,
+        "mnist_idx": MnistIdx,
+        "cifar10": Cifar10,
+    },
     Partitioner: {
         "iid": IID,
         "dirichlet": Dirichlet,
         "shards": Shards,
         "quantity_skew": QuantitySkew,
+        "natural": Natural,
     },
-    ModelFactory: {"cnn": CNN},
+    ModelFactory: {"cnn": CNN, "leaf_cnn": LeafCNN},
     Objective: {
         "plain": Plain,
         "prox": Prox,

@@ -22,6 +22,7 @@ from fedtransfer.buffered import run_buffered_step
 from fedtransfer.client.evaluate import evaluate
 from fedtransfer.client.personalization import personalized_accuracy
 from fedtransfer.data.federated import FederatedDataset, federate
+from fedtransfer.data.partition import Natural
 from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.experiment import config as cfgio
 from fedtransfer.experiment import report
@@ -51,7 +52,30 @@ def _quiet(event: str, payload: dict[str, Any]) -> None:
 
 
 def build_population(config: ExperimentConfig) -> FederatedDataset:
-    """The federated data of ``config``: deterministic in the config's seed."""
+    """The federated data of ``config``: deterministic in the config's seed. With the
+    :class:`Natural` partition, the source's own first ``num_clients`` clients and their
+    own train/test split."""
+    if isinstance(config.data.partition, Natural):
+        load = getattr(config.data.source, "load_federated", None)
+        if load is None:
+            raise ConfigError(
+                f"data.partition: natural needs a source with its own clients (e.g. femnist); "
+                f"{type(config.data.source).__name__} has none: use iid, dirichlet, shards or "
+                "quantity_skew"
+            )
+        population: FederatedDataset = load()
+        clients = population.clients
+        if config.data.num_clients > len(clients):
+            raise ConfigError(
+                f"data.num_clients: {config.data.num_clients} but the source has "
+                f"{len(clients)} clients; ask for at most {len(clients)}"
+            )
+        keep = clients[: config.data.num_clients]
+        return FederatedDataset(
+            train={c: population.train[c] for c in keep},
+            test={c: population.test[c] for c in keep},
+            num_classes=population.num_classes,
+        )
     data = config.data.source.load()
     labels = data.y.numpy()
     parts = config.data.partition(labels, config.data.num_clients, config.seed)

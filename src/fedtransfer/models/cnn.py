@@ -56,3 +56,54 @@ class CNN:
         """A freshly initialised model whose weights depend only on ``seed``."""
         with global_cpu_seed(seed):
             return self()
+
+
+class LeafNet(nn.Module):
+    """The CNN of the LEAF benchmark for FEMNIST (Caldas et al. 2018): two 5×5 convolutions
+    (32 and 64 channels, "same" padding) each followed by ReLU and 2×2 max-pooling, a hidden
+    linear layer (2,048 units in LEAF) and a linear head over 62 classes. No BatchNorm: every
+    layer trains and aggregates the same way.
+
+    The head is ``classifier``; ``LastK(k)`` trains the last ``k`` blocks of
+    ``features.0`` (conv1), ``features.3`` (conv2), ``embed.1`` and ``classifier``.
+
+    >>> import torch
+    >>> LeafNet(62, hidden=128)(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 62])
+    """
+
+    def __init__(
+        self, num_classes: int = 62, *, channels: tuple[int, int] = (32, 64), hidden: int = 2048
+    ):
+        super().__init__()
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(c2 * 7 * 7, hidden), nn.ReLU())
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.embed(self.features(x)))
+
+
+@dataclass(frozen=True)
+class LeafCNN:
+    """Model factory for :class:`LeafNet` (``kind: leaf_cnn``)."""
+
+    num_classes: int = 62
+    channels: tuple[int, int] = (32, 64)
+    hidden: int = 2048
+
+    def __call__(self) -> nn.Module:
+        return LeafNet(self.num_classes, channels=self.channels, hidden=self.hidden)
+
+    def init(self, seed: int) -> nn.Module:
+        """A freshly initialised model whose weights depend only on ``seed``."""
+        with global_cpu_seed(seed):
+            return self()

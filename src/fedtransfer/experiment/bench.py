@@ -1,0 +1,309 @@
+"""Transfer-gain benchmarks: one experiment config run over several seeds, summarised with
+mean ± sd per arm, pre-trained vs scratch per algorithm, accuracy curves, and the checks the
+benchmark exists to show (``fedtransfer bench transfer NAME``).
+
+A benchmark is the config ``configs/NAME.yaml``; its arms are named ``<init>-<rest>`` (for
+example ``scratch-fedavg-full`` and ``pretrained-fedavg-full``), so every pre-trained arm is
+compared with the scratch arm of the same ``<rest>``. The report goes to
+``benchmarks/results/NAME.md`` with the figures in ``NAME.json`` and the curves in
+``NAME.png``; each seed's run directory (``runs/bench/NAME-seedS``) keeps its full history.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtransfer.errors import ConfigError
+from fedtransfer.experiment.machine import load_average, machine_info
+from fedtransfer.experiment.run import load_config, new_run_dir, run_experiment
+from fedtransfer.runtime.serial import Runtime
+
+Summaries = dict[int, dict[str, Any]]
+Histories = dict[int, dict[str, list[dict[str, Any]]]]
+
+
+@dataclass(frozen=True)
+class Check:
+    """A claim the benchmark must show: its wording, and how to measure it from the seeds'
+    summaries (returns the measured text and whether the claim holds)."""
+
+    claim: str
+    measure: Callable[[Summaries], tuple[str, bool]]
+
+
+def _final(summaries: Summaries, arm: str) -> list[float]:
+    return [s["arms"][arm]["final_accuracy"] for s in summaries.values()]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values)
+
+
+def _gain_check(pretrained: str, scratch: str, points: float) -> Check:
+    def measure(s: Summaries) -> tuple[str, bool]:
+        gains = [p - q for p, q in zip(_final(s, pretrained), _final(s, scratch), strict=True)]
+        text = (
+            f"{100 * _mean(gains):+.1f} points (per seed: "
+            + ", ".join(f"{100 * g:+.1f}" for g in gains)
+            + ")"
+        )
+        return text, _mean(gains) >= points / 100
+
+    return Check(f"`{pretrained}` ≥ +{points:g} points over `{scratch}` (final accuracy)", measure)
+
+
+def _over_best_scratch(pretrained: str, points: float) -> Check:
+    def measure(s: Summaries) -> tuple[str, bool]:
+        arms = next(iter(s.values()))["arms"]
+        scratch = [a for a in arms if a.startswith("scratch-")]
+        best = max(scratch, key=lambda a: _mean(_final(s, a)))
+        gap = _mean(_final(s, pretrained)) - _mean(_final(s, best))
+        return f"{100 * gap:+.1f} points over `{best}` (the best scratch arm)", gap >= points / 100
+
+    return Check(f"`{pretrained}` ≥ +{points:g} points over the best scratch arm", measure)
+
+
+CHECKS: dict[str, tuple[Check, ...]] = {
+    "femnist": (
+        _gain_check("pretrained-fedavg-full", "scratch-fedavg-full", 40),
+        _over_best_scratch("pretrained-fedavg-full", 30),
+    ),
+}
+"""The claims each named benchmark must show (issue 6); other configs are reported only."""
+
+
+def run_transfer_bench(
+    name: str,
+    *,
+    configs: Path = Path("configs"),
+    seeds: Sequence[int] = (0, 1, 2),
+    runs_dir: Path = Path("runs") / "bench",
+    out: Path = Path("benchmarks") / "results",
+    overrides: Sequence[str] = (),
+    runtime: Runtime | None = None,
+    log: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> dict[str, Any]:
+    """Run ``configs/NAME.yaml`` once per seed and write ``out/NAME.{md,json,png}``."""
+    path = configs / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in configs.glob("*.yaml"))
+        raise ConfigError(f"bench transfer: no config {path}; known benchmarks: {known}")
+    if not seeds:
+        raise ConfigError("bench transfer: give at least one seed")
+    began, load_before = time.time(), load_average()
+    summaries: Summaries = {}
+    histories: Histories = {}
+    for seed in seeds:
+        config = load_config(path, [*overrides, f"seed={seed}"])
+        folder = new_run_dir(runs_dir, f"{name}-seed{seed}", overwrite=True)
+        t0 = time.perf_counter()
+
+        def observe(event: str, payload: dict[str, Any], seed: int = seed) -> None:
+            if event == "arm_start":
+                log(f"{name} seed {seed}: {payload['arm']}")
+
+        summaries[seed] = run_experiment(config, folder, observer=observe, runtime=runtime)
+        histories[seed] = _histories(folder, list(summaries[seed]["arms"]))
+        log(f"{name} seed {seed}: done in {time.perf_counter() - t0:.0f} s")
+    figures = _figures(name, summaries, histories, overrides)
+    figures["checks"] = [
+        {"claim": c.claim, "measured": m, "met": ok}
+        for c in CHECKS.get(name, ())
+        for m, ok in [c.measure(summaries)]
+    ]
+    figures["machine"] = machine_info()
+    figures["load_average"] = {"before": load_before, "after": load_average()}
+    figures["wall_seconds"] = round(time.time() - began, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    _plot(name, histories, out / f"{name}.png")
+    (out / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
+    (out / f"{name}.md").write_text(_markdown(name, path, figures))
+    log(f"wrote {out / name}.md, .json, .png")
+    return figures
+
+
+def _histories(folder: Path, arms: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Each arm's per-round accuracy history, read back from the run's ``metrics.jsonl``."""
+    out: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("arm") in out and "accuracy" in record:
+            out[record["arm"]].append({"round": record["round"], "accuracy": record["accuracy"]})
+    return out
+
+
+def _stats(values: Sequence[float | None]) -> dict[str, Any]:
+    seen = [v for v in values if v is not None]
+    return {
+        "mean": statistics.fmean(seen) if seen else None,
+        "sd": statistics.stdev(seen) if len(seen) > 1 else (0.0 if seen else None),
+        "n": len(seen),
+        "values": list(values),
+    }
+
+
+def _figures(
+    name: str, summaries: Summaries, histories: Histories, overrides: Sequence[str]
+) -> dict[str, Any]:
+    first = next(iter(summaries.values()))
+    arms: dict[str, Any] = {}
+    for arm in first["arms"]:
+        per = [s["arms"][arm] for s in summaries.values()]
+        arms[arm] = {
+            key: _stats([p[key] for p in per])
+            for key in (
+                "final_accuracy",
+                "best_accuracy",
+                "start_accuracy",
+                "client_accuracy_p10",
+                "rounds_to_target",
+                "bytes_to_target",
+                "bytes_per_round",
+                "seconds",
+            )
+        }
+    pairs = {}
+    for arm in first["arms"]:
+        if arm.startswith("pretrained-") and f"scratch-{arm[11:]}" in first["arms"]:
+            scratch = f"scratch-{arm[11:]}"
+            gains = [
+                s["arms"][arm]["final_accuracy"] - s["arms"][scratch]["final_accuracy"]
+                for s in summaries.values()
+            ]
+            pairs[arm[11:]] = {"pretrained": arm, "scratch": scratch, "gain": _stats(gains)}
+    return {
+        "benchmark": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in ["fedtransfer", *sys.argv[1:]])
+        if Path(sys.argv[0]).name == "fedtransfer"
+        else " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        "overrides": list(overrides),
+        "seeds": list(summaries),
+        "rounds": first["arms"][next(iter(first["arms"]))]["rounds"],
+        "target_accuracy": first["target_accuracy"],
+        "pretrained": {str(k): s.get("pretrained") for k, s in summaries.items()},
+        "arms": arms,
+        "pairs": pairs,
+        "curves": {
+            arm: {str(seed): [r["accuracy"] for r in h[arm]] for seed, h in histories.items()}
+            for arm in first["arms"]
+        },
+    }
+
+
+def _pm(stat: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
+    if stat["mean"] is None:
+        return "not reached"
+    text = f"{stat['mean'] * scale:.{digits}f} ± {stat['sd'] * scale:.{digits}f}"
+    return (
+        text if stat["n"] == len(stat["values"]) else f"{text} ({stat['n']}/{len(stat['values'])})"
+    )
+
+
+def _intro(config: Path) -> list[str]:
+    """The config file's leading comment block, as the report's description."""
+    lines = []
+    for line in config.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").rstrip())
+    return [" ".join(lines)] if lines else []
+
+
+def _markdown(name: str, config: Path, f: dict[str, Any]) -> str:
+    m = f["machine"]
+    out = [
+        f"# Transfer benchmark `{name}`",
+        "",
+        *_intro(config),
+        "",
+        f"- Command (from the repository root): `{f['command']}`",
+        f"- Config: `{config.as_posix()}`"
+        + (f", overrides {f['overrides']}" if f["overrides"] else "")
+        + f"; seeds {f['seeds']}; {f['rounds']} rounds; target accuracy {f['target_accuracy']}",
+        f"- Date (UTC): {f['date']}; wall time {f['wall_seconds']:.0f} s",
+        f"- Machine: {m['platform']}; {m['cpu_model']}, {m['cpu_count']} cores; Python "
+        f"{m['python']}, torch {m['torch']} ({m['torch_threads']} threads); fedtransfer "
+        f"{m['fedtransfer']} (git {m['git']})",
+        f"- Load average (1, 5, 15 min) before / after: {f['load_average']['before']} / "
+        f"{f['load_average']['after']}",
+        "",
+    ]
+    if f["checks"]:
+        out += ["## What it must show", "", "| claim | measured | status |", "|---|---|---|"]
+        for c in f["checks"]:
+            out.append(
+                f"| {c['claim']} | {c['measured']} | {'met' if c['met'] else '**NOT MET**'} |"
+            )
+        out.append("")
+    out += [
+        "## Arms (mean ± sd over seeds)",
+        "",
+        "| arm | final acc % | best acc % | start acc % | client p10 % | rounds to target | "
+        "MB to target | MB per round | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arm, a in f["arms"].items():
+        out.append(
+            f"| {arm} | {_pm(a['final_accuracy'])} | {_pm(a['best_accuracy'])} | "
+            f"{_pm(a['start_accuracy'])} | {_pm(a['client_accuracy_p10'])} | "
+            f"{_pm(a['rounds_to_target'], 1.0)} | {_pm(a['bytes_to_target'], 1e-6, 2)} | "
+            f"{_pm(a['bytes_per_round'], 1e-6, 3)} | {_pm(a['seconds'], 1.0, 0)} |"
+        )
+    if f["pairs"]:
+        out += [
+            "",
+            "## Pre-trained minus scratch, same algorithm and policy",
+            "",
+            "| algorithm / policy | gain in final accuracy, points | per seed |",
+            "|---|---:|---|",
+        ]
+        for rest, p in f["pairs"].items():
+            per = ", ".join(f"{100 * g:+.1f}" for g in p["gain"]["values"])
+            out.append(f"| {rest} | {_pm(p['gain'])} | {per} |")
+    out += [
+        "",
+        f"![accuracy per round]({name}.png)",
+        "",
+        f"Per-seed summaries and per-round accuracies: `{name}.json`; full histories in each "
+        f"seed's run directory (`runs/bench/{name}-seed<S>/`).",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _plot(name: str, histories: Histories, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    arms = list(next(iter(histories.values())))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, arm in enumerate(arms):
+        curves = np.array([[r["accuracy"] for r in h[arm]] for h in histories.values()])
+        rounds = [r["round"] for r in next(iter(histories.values()))[arm]]
+        mean, sd = curves.mean(0), curves.std(0)
+        style = "-" if arm.startswith("pretrained") else "--"
+        (line,) = ax.plot(rounds, 100 * mean, style, label=arm, color=f"C{i % 10}")
+        ax.fill_between(
+            rounds, 100 * (mean - sd), 100 * (mean + sd), alpha=0.12, color=line.get_color()
+        )
+    ax.set_xlabel("round")
+    ax.set_ylabel("global test accuracy, % (mean ± sd over seeds)")
+    ax.set_title(f"{name}: pre-trained (solid) vs scratch (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,138 @@
+"""``fedtransfer bench transfer``: a config over seeds, mean ± sd per arm, pre-trained minus
+scratch per algorithm, the named benchmark's checks; and the natural (by-writer) partition."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fedtransfer.errors import ConfigError
+from fedtransfer.experiment.bench import CHECKS
+from fedtransfer.experiment.cli import main
+from fedtransfer.experiment.run import build_population, load_config
+
+SHARED = Path(os.environ.get("FEDTRANSFER_DATA") or Path(__file__).parents[3] / "shared" / "data")
+
+TINY = """# A tiny digits benchmark for the tests.
+# Two lines of description.
+name: tiny
+rounds: 2
+target_accuracy: 0.3
+model: {kind: cnn, num_classes: 10, channels: [4, 8], hidden: 16}
+data: {source: {kind: digits}, partition: {kind: dirichlet, alpha: 0.5}, num_clients: 6}
+pretrain:
+  source: {kind: mnist5k}
+  training: {optimizer: adam, lr: 0.001, epochs: 1, batch_size: 64}
+  augment: null
+local: {lr: 0.05, momentum: 0.9, epochs: 1, batch_size: 32}
+sampler: {kind: uniform, clients_per_round: 3}
+personalization: null
+arms:
+- {name: scratch-fedavg, init: scratch}
+- {name: pretrained-fedavg, init: pretrained}
+- {name: pretrained-head, init: pretrained, policy: {kind: head_only}}
+"""
+
+
+def test_bench_transfer_runs_seeds_and_writes_the_report(tmp_path: Path, capsys) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "tiny.yaml").write_text(TINY)
+    out = tmp_path / "results"
+    args = ["bench", "transfer", "tiny", "--seeds", "3", "4", "--configs", str(configs)]
+    args += ["--out", str(out), "--runs-dir", str(tmp_path / "runs"), "--threads", "1"]
+    assert main(args) == 0
+    figures = json.loads((out / "tiny.json").read_text())
+    assert figures["seeds"] == [3, 4] and figures["rounds"] == 2
+    arms = figures["arms"]
+    assert list(arms) == ["scratch-fedavg", "pretrained-fedavg", "pretrained-head"]
+    for seed in ("3", "4"):  # the per-seed figures are each run's own summary
+        summary = json.loads((tmp_path / "runs" / f"tiny-seed{seed}" / "summary.json").read_text())
+        i = figures["seeds"].index(int(seed))
+        for arm, a in arms.items():
+            assert a["final_accuracy"]["values"][i] == summary["arms"][arm]["final_accuracy"]
+    gain = figures["pairs"]["fedavg"]["gain"]["values"]
+    expected = [
+        p - q
+        for p, q in zip(
+            arms["pretrained-fedavg"]["final_accuracy"]["values"],
+            arms["scratch-fedavg"]["final_accuracy"]["values"],
+            strict=True,
+        )
+    ]
+    assert gain == pytest.approx(expected) and "head" not in figures["pairs"]
+    assert len(figures["curves"]["pretrained-head"]["4"]) == 3  # rounds 0, 1, 2
+    md = (out / "tiny.md").read_text()
+    assert "A tiny digits benchmark for the tests. Two lines of description." in md
+    assert "| pretrained-fedavg |" in md and "## Pre-trained minus scratch" in md
+    assert (out / "tiny.png").stat().st_size > 0
+    assert figures["checks"] == []  # no claims registered for this name
+
+
+def test_bench_of_an_unknown_config_names_the_known_ones(tmp_path: Path, capsys) -> None:
+    (tmp_path / "a.yaml").write_text("name: a\n")
+    code = main(["bench", "transfer", "nope", "--configs", str(tmp_path)])
+    assert code == 2
+    assert "known benchmarks: ['a']" in capsys.readouterr().out
+
+
+def _summaries(finals: dict[str, list[float]]) -> dict[int, dict]:
+    seeds = len(next(iter(finals.values())))
+    return {
+        s: {"arms": {arm: {"final_accuracy": v[s]} for arm, v in finals.items()}}
+        for s in range(seeds)
+    }
+
+
+def test_femnist_checks_measure_the_claims() -> None:
+    gain, over_best = CHECKS["femnist"]
+    s = _summaries(
+        {
+            "scratch-fedavg-full": [0.20, 0.22, 0.18],
+            "scratch-fedadam-full": [0.35, 0.33, 0.31],
+            "pretrained-fedavg-full": [0.64, 0.66, 0.62],
+        }
+    )
+    text, ok = gain.measure(s)
+    assert ok and text.startswith("+44.0 points")
+    text, ok = over_best.measure(s)
+    assert ok and "+31.0 points over `scratch-fedadam-full`" in text
+    worse = _summaries(
+        {
+            "scratch-fedavg-full": [0.30, 0.30, 0.30],
+            "scratch-fedadam-full": [0.40, 0.40, 0.40],
+            "pretrained-fedavg-full": [0.65, 0.65, 0.65],
+        }
+    )
+    assert gain.measure(worse)[1] is False and over_best.measure(worse)[1] is False
+
+
+def test_natural_partition_takes_the_writers_of_the_source() -> None:
+    cfg = load_config(
+        None,
+        [
+            f"data.source={{kind: femnist, root: {SHARED}}}",
+            "data.partition={kind: natural}",
+            "data.num_clients=4",
+            "model.num_classes=62",
+        ],
+    )
+    population = build_population(cfg)
+    assert len(population.clients) == 4 and population.num_classes == 62
+    assert all(c.startswith("f") for c in population.clients)  # LEAF writer ids
+    too_many = load_config(
+        None,
+        [
+            f"data.source={{kind: femnist, root: {SHARED}, writers: 3}}",
+            "data.partition={kind: natural}",
+            "data.num_clients=4",
+        ],
+    )
+    with pytest.raises(ConfigError, match="the source has 3 clients"):
+        build_population(too_many)
+    digits = load_config(None, ["data.partition={kind: natural}"])
+    with pytest.raises(ConfigError, match="natural needs a source with its own clients"):
+        build_population(digits)
