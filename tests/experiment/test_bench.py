@@ -136,3 +136,37 @@ def test_natural_partition_takes_the_writers_of_the_source() -> None:
     digits = load_config(None, ["data.partition={kind: natural}"])
     with pytest.raises(ConfigError, match="natural needs a source with its own clients"):
         build_population(digits)
+
+
+def test_negative_transfer_flags_clients_the_pretrained_start_hurts() -> None:
+    from fedtransfer.experiment.report import NEGATIVE_MARGIN, negative_transfer
+
+    pre = {"client_accuracy": {"a": 0.90, "b": 0.50, "c": 0.70, "d": 0.61}}
+    scratch = {"client_accuracy": {"a": 0.80, "b": 0.70, "c": 0.70 + NEGATIVE_MARGIN, "d": 0.65}}
+    out = negative_transfer(pre, scratch, against="scratch-x")
+    assert out["count"] == 2 and list(out["flagged"]) == ["b", "c"]  # worst first; d within margin
+    assert out["flagged"]["b"] == {"pretrained": 0.50, "scratch": 0.70}
+    assert out["clients"] == 4 and out["against"] == "scratch-x"
+    assert out["mean_gap"] == pytest.approx((0.10 - 0.20 - NEGATIVE_MARGIN - 0.04) / 4)
+
+
+def test_bench_and_run_reports_show_the_guardrail(tmp_path: Path) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "tiny.yaml").write_text(TINY)
+    out = tmp_path / "results"
+    args = ["bench", "transfer", "tiny", "--seeds", "1", "--configs", str(configs)]
+    args += ["--out", str(out), "--runs-dir", str(tmp_path / "runs"), "--threads", "1"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "runs" / "tiny-seed1" / "summary.json").read_text())
+    arms = summary["arms"]
+    assert "negative_transfer" not in arms["scratch-fedavg"]
+    assert arms["pretrained-fedavg"]["negative_transfer"]["against"] == "scratch-fedavg"
+    assert arms["pretrained-head"]["negative_transfer"]["against"] == "scratch-fedavg"  # baseline
+    assert arms["pretrained-head"]["negative_transfer"]["clients"] == 6
+    report = (tmp_path / "runs" / "tiny-seed1" / "report.md").read_text()
+    assert "## Negative transfer" in report and "| pretrained-head | `scratch-fedavg` |" in report
+    figures = json.loads((out / "tiny.json").read_text())
+    nt = figures["negative_transfer"]["pretrained-fedavg"]
+    assert nt["count"] == [arms["pretrained-fedavg"]["negative_transfer"]["count"]]
+    assert "## Negative transfer" in (out / "tiny.md").read_text()

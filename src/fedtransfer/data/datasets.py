@@ -26,7 +26,7 @@ import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -411,6 +411,14 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 # --- Text ------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class TextSource(Protocol):
+    """A text dataset that loads offline into one :class:`TextData`."""
+
+    def load(self) -> TextData:
+        """All texts of the source, with their labels."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -180,7 +180,20 @@ def _figures(
                 for s in summaries.values()
             ]
             pairs[arm[11:]] = {"pretrained": arm, "scratch": scratch, "gain": _stats(gains)}
+    negative = {}
+    for arm in first["arms"]:
+        per = [s["arms"][arm].get("negative_transfer") for s in summaries.values()]
+        if all(per):
+            every = set.intersection(*(set(n["flagged"]) for n in per))
+            negative[arm] = {
+                "against": per[0]["against"],
+                "clients": per[0]["clients"],
+                "count": [n["count"] for n in per],
+                "mean_gap": _stats([n["mean_gap"] for n in per]),
+                "flagged_every_seed": sorted(every),
+            }
     return {
+        "negative_transfer": negative,
         "benchmark": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in ["fedtransfer", *sys.argv[1:]])
@@ -270,6 +283,24 @@ def _markdown(name: str, config: Path, f: dict[str, Any]) -> str:
         for rest, p in f["pairs"].items():
             per = ", ".join(f"{100 * g:+.1f}" for g in p["gain"]["values"])
             out.append(f"| {rest} | {_pm(p['gain'])} | {per} |")
+    if f["negative_transfer"]:
+        out += [
+            "",
+            "## Negative transfer",
+            "",
+            "Clients whose own test accuracy ends at least 5 points lower with the pre-trained "
+            "start than with the scratch arm of the same algorithm (per seed; and the clients "
+            "flagged on every seed).",
+            "",
+            "| arm | against | flagged per seed | mean per-client gain, points | flagged on every seed |",
+            "|---|---|---|---:|---|",
+        ]
+        for arm, n in f["negative_transfer"].items():
+            every = ", ".join(n["flagged_every_seed"][:10]) or "none"
+            out.append(
+                f"| {arm} | `{n['against']}` | {', '.join(map(str, n['count']))} of "
+                f"{n['clients']} | {_pm(n['mean_gap'])} | {every} |"
+            )
     out += [
         "",
         f"![accuracy per round]({name}.png)",

@@ -11,10 +11,19 @@ from fedtransfer.client.objectives import Objective, Plain, Prox
 from fedtransfer.client.personalization import Ditto, Rep
 from fedtransfer.client.transforms import ClientTransform, ErrorFeedback
 from fedtransfer.codecs import BFloat16, Codec, Exact, Float16, Float32, Int8, TopK
-from fedtransfer.data.datasets import Cifar10, Femnist, MnistIdx
+from fedtransfer.data.datasets import (
+    AgNews,
+    Cifar10,
+    Femnist,
+    HFDataset,
+    MnistIdx,
+    Sst2,
+    TextSource,
+)
 from fedtransfer.data.partition import IID, Dirichlet, Natural, Partitioner, QuantitySkew, Shards
 from fedtransfer.data.sources import Digits, MNIST5k, Source
 from fedtransfer.models import CNN, LeafCNN, ModelFactory
+from fedtransfer.models.text import MiniLM, Tokenized
 from fedtransfer.server.aggregate import Aggregator, Mean
 from fedtransfer.server.clipping import CenteredClipping, NormBound
 from fedtransfer.server.optimizers import (
@@ -86,7 +95,9 @@ GROUPS: dict[Any, dict[str, type]] = {
         "femnist": Femnist,
         "mnist_idx": MnistIdx,
         "cifar10": Cifar10,
+        "tokenized": Tokenized,
     },
+    TextSource: {"ag_news": AgNews, "sst2": Sst2, "hf_dataset": HFDataset},
     Partitioner: {
         "iid": IID,
         "dirichlet": Dirichlet,
@@ -94,7 +105,7 @@ GROUPS: dict[Any, dict[str, type]] = {
         "quantity_skew": QuantitySkew,
         "natural": Natural,
     },
-    ModelFactory: {"cnn": CNN, "leaf_cnn": LeafCNN},
+    ModelFactory: {"cnn": CNN, "leaf_cnn": LeafCNN, "minilm": MiniLM},
     Objective: {
         "plain": Plain,
         "prox": Prox,

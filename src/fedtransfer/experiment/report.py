@@ -77,6 +77,13 @@ def summarize(
         base = arms[baseline]
         for summary in arms.values():
             summary["vs_baseline"] = _compare(summary, base)
+    inits: dict[str, str] = {a.name: a.init for a in config.arms}
+    for name, summary in arms.items():
+        against = _scratch_twin(name, inits, baseline)
+        if inits.get(name) == "pretrained" and against is not None:
+            summary["negative_transfer"] = negative_transfer(
+                histories[name][-1], histories[against][-1], against=against
+            )
     return {
         "name": config.name,
         "seed": config.seed,
@@ -84,6 +91,39 @@ def summarize(
         "baseline": baseline,
         "pretrained": pretrained,
         "arms": arms,
+    }
+
+
+NEGATIVE_MARGIN = 0.05
+"""A client is flagged when the pre-trained start ends at least this much below scratch on its
+own test split (one test example of twenty): smaller gaps are within a split's noise."""
+
+
+def _scratch_twin(name: str, inits: dict[str, str], baseline: str | None) -> str | None:
+    """The scratch arm to compare a pre-trained arm with: ``scratch-<rest>`` for
+    ``pretrained-<rest>`` when the config has it, else the baseline (the first scratch arm)."""
+    if name.startswith("pretrained-") and inits.get(f"scratch-{name[11:]}") == "scratch":
+        return f"scratch-{name[11:]}"
+    return baseline
+
+
+def negative_transfer(
+    pretrained: dict[str, Any], scratch: dict[str, Any], *, against: str
+) -> dict[str, Any]:
+    """The negative-transfer guardrail for one pre-trained arm: the clients whose own test
+    accuracy ends ≥ :data:`NEGATIVE_MARGIN` below the scratch arm's (same clients, same round),
+    worst first. ``pretrained`` and ``scratch`` are the arms' last history records."""
+    mine, theirs = pretrained.get("client_accuracy") or {}, scratch.get("client_accuracy") or {}
+    common = [c for c in mine if c in theirs]
+    gaps = {c: mine[c] - theirs[c] for c in common}
+    flagged = sorted((c for c, g in gaps.items() if g <= -NEGATIVE_MARGIN), key=lambda c: gaps[c])
+    return {
+        "against": against,
+        "margin": NEGATIVE_MARGIN,
+        "clients": len(common),
+        "count": len(flagged),
+        "flagged": {c: {"pretrained": mine[c], "scratch": theirs[c]} for c in flagged},
+        "mean_gap": float(np.mean(list(gaps.values()))) if gaps else None,
     }
 
 
@@ -201,6 +241,7 @@ def _markdown(summary: dict[str, Any], partition: dict[str, Any], plots: dict[st
                 bits.append(f"{v['bytes_to_target_reduction']:.1f}× fewer bytes to target")
             lines.append(f"- `{name}`: " + ", ".join(bits))
     lines += _communication(summary)
+    lines += _negative_transfer(summary)
     pre = summary.get("pretrained")
     if pre:
         lines += ["", f"Pre-trained checkpoint `{pre['path']}`, sha256 `{pre['sha256']}`."]
@@ -240,6 +281,37 @@ def _communication(summary: dict[str, Any]) -> list[str]:
             f"| {name} | {fmt_mb(s['bytes_to_target'])} | {_ratio(v.get('bytes_to_target_reduction'))} "
             f"| {s['bytes_per_round'] / MB:,.3f} | {_ratio(v.get('bytes_per_round_reduction'))} "
             f"| {fmt_mb(s['total_bytes'])} | {by_stage} | {fmt_mb(s['setup_bytes'])} |"
+        )
+    return lines
+
+
+def _negative_transfer(summary: dict[str, Any]) -> list[str]:
+    """The guardrail's table: per pre-trained arm, the clients transfer hurts."""
+    arms = {
+        n: s["negative_transfer"] for n, s in summary["arms"].items() if "negative_transfer" in s
+    }
+    if not arms:
+        return []
+    lines = [
+        "",
+        "## Negative transfer",
+        "",
+        "Clients whose own test accuracy ends at least "
+        f"{100 * NEGATIVE_MARGIN:.0f} points lower with the pre-trained start than with the "
+        "scratch arm of the same algorithm (same clients, same round).",
+        "",
+        "| arm | against | clients flagged | mean per-client gain | worst clients (pre-trained / scratch accuracy) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, nt in arms.items():
+        worst = ", ".join(
+            f"{c} ({v['pretrained']:.2f} / {v['scratch']:.2f})"
+            for c, v in list(nt["flagged"].items())[:5]
+        )
+        gain = "—" if nt["mean_gap"] is None else f"{100 * nt['mean_gap']:+.1f} points"
+        lines.append(
+            f"| {name} | `{nt['against']}` | {nt['count']} of {nt['clients']} | {gain} | "
+            f"{worst or 'none'} |"
         )
     return lines
 
