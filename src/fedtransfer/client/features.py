@@ -152,6 +152,33 @@ def train_head_cached(
     return metrics
 
 
+@torch.no_grad()
+def evaluate_cached(
+    model: nn.Module, plan: ParamPlan, data: TensorData, *, trunk: str = ""
+) -> dict[str, float] | None:
+    """:func:`~fedtransfer.client.evaluate.evaluate` of a model whose only non-frozen part is
+    its final module, from the frozen trunk's cached features of ``data`` (computed once per
+    evaluation set and trunk); ``None`` when that does not apply exactly (then evaluate the
+    whole model). ``trunk`` names the frozen weights' hash, as in :func:`train_head_cached`
+    (empty: hashed here)."""
+    path = head_path(model, plan)
+    if path is None or getattr(_WORKER, "off", False) or len(data) == 0:
+        return None
+    head = model.get_submodule(path)
+    features = _features(model, plan, head, path, data, trunk)
+    if features is None:
+        return None
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(data), 1024):
+        logits = head(features[start : start + 1024])
+        y = data.y[start : start + 1024]
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == y).sum())
+    n = len(data)
+    return {"loss": loss_sum / n, "accuracy": correct / n, "examples": float(n)}
+
+
 def _features(
     model: nn.Module, plan: ParamPlan, head: nn.Module, path: str, data: TensorData, trunk: str
 ) -> Tensor | None:

@@ -20,6 +20,7 @@ from torch import nn
 from fedtransfer import tree
 from fedtransfer.buffered import run_buffered_step
 from fedtransfer.client.evaluate import evaluate
+from fedtransfer.client.features import evaluate_cached, head_path
 from fedtransfer.client.personalization import personalized_accuracy
 from fedtransfer.data.federated import FederatedDataset, federate
 from fedtransfer.data.partition import Natural
@@ -38,8 +39,9 @@ from fedtransfer.round import RoundReport, run_round
 from fedtransfer.runtime.serial import Runtime, SerialRuntime
 from fedtransfer.seeding import derive_seed, generator
 from fedtransfer.state import ServerState, load_state, save_state
+from fedtransfer.transfer.policy import ParamPlan
 from fedtransfer.transfer.pretrain import pretrain
-from fedtransfer.transfer.pretrained import Checkpoint, load_checkpoint
+from fedtransfer.transfer.pretrained import Checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +215,16 @@ class _Run:
             ck = load_checkpoint(pc.checkpoint, expected_sha256=pc.sha256 or recorded)
         elif (self.root / "pretrain" / "model.json").exists():
             ck = load_checkpoint(self.root / "pretrain", expected_sha256=recorded)
+        elif pc.from_model:  # published weights: recorded as this run's checkpoint, as is
+            save_checkpoint(
+                self.root / "pretrain",
+                cfg.model.init(derive_seed(cfg.seed, "pretrain-init")).state_dict(),
+                provenance={
+                    "source": "the model's published weights",
+                    "model": cfgio.dump(cfg.model),
+                },
+            )
+            ck = load_checkpoint(self.root / "pretrain")
         else:
             self.observer("pretrain_start", {"source": cfgio.dump(pc.source)})
             ck = pretrain(
@@ -233,7 +245,17 @@ class _Run:
         return ck
 
     def _start_model(self, arm: ArmConfig, checkpoint: Checkpoint | None) -> nn.Module:
-        model = self.config.model.init(derive_seed(self.config.seed, "scratch-init"))
+        seed = derive_seed(self.config.seed, "scratch-init")
+        if self.config.pretrain.from_model:  # init() would load the published weights
+            scratch = getattr(self.config.model, "scratch", None)
+            if scratch is None:
+                raise ConfigError(
+                    f"pretrain.from_model: {type(self.config.model).__name__} has no scratch() "
+                    "initialisation for scratch arms; use init: pretrained arms only"
+                )
+            model: nn.Module = scratch(seed)
+        else:
+            model = self.config.model.init(seed)
         if arm.init == "pretrained":
             assert checkpoint is not None  # needs_pretrained guarantees it
             try:
@@ -304,10 +326,21 @@ class _Run:
     ) -> dict[str, Any]:
         began = time.perf_counter()
         model = recipe.policy.prepare(self.config.model())
+        plan = _eval_plan(recipe, model)
         per_client, correct, loss_sum, total = {}, 0.0, 0.0, 0
+        trunks: dict[tuple[int, ...], str] = {}  # frozen tensors' ids → their hash
         for c in population.clients:
-            model.load_state_dict(weights_of(arm.mode, state, c), strict=True)
-            ev = evaluate(model, population.test[c])
+            weights = weights_of(arm.mode, state, c)
+            model.load_state_dict(weights, strict=True)
+            ev = None
+            if plan is not None:  # a frozen trunk: its features of each test set, once
+                frozen = [weights[k] for k in plan.frozen]
+                ids = tuple(id(t) for t in frozen)
+                if ids not in trunks:
+                    trunks[ids] = tree.sha256({k: weights[k] for k in plan.frozen})
+                ev = evaluate_cached(model, plan, population.test[c], trunk=trunks[ids])
+            if ev is None:
+                ev = evaluate(model, population.test[c])
             per_client[c] = ev["accuracy"]
             n = len(population.test[c])
             correct, loss_sum, total = (
@@ -374,6 +407,16 @@ class _Run:
     def _write_metrics(self, histories: dict[str, list[dict[str, Any]]]) -> None:
         lines = [json.dumps(r) for arm in self.config.arms for r in histories.get(arm.name, [])]
         _atomic_write(self.root / METRICS_FILE, "".join(line + "\n" for line in lines))
+
+
+def _eval_plan(recipe: Recipe, model: nn.Module) -> ParamPlan | None:
+    """The plan whose frozen trunk evaluation may take from the feature cache: the recipe's,
+    when it trains only the model's final module; else None (evaluate the whole model)."""
+    try:
+        plan = recipe.policy.plan(model)
+    except Exception:  # a staged policy between stages, a policy that needs its stage
+        return None
+    return plan if head_path(model, plan) is not None else None
 
 
 def _check_classes(cfg: ExperimentConfig, population: FederatedDataset) -> None:

@@ -52,6 +52,9 @@ class PretrainConfig:
     source: Source = field(default_factory=MNIST5k)
     checkpoint: str | None = None
     sha256: str | None = None
+    from_model: bool = False
+    """The model factory's own weights are the pre-trained start (a published model such as
+    ``minilm``): nothing is trained here, and scratch arms use the factory's ``scratch(seed)``."""
     training: LocalTraining = field(
         default_factory=lambda: LocalTraining(optimizer="adam", lr=1e-3, epochs=10, batch_size=64)
     )
@@ -63,6 +66,11 @@ class PretrainConfig:
             raise ConfigError(
                 f"holdout_fraction: must be in [0, 1) so that some source data trains, "
                 f"got {self.holdout_fraction}"
+            )
+        if self.from_model and self.checkpoint is not None:
+            raise ConfigError(
+                "from_model: the model's own weights are the start, so checkpoint must be null "
+                f"(got {self.checkpoint!r}); drop one of the two"
             )
         if self.sha256 is not None and self.checkpoint is None:
             raise ConfigError(

@@ -112,16 +112,10 @@ class MiniLM:
     layers: int | None = None
 
     def __call__(self) -> nn.Module:
-        from transformers import BertConfig, BertModel
+        from transformers import BertModel
 
         folder = minilm_path(self.path)
-        config = BertConfig.from_pretrained(str(folder), local_files_only=True)
-        if self.layers is not None:
-            if not 1 <= self.layers <= config.num_hidden_layers:
-                raise FedTransferError(
-                    f"MiniLM: layers must be in 1..{config.num_hidden_layers}, got {self.layers}"
-                )
-            config.num_hidden_layers = self.layers
+        config = self._config()
         bert = BertModel(config, add_pooling_layer=False)
         weights = {
             k: v
@@ -142,6 +136,29 @@ class MiniLM:
         """The pre-trained encoder with a head initialised from ``seed``."""
         with global_cpu_seed(seed):
             return self()
+
+    def scratch(self, seed: int) -> nn.Module:
+        """The same architecture, every weight initialised from ``seed`` (BERT's own
+        initialisation): the from-scratch counterfactual of the published weights."""
+        from transformers import BertModel
+
+        config = self._config()
+        with global_cpu_seed(seed):
+            bert = BertModel(config, add_pooling_layer=False)
+            bert.eval()
+            return TextClassifier(SentenceEncoder(bert), config.hidden_size, self.num_classes)
+
+    def _config(self) -> Any:
+        from transformers import BertConfig
+
+        config = BertConfig.from_pretrained(str(minilm_path(self.path)), local_files_only=True)
+        if self.layers is not None:
+            if not 1 <= self.layers <= config.num_hidden_layers:
+                raise FedTransferError(
+                    f"MiniLM: layers must be in 1..{config.num_hidden_layers}, got {self.layers}"
+                )
+            config.num_hidden_layers = self.layers
+        return config
 
 
 def _kept(key: str, layers: int) -> bool:
