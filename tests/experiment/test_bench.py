@@ -170,3 +170,46 @@ def test_bench_and_run_reports_show_the_guardrail(tmp_path: Path) -> None:
     nt = figures["negative_transfer"]["pretrained-fedavg"]
     assert nt["count"] == [arms["pretrained-fedavg"]["negative_transfer"]["count"]]
     assert "## Negative transfer" in (out / "tiny.md").read_text()
+
+
+SWEEP = """# A tiny sweep.
+sweep:
+  groups:
+    tiny-digits: {config: tiny.yaml, set: ["arms=[{name: scratch, init: scratch}, {name: pretrained-full, init: pretrained}]"]}
+  values:
+    skewed: ["data.partition={kind: dirichlet, alpha: 0.1, min_size: 5}"]
+    iid: ["data.partition={kind: iid}"]
+  penalty: {reference: iid, stressed: skewed}
+  max_ratio: 0.5
+"""
+
+
+def test_sweep_bench_reports_the_penalty_of_each_start(tmp_path: Path) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "tiny.yaml").write_text(TINY)
+    (configs / "sweep.yaml").write_text(SWEEP)
+    out = tmp_path / "results"
+    args = ["bench", "transfer", "sweep", "--seeds", "0", "1", "--configs", str(configs)]
+    args += ["--out", str(out), "--runs-dir", str(tmp_path / "runs"), "--threads", "1"]
+    assert main(args) == 0
+    f = json.loads((out / "sweep.json").read_text())
+    acc = f["final_accuracy"]["tiny-digits"]
+    for seed in (0, 1):  # the cells are the runs' own summaries
+        run = tmp_path / "runs" / f"sweep-tiny-digits-skewed-seed{seed}" / "summary.json"
+        summary = json.loads(run.read_text())
+        assert (
+            acc["skewed"]["scratch"]["values"][seed] == summary["arms"]["scratch"]["final_accuracy"]
+        )
+    for arm in ("scratch", "pretrained-full"):
+        expected = [
+            i - s
+            for i, s in zip(acc["iid"][arm]["values"], acc["skewed"][arm]["values"], strict=True)
+        ]
+        assert f["penalty"]["tiny-digits"][arm]["values"] == pytest.approx(expected)
+    (check,) = f["checks"]
+    p = f["penalty"]["tiny-digits"]["pretrained-full"]["mean"]
+    q = f["penalty"]["tiny-digits"]["scratch"]["mean"]
+    assert check["met"] == (q > 0 and p <= 0.5 * q)
+    md = (out / "sweep.md").read_text()
+    assert "| tiny-digits | pretrained-full |" in md and "penalty, points" in md

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fedtransfer.errors import ConfigError
 from fedtransfer.experiment.machine import load_average, machine_info
 from fedtransfer.experiment.run import load_config, new_run_dir, run_experiment
@@ -92,13 +94,27 @@ def run_transfer_bench(
     runtime: Runtime | None = None,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
 ) -> dict[str, Any]:
-    """Run ``configs/NAME.yaml`` once per seed and write ``out/NAME.{md,json,png}``."""
+    """Run ``configs/NAME.yaml`` once per seed and write ``out/NAME.{md,json,png}`` (a file
+    with a top-level ``sweep:`` runs :func:`run_sweep_bench` instead)."""
     path = configs / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in configs.glob("*.yaml"))
         raise ConfigError(f"bench transfer: no config {path}; known benchmarks: {known}")
     if not seeds:
         raise ConfigError("bench transfer: give at least one seed")
+    spec = yaml.safe_load(path.read_text())
+    if isinstance(spec, dict) and "sweep" in spec:
+        return run_sweep_bench(
+            name,
+            path,
+            spec["sweep"],
+            seeds=seeds,
+            runs_dir=runs_dir,
+            out=out,
+            overrides=overrides,
+            runtime=runtime,
+            log=log,
+        )
     began, load_before = time.time(), load_average()
     summaries: Summaries = {}
     histories: Histories = {}
@@ -196,9 +212,7 @@ def _figures(
         "negative_transfer": negative,
         "benchmark": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in ["fedtransfer", *sys.argv[1:]])
-        if Path(sys.argv[0]).name == "fedtransfer"
-        else " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        "command": _command(),
         "overrides": list(overrides),
         "seeds": list(summaries),
         "rounds": first["arms"][next(iter(first["arms"]))]["rounds"],
@@ -338,3 +352,145 @@ def _plot(name: str, histories: Histories, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --- sweeps ----------------------------------------------------------------------------------
+
+
+def run_sweep_bench(
+    name: str,
+    path: Path,
+    sweep: dict[str, Any],
+    *,
+    seeds: Sequence[int],
+    runs_dir: Path,
+    out: Path,
+    overrides: Sequence[str] = (),
+    runtime: Runtime | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """A grid of experiments: every ``group`` (a config file plus ``--set`` overrides) under
+    every ``value`` (more overrides), over ``seeds``; reports each arm's final accuracy per
+    cell and, when ``penalty: {reference: V1, stressed: V2}`` is given, each arm's penalty
+    (accuracy at V1 minus accuracy at V2) and the ratio of the pre-trained arm's penalty to
+    the scratch arm's.
+
+    ``sweep`` is the YAML mapping ``{groups: {G: {config: FILE, set: [...]}}, values:
+    {V: [...]}, penalty: {...}, max_ratio: 0.5}`` (config files relative to ``path``'s folder).
+    """
+    groups, values = sweep.get("groups"), sweep.get("values")
+    if not isinstance(groups, dict) or not isinstance(values, dict) or not groups or not values:
+        raise ConfigError(
+            f"{path}: sweep needs groups: {{G: {{config, set}}}} and values: {{V: [...]}}"
+        )
+    penalty = sweep.get("penalty")
+    began, load_before = time.time(), load_average()
+    finals: dict[str, dict[str, dict[str, list[float]]]] = {}  # group → value → arm → per seed
+    for group, g in groups.items():
+        for value, sets in values.items():
+            for seed in seeds:
+                config = load_config(
+                    path.parent / g["config"],
+                    [
+                        *g.get("set", []),
+                        *sets,
+                        *overrides,
+                        f"seed={seed}",
+                        f"name={name}-{group}-{value}",
+                    ],
+                )
+                folder = new_run_dir(runs_dir, f"{name}-{group}-{value}-seed{seed}", overwrite=True)
+                t0 = time.perf_counter()
+                summary = run_experiment(config, folder, runtime=runtime)
+                for arm, a in summary["arms"].items():
+                    cell = finals.setdefault(group, {}).setdefault(value, {})
+                    cell.setdefault(arm, []).append(a["final_accuracy"])
+                log(f"{name} {group} {value} seed {seed}: {time.perf_counter() - t0:.0f} s")
+    figures: dict[str, Any] = {
+        "benchmark": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": _command(),
+        "overrides": list(overrides),
+        "seeds": list(seeds),
+        "sweep": sweep,
+        "final_accuracy": {
+            g: {v: {a: _stats(x) for a, x in arms.items()} for v, arms in cells.items()}
+            for g, cells in finals.items()
+        },
+    }
+    checks = []
+    if penalty:
+        ref, stressed = penalty["reference"], penalty["stressed"]
+        limit = float(sweep.get("max_ratio", 0.5))
+        figures["penalty"] = {}
+        for group, cells in finals.items():
+            per_arm = {
+                arm: [r - q for r, q in zip(cells[ref][arm], cells[stressed][arm], strict=True)]
+                for arm in cells[ref]
+            }
+            figures["penalty"][group] = {a: _stats(p) for a, p in per_arm.items()}
+            scratch = [a for a in per_arm if a.startswith("scratch")]
+            for arm in (a for a in per_arm if a.startswith("pretrained")):
+                for base in scratch:
+                    p, q = _mean(per_arm[arm]), _mean(per_arm[base])
+                    ratio = p / q if q > 0 else float("inf")
+                    checks.append(
+                        {
+                            "claim": f"{group}: penalty of `{arm}` ≤ {limit:g} × `{base}`'s",
+                            "measured": f"{100 * p:.1f} vs {100 * q:.1f} points (ratio {ratio:.2f})",
+                            "met": q > 0 and p <= limit * q,
+                        }
+                    )
+    figures["checks"] = checks
+    figures["machine"] = machine_info()
+    figures["load_average"] = {"before": load_before, "after": load_average()}
+    figures["wall_seconds"] = round(time.time() - began, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
+    (out / f"{name}.md").write_text(_sweep_markdown(name, path, figures))
+    log(f"wrote {out / name}.md, .json")
+    return figures
+
+
+def _command() -> str:
+    if Path(sys.argv[0]).name == "fedtransfer":
+        return " ".join(shlex.quote(a) for a in ["fedtransfer", *sys.argv[1:]])
+    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+
+
+def _sweep_markdown(name: str, path: Path, f: dict[str, Any]) -> str:
+    m = f["machine"]
+    values = list(f["sweep"]["values"])
+    out = [
+        f"# Transfer benchmark `{name}`",
+        "",
+        *_intro(path),
+        "",
+        f"- Command (from the repository root): `{f['command']}`",
+        f"- Sweep: `{path.as_posix()}`; seeds {f['seeds']}",
+        f"- Date (UTC): {f['date']}; wall time {f['wall_seconds']:.0f} s",
+        f"- Machine: {m['platform']}; {m['cpu_model']}, {m['cpu_count']} cores; Python "
+        f"{m['python']}, torch {m['torch']}; fedtransfer {m['fedtransfer']} (git {m['git']})",
+        f"- Load average before / after: {f['load_average']['before']} / "
+        f"{f['load_average']['after']}",
+        "",
+    ]
+    if f["checks"]:
+        out += ["## What it must show", "", "| claim | measured | status |", "|---|---|---|"]
+        for c in f["checks"]:
+            out.append(
+                f"| {c['claim']} | {c['measured']} | {'met' if c['met'] else '**NOT MET**'} |"
+            )
+        out.append("")
+    head = "| group | arm | " + " | ".join(f"{v} acc %" for v in values)
+    head += " | penalty, points |" if "penalty" in f else " |"
+    out += ["## Final accuracy (mean ± sd over seeds)", "", head]
+    out.append("|---|---|" + "---:|" * (len(values) + ("penalty" in f)))
+    for group, cells in f["final_accuracy"].items():
+        for arm in cells[values[0]]:
+            row = f"| {group} | {arm} | " + " | ".join(_pm(cells[v][arm]) for v in values)
+            if "penalty" in f:
+                row += f" | {_pm(f['penalty'][group][arm])}"
+            out.append(row + " |")
+    out += ["", f"Figures per seed: `{name}.json`; run directories `runs/bench/{name}-*`.", ""]
+    return "\n".join(out)
