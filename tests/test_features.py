@@ -4,7 +4,8 @@ when the trunk changes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -118,10 +119,9 @@ def test_train_head_cached_falls_back_when_the_trunk_is_random() -> None:
     assert _train(model, make_tiny_data().train["c0"]) is None
 
 
-def test_train_head_cached_matches_local_train_and_reuses_features() -> None:
-    data = make_tiny_data().train["c0"]
-    model, reference = make_tiny_model(), make_tiny_model()
-    calls: list[int] = []
+@contextlib.contextmanager
+def _counting_computes(calls: list[int]) -> Iterator[None]:
+    """Appends to ``calls`` each time the cache computes a trunk's features."""
     original = features._compute
 
     def counting(*args: object) -> torch.Tensor | None:
@@ -130,12 +130,20 @@ def test_train_head_cached_matches_local_train_and_reuses_features() -> None:
 
     features._compute = counting  # type: ignore[assignment]
     try:
+        yield
+    finally:
+        features._compute = original  # type: ignore[assignment]
+
+
+def test_train_head_cached_matches_local_train_and_reuses_features() -> None:
+    data = make_tiny_data().train["c0"]
+    model, reference = make_tiny_model(), make_tiny_model()
+    calls: list[int] = []
+    with _counting_computes(calls):
         start = tree.clone(model.state_dict())
         first = _train(model, data)
         model.load_state_dict(start)
         second = _train(model, data)
-    finally:
-        features._compute = original  # type: ignore[assignment]
     expected = local_train(
         reference, HeadOnly().plan(reference), data, SPEC, generator=generator(0, "t")
     )
@@ -224,14 +232,7 @@ def test_evaluate_cached_equals_evaluate_and_reuses_the_trunk_features() -> None
     model = make_tiny_model()
     plan = HeadOnly().plan(model)
     calls: list[int] = []
-    original = features._compute
-
-    def counting(*args: object) -> torch.Tensor | None:
-        calls.append(1)
-        return original(*args)  # type: ignore[arg-type]
-
-    features._compute = counting  # type: ignore[assignment]
-    try:
+    with _counting_computes(calls):
         first = evaluate_cached(model, plan, data)
         with torch.no_grad():
             model.head.weight.mul_(-1.0)  # a new head, the same trunk
@@ -242,8 +243,6 @@ def test_evaluate_cached_equals_evaluate_and_reuses_the_trunk_features() -> None
             model.body[1].weight.add_(0.5)  # the trunk changed: computed again
         third = evaluate_cached(model, plan, data)
         assert calls == [1, 1]
-    finally:
-        features._compute = original  # type: ignore[assignment]
     assert first is not None and second is not None and third is not None
     assert second["accuracy"] == expected["accuracy"]
     assert second["loss"] == pytest.approx(expected["loss"], rel=1e-6)

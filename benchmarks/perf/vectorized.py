@@ -352,6 +352,53 @@ def sweep(pb: ModuleType, quick: bool, reps: int) -> list[dict[str, Any]]:
     return rows
 
 
+def threads(pb: ModuleType, reps: int, rounds: int) -> dict[str, Any]:
+    """mlp-100 with the plain loop and the vectorised runtime at 1 and 2 torch threads,
+    interleaved (median round seconds): on 2 cores the plain loop is fastest on 1 thread
+    (tiny per-client kernels gain nothing from a second one), the vectorised cohort on 2."""
+    before = torch.get_num_threads()
+    counts = sorted({1, min(2, os.cpu_count() or 1)})
+    times: dict[str, dict[int, list[float]]] = {"plain": {}, "vectorized": {}}
+    try:
+        for rep in range(reps):
+            for t in counts if rep % 2 == 0 else counts[::-1]:
+                torch.set_num_threads(t)
+                w = make_workload(pb, "mlp", 100, rounds)
+                w.timings = {i: Timing() for i in IMPLS}
+                for impl in ("plain", "vectorized") if rep % 2 == 0 else ("vectorized", "plain"):
+                    run_impl(pb, w, impl, Run())
+                    times[impl].setdefault(t, []).extend(w.timings[impl].wall)
+    finally:
+        torch.set_num_threads(before)
+    med = {i: {t: statistics.median(v) for t, v in per.items()} for i, per in times.items()}
+    best = {i: min(per, key=per.__getitem__) for i, per in med.items()}
+    return {
+        "median_round_s": {i: {str(t): v for t, v in per.items()} for i, per in med.items()},
+        "best_threads": best,
+        "ratio_best_plain_over_best_vectorized": med["plain"][best["plain"]]
+        / med["vectorized"][best["vectorized"]],
+        "ratio_same_threads": {str(t): med["plain"][t] / med["vectorized"][t] for t in counts},
+    }
+
+
+def threads_table(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "| torch threads | plain s/round | vectorized s/round | plain / vectorized |",
+        "|---:|---:|---:|---:|",
+    ]
+    for t, ratio in r["ratio_same_threads"].items():
+        p, v = r["median_round_s"]["plain"][t], r["median_round_s"]["vectorized"][t]
+        lines.append(f"| {t} | {p:.4f} | {v:.4f} | {ratio:.2f} |")
+    b = r["best_threads"]
+    lines += [
+        "",
+        f"Each at its fastest thread count on this machine (plain: {b['plain']}, vectorized: "
+        f"{b['vectorized']}): plain / vectorized = "
+        f"**{r['ratio_best_plain_over_best_vectorized']:.2f}**.",
+    ]
+    return lines
+
+
 def table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| workload | params | clients/round | plain s/round | serial s/round "
@@ -456,6 +503,19 @@ def markdown(result: dict[str, Any]) -> str:
         load_note(result),
         "",
     ]
+    if result.get("threads"):
+        lines += [
+            "## mlp-100 at 1 and 2 torch threads",
+            "",
+            "The table above runs everything on one torch thread. Here the plain loop and the "
+            "vectorised runtime run mlp-100 at 1 and at 2 threads (the machine's cores), "
+            f"interleaved, {result['reps']} repetitions × {result['rounds']} rounds each: "
+            "the plain loop's per-client kernels are too small to gain from a second thread, the "
+            "vectorised cohort's are not.",
+            "",
+            *threads_table(result["threads"]),
+            "",
+        ]
     lines += [
         "## Where a vectorised mlp-100 round spends its time",
         "",
@@ -520,6 +580,7 @@ def main(argv: list[str] | None = None) -> None:
         "sweep": [] if args.no_sweep else sweep(pb, args.quick, sweep_reps),
         "sweep_reps": sweep_reps,
         "breakdown": breakdown(pb),
+        "threads": None if args.quick else threads(pb, args.reps, args.rounds),
         "load_before": load_before,
         "load_after": load_average(),
     }

@@ -137,13 +137,10 @@ def train_head_cached(
     ``trunk`` names the trunk's weights (the run's starting-weights hash: every key outside
     the head is frozen, so it comes from the starting weights); empty, they are hashed here.
     """
-    path = head_path(model, plan)
-    if path is None or getattr(_WORKER, "off", False) or len(data) == 0:
+    found = _head_features(model, plan, data, trunk)
+    if found is None:
         return None
-    head = model.get_submodule(path)
-    features = _features(model, plan, head, path, data, trunk)
-    if features is None:
-        return None
+    path, head, features = found
     prefix = path + "."
     labels = {k[len(prefix) :]: v for k, v in plan.labels.items() if k.startswith(prefix)}
     head_plan = ParamPlan.for_model(head, labels)
@@ -161,13 +158,10 @@ def evaluate_cached(
     evaluation set and trunk); ``None`` when that does not apply exactly (then evaluate the
     whole model). ``trunk`` names the frozen weights' hash, as in :func:`train_head_cached`
     (empty: hashed here)."""
-    path = head_path(model, plan)
-    if path is None or getattr(_WORKER, "off", False) or len(data) == 0:
+    found = _head_features(model, plan, data, trunk)
+    if found is None:
         return None
-    head = model.get_submodule(path)
-    features = _features(model, plan, head, path, data, trunk)
-    if features is None:
-        return None
+    _, head, features = found
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(data), 1024):
@@ -177,6 +171,19 @@ def evaluate_cached(
         correct += int((logits.argmax(dim=1) == y).sum())
     n = len(data)
     return {"loss": loss_sum / n, "accuracy": correct / n, "examples": float(n)}
+
+
+def _head_features(
+    model: nn.Module, plan: ParamPlan, data: TensorData, trunk: str
+) -> tuple[str, nn.Module, Tensor] | None:
+    """The head's path, the head, and its cached inputs for ``data``; None when the model is
+    not a frozen trunk feeding a trainable final module (or caching is off)."""
+    path = head_path(model, plan)
+    if path is None or getattr(_WORKER, "off", False) or len(data) == 0:
+        return None
+    head = model.get_submodule(path)
+    features = _features(model, plan, head, path, data, trunk)
+    return None if features is None else (path, head, features)
 
 
 def _features(

@@ -247,31 +247,12 @@ def _intro(config: Path) -> list[str]:
 
 
 def _markdown(name: str, config: Path, f: dict[str, Any]) -> str:
-    m = f["machine"]
-    out = [
-        f"# Transfer benchmark `{name}`",
-        "",
-        *_intro(config),
-        "",
-        f"- Command (from the repository root): `{f['command']}`",
-        f"- Config: `{config.as_posix()}`"
+    what = (
+        f"Config: `{config.as_posix()}`"
         + (f", overrides {f['overrides']}" if f["overrides"] else "")
-        + f"; seeds {f['seeds']}; {f['rounds']} rounds; target accuracy {f['target_accuracy']}",
-        f"- Date (UTC): {f['date']}; wall time {f['wall_seconds']:.0f} s",
-        f"- Machine: {m['platform']}; {m['cpu_model']}, {m['cpu_count']} cores; Python "
-        f"{m['python']}, torch {m['torch']} ({m['torch_threads']} threads); fedtransfer "
-        f"{m['fedtransfer']} (git {m['git']})",
-        f"- Load average (1, 5, 15 min) before / after: {f['load_average']['before']} / "
-        f"{f['load_average']['after']}",
-        "",
-    ]
-    if f["checks"]:
-        out += ["## What it must show", "", "| claim | measured | status |", "|---|---|---|"]
-        for c in f["checks"]:
-            out.append(
-                f"| {c['claim']} | {c['measured']} | {'met' if c['met'] else '**NOT MET**'} |"
-            )
-        out.append("")
+        + f"; seeds {f['seeds']}; {f['rounds']} rounds; target accuracy {f['target_accuracy']}"
+    )
+    out = _head(name, config, f, what)
     out += [
         "## Arms (mean ± sd over seeds)",
         "",
@@ -459,29 +440,8 @@ def _command() -> str:
 
 
 def _sweep_markdown(name: str, path: Path, f: dict[str, Any]) -> str:
-    m = f["machine"]
     values = list(f["sweep"]["values"])
-    out = [
-        f"# Transfer benchmark `{name}`",
-        "",
-        *_intro(path),
-        "",
-        f"- Command (from the repository root): `{f['command']}`",
-        f"- Sweep: `{path.as_posix()}`; seeds {f['seeds']}",
-        f"- Date (UTC): {f['date']}; wall time {f['wall_seconds']:.0f} s",
-        f"- Machine: {m['platform']}; {m['cpu_model']}, {m['cpu_count']} cores; Python "
-        f"{m['python']}, torch {m['torch']}; fedtransfer {m['fedtransfer']} (git {m['git']})",
-        f"- Load average before / after: {f['load_average']['before']} / "
-        f"{f['load_average']['after']}",
-        "",
-    ]
-    if f["checks"]:
-        out += ["## What it must show", "", "| claim | measured | status |", "|---|---|---|"]
-        for c in f["checks"]:
-            out.append(
-                f"| {c['claim']} | {c['measured']} | {'met' if c['met'] else '**NOT MET**'} |"
-            )
-        out.append("")
+    out = _head(name, path, f, f"Sweep: `{path.as_posix()}`; seeds {f['seeds']}")
     head = "| group | arm | " + " | ".join(f"{v} acc %" for v in values)
     head += " | penalty, points |" if "penalty" in f else " |"
     out += ["## Final accuracy (mean ± sd over seeds)", "", head]
@@ -494,3 +454,30 @@ def _sweep_markdown(name: str, path: Path, f: dict[str, Any]) -> str:
             out.append(row + " |")
     out += ["", f"Figures per seed: `{name}.json`; run directories `runs/bench/{name}-*`.", ""]
     return "\n".join(out)
+
+
+def _head(name: str, config: Path, f: dict[str, Any], what: str) -> list[str]:
+    """Title, description, command, what ran, date, machine, load, and the claims' table."""
+    m = f["machine"]
+    out = [
+        f"# Transfer benchmark `{name}`",
+        "",
+        *_intro(config),
+        "",
+        f"- Command (from the repository root): `{f['command']}`",
+        f"- {what}",
+        f"- Date (UTC): {f['date']}; wall time {f['wall_seconds']:.0f} s",
+        f"- Machine: {m['platform']}; {m['cpu_model']}, {m['cpu_count']} cores; Python "
+        f"{m['python']}, torch {m['torch']} ({m['torch_threads']} threads); fedtransfer "
+        f"{m['fedtransfer']} (git {m['git']})",
+        f"- Load average (1, 5, 15 min) before / after: {f['load_average']['before']} / "
+        f"{f['load_average']['after']}",
+        "",
+    ]
+    if f["checks"]:
+        out += ["## What it must show", "", "| claim | measured | status |", "|---|---|---|"]
+        for c in f["checks"]:
+            status = "met" if c["met"] else "**NOT MET**"
+            out.append(f"| {c['claim']} | {c['measured']} | {status} |")
+        out.append("")
+    return out

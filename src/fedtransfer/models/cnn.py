@@ -41,8 +41,20 @@ class SmallCNN(nn.Module):
         return self.classifier(self.embed(self.features(x)))
 
 
+class _Seeded:
+    """``init(seed)`` for a model factory: a fresh model whose weights depend only on ``seed``."""
+
+    def __call__(self) -> nn.Module:
+        raise NotImplementedError
+
+    def init(self, seed: int) -> nn.Module:
+        """A freshly initialised model whose weights depend only on ``seed``."""
+        with global_cpu_seed(seed):
+            return self()
+
+
 @dataclass(frozen=True)
-class CNN:
+class CNN(_Seeded):
     """Model factory for :class:`SmallCNN`, as it appears in configs (``kind: cnn``)."""
 
     num_classes: int = 10
@@ -51,11 +63,6 @@ class CNN:
 
     def __call__(self) -> nn.Module:
         return SmallCNN(self.num_classes, channels=self.channels, hidden=self.hidden)
-
-    def init(self, seed: int) -> nn.Module:
-        """A freshly initialised model whose weights depend only on ``seed``."""
-        with global_cpu_seed(seed):
-            return self()
 
 
 class LeafNet(nn.Module):
@@ -93,7 +100,7 @@ class LeafNet(nn.Module):
 
 
 @dataclass(frozen=True)
-class LeafCNN:
+class LeafCNN(_Seeded):
     """Model factory for :class:`LeafNet` (``kind: leaf_cnn``)."""
 
     num_classes: int = 62
@@ -102,8 +109,3 @@ class LeafCNN:
 
     def __call__(self) -> nn.Module:
         return LeafNet(self.num_classes, channels=self.channels, hidden=self.hidden)
-
-    def init(self, seed: int) -> nn.Module:
-        """A freshly initialised model whose weights depend only on ``seed``."""
-        with global_cpu_seed(seed):
-            return self()
