@@ -253,3 +253,24 @@ def test_bad_arguments_are_named() -> None:
         Sst2(split="val")  # type: ignore[arg-type]
     with pytest.raises(FedTransferError, match="HFDataset"):
         HFDataset("csv", data_files="nowhere.csv", text="t").load()
+
+
+def test_cifar10_python_batches_folder(tmp_path: Path) -> None:
+    """The downloaded layout: python batches, checked by their published md5 (a stand-in
+    batch is refused unless checks are off), read as (N, 3, 32, 32)."""
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (6, 3072), dtype=np.uint8)
+    batch = {b"data": data, b"labels": [0, 1, 2, 3, 9, 9], b"batch_label": b"testing batch"}
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(ChecksumError, match="test_batch has md5"):
+        Cifar10(root=str(tmp_path)).load()
+    d = Cifar10(root=str(tmp_path), check=False).load()
+    assert d.x.shape == (6, 3, 32, 32) and d.y.tolist() == [0, 1, 2, 3, 9, 9]
+    first_red = torch.from_numpy(data[0, :1024].reshape(32, 32)).float() / 255.0
+    from fedtransfer.models.resnet import CIFAR_MEAN, CIFAR_STD
+
+    assert torch.allclose(d.x[0, 0], (first_red - CIFAR_MEAN[0]) / CIFAR_STD[0], atol=1e-6)
+    two = Cifar10(root=str(tmp_path), check=False, per_class=1).load()
+    assert two.y.tolist() == [0, 1, 2, 3, 9]
