@@ -274,3 +274,26 @@ def test_cifar10_python_batches_folder(tmp_path: Path) -> None:
     assert torch.allclose(d.x[0, 0], (first_red - CIFAR_MEAN[0]) / CIFAR_STD[0], atol=1e-6)
     two = Cifar10(root=str(tmp_path), check=False, per_class=1).load()
     assert two.y.tolist() == [0, 1, 2, 3, 9]
+
+
+def test_hf_dataset_from_local_files_text_images_and_a_client_column(tmp_path: Path) -> None:
+    rows = ["text,label,user"] + [f"sentence number {i},{i % 3},u{i % 4}" for i in range(12)]
+    csv_file = tmp_path / "train.csv"
+    csv_file.write_text("\n".join(rows) + "\n")
+    src = HFDataset("csv", data_files=str(csv_file), text="text", client_column="user")
+    text = src.load()
+    assert len(text) == 12 and text.texts[1] == "sentence number 1"
+    assert text.labels.tolist() == [i % 3 for i in range(12)]
+    clients = src.load_federated()
+    assert list(clients) == ["u0", "u1", "u2", "u3"]
+    assert clients["u1"].texts == ("sentence number 1", "sentence number 5", "sentence number 9")
+    images = tmp_path / "img.json"
+    images.write_text(
+        "\n".join(f'{{"pixels": [[{i}, 0], [0, 255]], "label": {i % 2}}}' for i in range(4))
+    )
+    img = HFDataset("json", data_files=str(images), image="pixels").load()
+    assert img.x.shape == (4, 1, 2, 2) and float(img.x.max()) == 1.0
+    with pytest.raises(FedTransferError, match="not exactly one of text= / image="):
+        HFDataset("csv", data_files=str(csv_file)).load()
+    with pytest.raises(FedTransferError, match="load_federated needs client_column"):
+        HFDataset("csv", data_files=str(csv_file), text="text").load_federated()

@@ -578,7 +578,8 @@ class HFDataset:
             import datasets
         except ImportError:
             raise FedTransferError(
-                "HFDataset needs the Hugging Face 'datasets' package: pip install datasets"
+                "HFDataset needs the Hugging Face 'datasets' package: "
+                'pip install "fedtransfer[hf]"'
             ) from None
         files = list(self.data_files) if isinstance(self.data_files, tuple) else self.data_files
         try:
