@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # the data directory the dataset loaders read (FEMNIST, MNIST, CIFAR-10, AG News, SST-2)
-export FEDTRANSFER_DATA ?= ../shared/data
+export FEDTRANSFER_DATA ?= $(abspath ../shared/data)
 
 .PHONY: run test lint bench install clean
 
