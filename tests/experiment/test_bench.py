@@ -213,3 +213,11 @@ def test_sweep_bench_reports_the_penalty_of_each_start(tmp_path: Path) -> None:
     assert check["met"] == (q > 0 and p <= 0.5 * q)
     md = (out / "sweep.md").read_text()
     assert "| tiny-digits | pretrained-full |" in md and "penalty, points" in md
+    (out / "sweep.md").unlink()  # --report writes it again from the recorded figures
+    assert (
+        main(
+            ["bench", "transfer", "sweep", "--report", "--configs", str(configs), "--out", str(out)]
+        )
+        == 0
+    )
+    assert (out / "sweep.md").read_text() == md

@@ -242,8 +242,20 @@ def _intro(config: Path) -> list[str]:
     for line in config.read_text().splitlines():
         if not line.startswith("#"):
             break
-        lines.append(line.lstrip("# ").rstrip())
+        if not line[1:].startswith("   "):  # indented lines are usage examples
+            lines.append(line.lstrip("# ").rstrip())
     return [" ".join(lines)] if lines else []
+
+
+def rewrite_report(name: str, *, configs: Path, out: Path) -> Path:
+    """Write ``out/NAME.md`` again from the recorded ``out/NAME.json`` (no runs)."""
+    path, figures = configs / f"{name}.yaml", out / f"{name}.json"
+    if not figures.is_file():
+        raise ConfigError(f"bench transfer --report: no recorded figures {figures}; run it first")
+    f = json.loads(figures.read_text())
+    text = _sweep_markdown(name, path, f) if "sweep" in f else _markdown(name, path, f)
+    (out / f"{name}.md").write_text(text)
+    return out / f"{name}.md"
 
 
 def _markdown(name: str, config: Path, f: dict[str, Any]) -> str:

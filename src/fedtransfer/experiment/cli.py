@@ -178,6 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     transfer.add_argument(
         "--runs-dir", default="runs/bench", help="run directories (default: runs/bench)"
     )
+    transfer.add_argument(
+        "--report", action="store_true", help="only rewrite NAME.md from the recorded NAME.json"
+    )
     with_runtime(transfer)
 
     show = sub.add_parser("config", help="print the resolved configuration as YAML")
@@ -241,8 +244,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             console.print(f"run directory: [bold]{run_dir}[/]")
             run_experiment(cfg, run_dir, observer=_Display(), runtime=runtime)
     elif args.command == "bench":
-        from fedtransfer.experiment.bench import run_transfer_bench
+        from fedtransfer.experiment.bench import rewrite_report, run_transfer_bench
 
+        if args.report:
+            path = rewrite_report(args.bench_name, configs=Path(args.configs), out=Path(args.out))
+            console.print(f"report: [bold]{path}[/]")
+            return 0
         with _runtime(args) as runtime:
             run_transfer_bench(
                 args.bench_name,
