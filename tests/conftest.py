@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +23,11 @@ from fedtransfer import (
     SerialRuntime,
     ServerState,
     TensorData,
+)
+
+# the shared data folder beside the repository (as CI has it), unless the caller names one
+os.environ.setdefault(
+    "FEDTRANSFER_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")
 )
 
 NUM_CLIENTS = 5

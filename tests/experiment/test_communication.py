@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from fedtransfer.experiment.run import build_population, load_config, run_experiment
 
@@ -39,11 +40,21 @@ def _one_thread(single_thread_module: None) -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_configs_every_arm_recipe_validates(path: Path) -> None:
-    cfg = load_config(path)
-    population = build_population(cfg)
-    for arm in cfg.arms:
-        plan = cfg.recipe(arm).validate(cfg.model(), population=population.clients)
-        assert plan.shared, arm.name
+    spec = yaml.safe_load(path.read_text())
+    if "sweep" in spec:  # a grid: every group under every value is an experiment
+        sweep = spec["sweep"]
+        configs = [
+            load_config(path.parent / g["config"], [*g.get("set", []), *sets])
+            for g in sweep["groups"].values()
+            for sets in sweep["values"].values()
+        ]
+    else:
+        configs = [load_config(path)]
+    for cfg in configs:
+        population = build_population(cfg)
+        for arm in cfg.arms:
+            plan = cfg.recipe(arm).validate(cfg.model(), population=population.clients)
+            assert plan.shared, arm.name
 
 
 def test_configs_include_the_communication_experiment() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedtransfer.data.datasets import TextSource
+from fedtransfer.data.datasets import AgNews, TextSource
 from fedtransfer.data.federated import TensorData
 from fedtransfer.data.files import Remote, verify
 from fedtransfer.errors import FedTransferError
@@ -174,7 +174,7 @@ class Tokenized:
     with the MiniLM tokenizer (lower-cased WordPiece, ``[CLS] … [SEP]``, truncated to
     ``max_len`` tokens, padded with 0)."""
 
-    source: TextSource
+    source: TextSource = field(default_factory=AgNews)
     max_len: int = 64
     path: str | None = None
 
