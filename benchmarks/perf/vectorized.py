@@ -424,14 +424,22 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def verdict(rows: list[dict[str, Any]]) -> list[str]:
-    """A sentence on the issue's target: plain / vectorised >= 2 on mlp-100."""
+def verdict(rows: list[dict[str, Any]], threads: dict[str, Any] | None = None) -> list[str]:
+    """A sentence on the issue's target: plain / vectorised >= 2 on mlp-100 (at one thread
+    each here; each at its fastest thread count in the thread section, when measured)."""
     for r in rows:
         if r["workload"] == "mlp-100":
             ratio = r["ratio_plain_over_vectorized"]
-            met = "met" if ratio >= 2 else "**not met**"
+            met = "≥ 2" if ratio >= 2 else "below 2"
+            best = (
+                ""
+                if threads is None
+                else " Each at its fastest thread count (section below): "
+                f"{threads['ratio_best_plain_over_best_vectorized']:.2f}."
+            )
             return [
-                f"Target plain / vectorized ≥ 2 on mlp-100: {ratio:.2f}, {met}. The vectorised "
+                f"Target plain / vectorized ≥ 2 on mlp-100: {ratio:.2f} at one thread each "
+                f"({met}).{best} The vectorised "
                 f"round takes {r['median_round_s']['vectorized'] / r['median_round_s']['pbench-vmap']:.2f}× "
                 "the time of pbench's vectorised loop, which does no encoding, decoding, "
                 "validation or ledger (see the breakdown below).",
@@ -499,7 +507,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         *table(result["workloads"]),
         "",
-        *verdict(result["workloads"]),
+        *verdict(result["workloads"], result.get("threads")),
         load_note(result),
         "",
     ]
