@@ -221,3 +221,45 @@ def test_sweep_bench_reports_the_penalty_of_each_start(tmp_path: Path) -> None:
         == 0
     )
     assert (out / "sweep.md").read_text() == md
+
+
+def test_runner_evaluates_a_frozen_trunk_through_the_feature_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Head-only arms evaluate every client from the cached trunk features (the whole model
+    is never run at evaluation); full fine-tuning evaluates the whole model; same accuracies
+    as evaluating the whole model."""
+    from fedtransfer.client import features
+    from fedtransfer.experiment import run as run_module
+
+    whole: list[str] = []
+    original = run_module.evaluate
+
+    def counting(model, data, **kw):  # type: ignore[no-untyped-def]
+        whole.append("x")
+        return original(model, data, **kw)
+
+    monkeypatch.setattr(run_module, "evaluate", counting)
+    cfg = load_config(
+        None,
+        [
+            "rounds=2",
+            "model.channels=[4, 8]",
+            "model.hidden=16",
+            "data.num_clients=6",
+            "sampler.clients_per_round=3",
+            "pretrain.training.epochs=1",
+            "personalization=null",
+            "arms=[{name: pretrained-head, init: pretrained, policy: {kind: head_only}}]",
+        ],
+    )
+    from fedtransfer.experiment.run import run_experiment
+
+    cached = run_experiment(cfg, tmp_path / "cached")
+    assert whole == []  # 3 evaluations x 6 clients, all from the cache
+    with features.no_feature_cache():
+        uncached = run_experiment(cfg, tmp_path / "uncached")
+    assert len(whole) == 3 * 6
+    a, b = cached["arms"]["pretrained-head"], uncached["arms"]["pretrained-head"]
+    assert a["final_accuracy"] == b["final_accuracy"]
+    assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-6)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from torch import nn
+from torch import Tensor, nn
 
 from fedtransfer import tree
 from fedtransfer.buffered import run_buffered_step
@@ -328,17 +328,16 @@ class _Run:
         model = recipe.policy.prepare(self.config.model())
         plan = _eval_plan(recipe, model)
         per_client, correct, loss_sum, total = {}, 0.0, 0.0, 0
-        trunks: dict[tuple[int, ...], str] = {}  # frozen tensors' ids → their hash
+        trunk: tuple[list[Tensor], str] | None = None  # the last frozen tensors, their hash
         for c in population.clients:
             weights = weights_of(arm.mode, state, c)
             model.load_state_dict(weights, strict=True)
             ev = None
             if plan is not None:  # a frozen trunk: its features of each test set, once
                 frozen = [weights[k] for k in plan.frozen]
-                ids = tuple(id(t) for t in frozen)
-                if ids not in trunks:
-                    trunks[ids] = tree.sha256({k: weights[k] for k in plan.frozen})
-                ev = evaluate_cached(model, plan, population.test[c], trunk=trunks[ids])
+                if trunk is None or any(a is not b for a, b in zip(frozen, trunk[0], strict=True)):
+                    trunk = (frozen, tree.sha256({k: weights[k] for k in plan.frozen}))
+                ev = evaluate_cached(model, plan, population.test[c], trunk=trunk[1])
             if ev is None:
                 ev = evaluate(model, population.test[c])
             per_client[c] = ev["accuracy"]
