@@ -230,16 +230,23 @@ def test_runner_evaluates_a_frozen_trunk_through_the_feature_cache(
     is never run at evaluation); full fine-tuning evaluates the whole model; same accuracies
     as evaluating the whole model."""
     from fedtransfer.client import features
+    from fedtransfer.experiment import baselines
     from fedtransfer.experiment import run as run_module
 
     whole: list[str] = []
-    original = run_module.evaluate
+    trained: list[str] = []
+    original, original_train = run_module.evaluate, baselines.local_train
 
     def counting(model, data, **kw):  # type: ignore[no-untyped-def]
         whole.append("x")
         return original(model, data, **kw)
 
+    def counting_train(*args, **kw):  # type: ignore[no-untyped-def]
+        trained.append("x")
+        return original_train(*args, **kw)
+
     monkeypatch.setattr(run_module, "evaluate", counting)
+    monkeypatch.setattr(baselines, "local_train", counting_train)
     cfg = load_config(
         None,
         [
@@ -250,16 +257,21 @@ def test_runner_evaluates_a_frozen_trunk_through_the_feature_cache(
             "sampler.clients_per_round=3",
             "pretrain.training.epochs=1",
             "personalization=null",
-            "arms=[{name: pretrained-head, init: pretrained, policy: {kind: head_only}}]",
+            "arms=[{name: pretrained-head, init: pretrained, policy: {kind: head_only}},"
+            " {name: central-head, mode: centralised, policy: {kind: head_only}},"
+            " {name: local-head, mode: local-only, policy: {kind: head_only}}]",
         ],
     )
     from fedtransfer.experiment.run import run_experiment
 
     cached = run_experiment(cfg, tmp_path / "cached")
-    assert whole == []  # 3 evaluations x 6 clients, all from the cache
+    assert whole == []  # 3 arms x 3 evaluations x 6 clients, all from the cache
+    assert trained == []  # centralised and local-only heads train on cached features too
     with features.no_feature_cache():
         uncached = run_experiment(cfg, tmp_path / "uncached")
-    assert len(whole) == 3 * 6
-    a, b = cached["arms"]["pretrained-head"], uncached["arms"]["pretrained-head"]
-    assert a["final_accuracy"] == b["final_accuracy"]
-    assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-6)
+    assert len(whole) == 3 * 3 * 6
+    assert len(trained) == 2 * (1 + 6)  # 2 rounds: the pooled model, then each client
+    for arm in ("pretrained-head", "central-head", "local-head"):
+        a, b = cached["arms"][arm], uncached["arms"][arm]
+        assert a["final_accuracy"] == b["final_accuracy"], arm
+        assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-6), arm

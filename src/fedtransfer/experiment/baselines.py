@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from fedtransfer import tree
+from fedtransfer.client.features import train_head_cached
 from fedtransfer.client.train import local_train
 from fedtransfer.data.federated import FederatedDataset, TensorData
 from fedtransfer.recipe import Recipe
 from fedtransfer.round import RoundReport
 from fedtransfer.seeding import generator
 from fedtransfer.state import ServerState
+from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.types import Metrics
 
 POOLED = "<pooled>"
 """The ``ServerState.clients`` entry holding a centralised model's local keys."""
@@ -47,11 +52,9 @@ def train_isolated(
     kept = (*plan.shared, *plan.local)
     losses: list[float] = []
     if mode == "centralised":
-        pooled = TensorData.concat([population.train[c] for c in population.clients])
+        pooled = _pooled(population)
         model.load_state_dict(weights_of(mode, state, POOLED), strict=True)
-        metrics = local_train(
-            model, plan, pooled, recipe.local, generator=generator(state.seed, "pooled", r)
-        )
+        metrics = _train(model, plan, pooled, recipe, generator(state.seed, "pooled", r))
         losses.append(metrics["loss"])
         trained = model.state_dict()
         params = tree.clone(tree.select(trained, plan.shared))
@@ -61,7 +64,7 @@ def train_isolated(
         for c in population.clients:
             model.load_state_dict(state.weights_for(c), strict=True)
             gen = generator(state.seed, "local-only", r, c)
-            metrics = local_train(model, plan, population.train[c], recipe.local, generator=gen)
+            metrics = _train(model, plan, population.train[c], recipe, gen)
             if metrics["steps"]:
                 losses.append(metrics["loss"])
             clients[c] = tree.clone(tree.select(model.state_dict(), kept))
@@ -78,3 +81,26 @@ def train_isolated(
         metrics={"client/train_loss": sum(losses) / len(losses) if losses else float("nan")},
     )
     return new_state, report
+
+
+_POOLED: weakref.WeakKeyDictionary[FederatedDataset, TensorData] = weakref.WeakKeyDictionary()
+
+
+def _pooled(population: FederatedDataset) -> TensorData:
+    """All clients' training data together, built once per population (the same tensors every
+    round, so a frozen trunk's features of it are cached)."""
+    pooled = _POOLED.get(population)
+    if pooled is None:
+        pooled = _POOLED[population] = population.pooled_train()
+    return pooled
+
+
+def _train(
+    model: nn.Module, plan: ParamPlan, data: TensorData, recipe: Recipe, gen: torch.Generator
+) -> Metrics:
+    """``local_train``; from the frozen trunk's cached features when only the head trains
+    (the same minibatches and results, as in federated rounds)."""
+    cached = train_head_cached(model, plan, data, recipe.local, generator=gen)
+    if cached is not None:
+        return cached
+    return local_train(model, plan, data, recipe.local, generator=gen)
