@@ -110,6 +110,21 @@ def test_femnist_checks_measure_the_claims() -> None:
     assert gain.measure(worse)[1] is False and over_best.measure(worse)[1] is False
 
 
+def test_text_check_compares_the_best_federated_arm_with_the_oracle() -> None:
+    (near,) = CHECKS["text-agnews"]
+    s = _summaries(
+        {
+            "pretrained-head": [0.870, 0.874],
+            "lp-ft": [0.880, 0.886],
+            "centralised-head": [0.89, 0.89],
+        }
+    )
+    text, ok = near.measure(s)
+    assert ok and text == "`lp-ft` 0.7 points below `centralised-head`"
+    s = _summaries({"pretrained-head": [0.86, 0.86], "centralised-head": [0.89, 0.89]})
+    assert near.measure(s)[1] is False
+
+
 def test_natural_partition_takes_the_writers_of_the_source() -> None:
     cfg = load_config(
         None,
