@@ -297,3 +297,31 @@ def test_hf_dataset_from_local_files_text_images_and_a_client_column(tmp_path: P
         HFDataset("csv", data_files=str(csv_file)).load()
     with pytest.raises(FedTransferError, match="load_federated needs client_column"):
         HFDataset("csv", data_files=str(csv_file), text="text").load_federated()
+
+
+def test_untar_extracts_plain_files_and_refuses_links_and_escapes(tmp_path: Path) -> None:
+    import io as _io
+    import tarfile
+
+    from fedtransfer.data.datasets import _untar
+
+    def archive(name: str, members: list[tarfile.TarInfo]) -> Path:
+        path = tmp_path / name
+        with tarfile.open(path, "w:gz") as tar:
+            for m in members:
+                tar.addfile(m, _io.BytesIO(b"x" * m.size) if m.isfile() else None)
+        return path
+
+    good = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+    good.size = 3
+    _untar(archive("good.tar.gz", [good]), tmp_path / "out")
+    assert (tmp_path / "out" / "cifar-10-batches-py" / "test_batch").read_bytes() == b"xxx"
+    escape = tarfile.TarInfo("../evil")
+    escape.size = 1
+    with pytest.raises(ChecksumError, match="not a plain file"):
+        _untar(archive("escape.tar.gz", [escape]), tmp_path / "out2")
+    link = tarfile.TarInfo("cifar-10-batches-py/link")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    with pytest.raises(ChecksumError, match="not a plain file"):
+        _untar(archive("link.tar.gz", [link]), tmp_path / "out3")
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "out3").exists()
