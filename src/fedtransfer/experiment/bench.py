@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import shlex
 import statistics
 import sys
@@ -28,6 +29,8 @@ from fedtransfer.errors import ConfigError
 from fedtransfer.experiment.machine import load_average, machine_info
 from fedtransfer.experiment.run import load_config, new_run_dir, run_experiment
 from fedtransfer.runtime.serial import Runtime
+
+_log = logging.getLogger(__name__)
 
 Summaries = dict[int, dict[str, Any]]
 Histories = dict[int, dict[str, list[dict[str, Any]]]]
@@ -105,7 +108,7 @@ def run_transfer_bench(
     out: Path = Path("benchmarks") / "results",
     overrides: Sequence[str] = (),
     runtime: Runtime | None = None,
-    log: Callable[[str], None] = lambda line: print(line, flush=True),
+    log: Callable[[str], None] = _log.info,
 ) -> dict[str, Any]:
     """Run ``configs/NAME.yaml`` once per seed and write ``out/NAME.{md,json,png}`` (a file
     with a top-level ``sweep:`` runs :func:`run_sweep_bench` instead)."""
@@ -373,7 +376,7 @@ def run_sweep_bench(
     out: Path,
     overrides: Sequence[str] = (),
     runtime: Runtime | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _log.info,
 ) -> dict[str, Any]:
     """A grid of experiments: every ``group`` (a config file plus ``--set`` overrides) under
     every ``value`` (more overrides), over ``seeds``; reports each arm's final accuracy per

