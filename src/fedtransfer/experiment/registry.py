@@ -23,6 +23,8 @@ from fedtransfer.data.datasets import (
 from fedtransfer.data.partition import IID, Dirichlet, Natural, Partitioner, QuantitySkew, Shards
 from fedtransfer.data.sources import Digits, MNIST5k, Source
 from fedtransfer.models import CNN, LeafCNN, ModelFactory
+from fedtransfer.models.hub import HFSequenceClassifier, TimmModel, TorchvisionModel
+from fedtransfer.models.resnet import CifarResNetFactory
 from fedtransfer.models.text import MiniLM, Tokenized
 from fedtransfer.server.aggregate import Aggregator, Mean
 from fedtransfer.server.clipping import CenteredClipping, NormBound
@@ -105,7 +107,15 @@ GROUPS: dict[Any, dict[str, type]] = {
         "quantity_skew": QuantitySkew,
         "natural": Natural,
     },
-    ModelFactory: {"cnn": CNN, "leaf_cnn": LeafCNN, "minilm": MiniLM},
+    ModelFactory: {
+        "cnn": CNN,
+        "leaf_cnn": LeafCNN,
+        "minilm": MiniLM,
+        "cifar_resnet": CifarResNetFactory,
+        "hf_classifier": HFSequenceClassifier,
+        "timm": TimmModel,
+        "torchvision": TorchvisionModel,
+    },
     Objective: {
         "plain": Plain,
         "prox": Prox,

@@ -129,17 +129,72 @@ def load_cifar_resnet(
     return model.eval()
 
 
+RESNET_URL = (
+    "https://github.com/akamaster/pytorch_resnet_cifar10/raw/"
+    "d5489e8995e81e91ce6b1d69dcc98ad579b0b153/pretrained_models/"
+)
+RESNET_FOLDER = "resnet-cifar10-weights"
+PUBLISHED: dict[int, tuple[str, str]] = {
+    20: (
+        "resnet20-12fca82f.th",
+        "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8",
+    ),
+    56: (
+        "resnet56-4bfd9763.th",
+        "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367",
+    ),
+}
+"""The published CIFAR-10 checkpoints (Idelbayev's ``pytorch_resnet_cifar10``): file, sha256."""
+
+
 @dataclass(frozen=True)
 class CifarResNetFactory:
-    """Model factory for :class:`CifarResNet` (``model_fn``; ``init(seed)`` for scratch arms)."""
+    """Model factory for :class:`CifarResNet` (``kind: cifar_resnet``; ``init(seed)`` for
+    scratch arms).
+
+    With ``pretrained: true`` the model starts from the published CIFAR-10 weights of its
+    ``depth`` (20 or 56), read from ``resnet-cifar10-weights/`` in the data directory (``root``,
+    else ``--data-dir`` / ``$FEDTRANSFER_DATA``), sha256-checked, loaded with the safe loader;
+    ``download: true`` fetches a missing file. A ``num_classes`` other than 10 replaces the
+    final layer with a fresh one (seeded by ``init``). ``scratch(seed)`` is the same network
+    with every weight from ``seed``: the counterfactual for ``pretrain.from_model``."""
 
     depth: int = 20
     num_classes: int = 10
+    pretrained: bool = False
+    root: str | None = None
+    download: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pretrained and self.depth not in PUBLISHED:
+            raise ConfigError(
+                f"CifarResNetFactory: no published weights for depth {self.depth}; "
+                f"expected one of {sorted(PUBLISHED)} (or pretrained: false)"
+            )
 
     def __call__(self) -> nn.Module:
-        return CifarResNet(self.depth, self.num_classes)
+        if not self.pretrained:
+            return CifarResNet(self.depth, self.num_classes)
+        from fedtransfer.data.files import Remote, data_root, fetch
+
+        name, sha256 = PUBLISHED[self.depth]
+        path = fetch(
+            data_root(self.root) / RESNET_FOLDER,
+            [Remote(name, RESNET_URL + name, sha256=sha256)],
+            dataset=f"ResNet-{self.depth} weights",
+            download=self.download,
+        )[name]
+        model = load_cifar_resnet(path, depth=self.depth)
+        if self.num_classes != model.linear.out_features:
+            model.linear = nn.Linear(model.linear.in_features, self.num_classes)
+        return model
 
     def init(self, seed: int) -> nn.Module:
-        """A freshly initialised model whose weights depend only on ``seed``."""
+        """A model whose fresh weights (all of them, or a new head) depend only on ``seed``."""
         with global_cpu_seed(seed):
             return self()
+
+    def scratch(self, seed: int) -> nn.Module:
+        """The same architecture with every weight initialised from ``seed``."""
+        with global_cpu_seed(seed):
+            return CifarResNet(self.depth, self.num_classes)
