@@ -142,7 +142,7 @@ def run_buffered_step(
     )
     staleness = {p.result.client: state.round - p.version for p in arrived}
     scales = [fedbuff.staleness_weight(staleness[res.client]) for res, _, _ in kept]
-    applied = apply_updates(recipe, state, population, kept, scales=scales)
+    applied = apply_updates(recipe, state, len(population.clients), kept, scales=scales)
     applied[2]["async/staleness_mean"] = sum(staleness.values()) / max(len(staleness), 1)
     applied[2]["async/staleness_max"] = float(max(staleness.values(), default=0))
     applied[2]["attack/malicious"] = float(sum(res.client in sent.malicious for res in results))

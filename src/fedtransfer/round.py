@@ -71,7 +71,7 @@ def run_round(
     kept, rejected = receive(
         recipe, state, sent.results, r, plan=sent.plan, threat=threat, malicious=sent.malicious
     )
-    applied = apply_updates(recipe, state, population, kept)
+    applied = apply_updates(recipe, state, len(population.clients), kept)
     applied[2]["attack/malicious"] = float(sum(c in sent.malicious for c in cohort))
     applied[2]["schedule/stage"] = float(state.stage)
     return conclude(state, sent, sent.results, kept, rejected, applied, cohort=cohort, began=began)
@@ -140,6 +140,68 @@ class Dispatched:
     synced: dict[str, int]
 
 
+@dataclass(frozen=True, eq=False)
+class Outbound:
+    """What the server sends a round's clients, as bytes on the wire: the encoded global shared
+    keys and objective broadcast (to every client), the starting weights (to clients new to
+    the run) and stage hand-overs (to clients behind a stage). The simulator hands these to
+    client tasks; a deployment sends them in messages."""
+
+    plan: ParamPlan
+    downlink: bytes
+    broadcast: bytes | None
+    setup: bytes | None
+    new_clients: tuple[str, ...]
+    handovers: dict[str, tuple[tuple[str, ...], bytes]]
+    """client → (the keys it lacks, their encoded values)."""
+
+    def dispatched(
+        self,
+        recipe: Recipe,
+        state: ServerState,
+        clients: Sequence[str],
+        results: list[ClientResult],
+        *,
+        malicious: frozenset[str] = frozenset(),
+    ) -> Dispatched:
+        """The round's :class:`Dispatched` record: ``results`` and what sending this cost."""
+        return Dispatched(
+            results=results,
+            plan=self.plan,
+            bytes_down=(len(self.downlink) + len(self.broadcast or b"")) * len(clients)
+            + sum(len(h) for _, h in self.handovers.values()),
+            setup_bytes=len(self.setup) * len(self.new_clients) if self.setup else 0,
+            set_up=tuple(sorted(set(state.set_up) | set(self.new_clients))),
+            malicious=malicious,
+            synced={**state.synced, **dict.fromkeys(clients, state.stage)}
+            if isinstance(recipe.policy, StagePolicy)
+            else {},
+        )
+
+
+def outbound(
+    recipe: Recipe,
+    state: ServerState,
+    clients: Sequence[str],
+    *,
+    model_fn: Callable[[], nn.Module],
+) -> Outbound:
+    """Encode what the server sends ``clients`` this round (see :class:`Outbound`)."""
+    plan = recipe.plan(model_fn())
+    downlink = recipe.downlink.encode(state.params).to_bytes()
+    told = recipe.objective.broadcast(_part(state.server, "objective/"))
+    broadcast = recipe.downlink.encode(told).to_bytes() if told else None
+    set_up = set(state.set_up)
+    new_clients = tuple(c for c in clients if c not in set_up)
+    setup = SETUP_CODEC.encode(state.start).to_bytes() if new_clients else None
+    lacking = handover_keys(recipe, state, clients, list(new_clients), model_fn=model_fn)
+    handovers = {
+        c: (tuple(k), SETUP_CODEC.encode(tree.select(state.start, k)).to_bytes())
+        for c, k in lacking.items()
+    }
+    return Outbound(plan, downlink, broadcast, setup, new_clients, handovers)
+
+
 def dispatch(
     recipe: Recipe,
     state: ServerState,
@@ -152,47 +214,26 @@ def dispatch(
 ) -> Dispatched:
     """Broadcast the current global model to ``clients`` and run their updates."""
     r = state.round + 1
-    plan = recipe.plan(model_fn())
+    out = outbound(recipe, state, clients, model_fn=model_fn)
     malicious = threat.malicious(population.clients, seed=state.seed) if threat else frozenset()
-    downlink = recipe.downlink.encode(state.params).to_bytes()
-    told = recipe.objective.broadcast(_part(state.server, "objective/"))
-    broadcast = recipe.downlink.encode(told).to_bytes() if told else None
-    set_up = set(state.set_up)
-    new_clients = [c for c in clients if c not in set_up]
-    setup = SETUP_CODEC.encode(state.start).to_bytes() if new_clients else None
-    lacking = handover_keys(recipe, state, clients, new_clients, model_fn=model_fn)
-    handovers = {
-        c: SETUP_CODEC.encode(tree.select(state.start, k)).to_bytes() for c, k in lacking.items()
-    }
     tasks = [
         ClientTask(
             client=c,
             round=r,
             seed=state.seed,
-            downlink=downlink,
+            downlink=out.downlink,
             data=_data_for(c, population, threat, malicious, state.seed, r),
-            **_holdings(state, plan, c, lacking.get(c, ())),
+            **_holdings(state, out.plan, c, out.handovers.get(c, ((), b""))[0]),
             start_sha256=state.start_sha256,
-            setup=setup if c in new_clients else None,
+            setup=out.setup if c in out.new_clients else None,
             memory=state.memory.get(c, {}),
-            broadcast=broadcast,
-            handover=handovers.get(c),
+            broadcast=out.broadcast,
+            handover=out.handovers[c][1] if c in out.handovers else None,
         )
         for c in clients
     ]
     results = runtime.map(ClientUpdate(recipe, model_fn), tasks)
-    return Dispatched(
-        results=results,
-        plan=plan,
-        bytes_down=(len(downlink) + len(broadcast or b"")) * len(clients)
-        + sum(len(h) for h in handovers.values()),
-        setup_bytes=len(setup) * len(new_clients) if setup else 0,
-        set_up=tuple(sorted(set_up | set(new_clients))),
-        malicious=malicious,
-        synced={**state.synced, **dict.fromkeys(clients, state.stage)}
-        if isinstance(recipe.policy, StagePolicy)
-        else {},
-    )
+    return out.dispatched(recipe, state, clients, results, malicious=malicious)
 
 
 Received = list[tuple[ClientResult, dict[str, Tensor], State]]
@@ -238,7 +279,7 @@ def receive(
 def apply_updates(
     recipe: Recipe,
     state: ServerState,
-    population: FederatedDataset,
+    population_size: int,
     kept: Received,
     *,
     scales: Sequence[float] | None = None,
@@ -258,7 +299,7 @@ def apply_updates(
         state=state.server,
         objective=recipe.objective,
         extras=[e for _, _, e in kept],
-        population_size=len(population.clients),
+        population_size=population_size,
     )
     metrics.update({f"server/{k}": v for k, v in out.metrics.items()})
     return tree.add(state.params, out.value), out.state, metrics

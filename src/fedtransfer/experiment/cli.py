@@ -183,6 +183,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     with_runtime(transfer)
 
+    dep = sub.add_parser("deploy", help="run an arm across machines on Flower's deployment engine")
+    dep_sub = dep.add_subparsers(dest="deploy_command", required=True)
+    certs = dep_sub.add_parser("certs", help="write a test CA, server certificate and node keys")
+    certs.add_argument("folder")
+    certs.add_argument("--nodes", type=int, default=3, help="node key pairs (default 3)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="server name or IP the certificate covers "
+        "(repeatable; localhost, 127.0.0.1 and ::1 always)",
+    )
+    server = dep_sub.add_parser("server", help="start the SuperLink and run one arm")
+    with_config(server)
+    server.add_argument("--certs", required=True, help="folder from `deploy certs`")
+    server.add_argument("--arm", help="the arm to run (default: the first federated one)")
+    server.add_argument("--address", default="127.0.0.1:9092", help="HOST:PORT to serve on")
+    server.add_argument("--run-dir", default="runs/deploy", help="where results go")
+    server.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    server.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for clients")
+    server.add_argument("--eval-every", type=int, default=0, help="also evaluate every N rounds")
+    client = dep_sub.add_parser("client", help="start the SuperNode of one client")
+    with_config(client)
+    client.add_argument("--partition", type=int, required=True, help="this client's index")
+    client.add_argument("--certs", required=True, help="folder with ca.crt and node<I>")
+    client.add_argument("--superlink", default="127.0.0.1:9092", help="the server's HOST:PORT")
+    client.add_argument("--port", type=int, help="local port for its apps (default 9100 + I)")
+    client.add_argument("--home", help="Flower state folder (default runs/deploy-client-I)")
+
     show = sub.add_parser("config", help="print the resolved configuration as YAML")
     with_config(show)
     return p
@@ -312,11 +341,64 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.out:
             path = report.write_partition(stats, args.out)
             console.print(f"partition report: [bold]{path}[/]")
+    elif args.command == "deploy":
+        return _deploy(args)
     elif args.command == "config":
         console.print(
             cfgio.to_yaml(load_config(args.config, args.set)), highlight=False, markup=False
         )
     return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from fedtransfer.deploy.commands import client_process, run_server
+    from fedtransfer.deploy.launch import Credentials, make_credentials
+
+    if args.deploy_command == "certs":
+        creds = make_credentials(
+            args.folder, nodes=args.nodes, hosts=("localhost", "127.0.0.1", "::1", *args.host)
+        )
+        console.print(
+            f"CA, server certificate and {args.nodes} node keys in [bold]{creds.folder}[/]"
+        )
+        return 0
+    cfg = load_config(args.config, args.set)
+    creds = Credentials(Path(args.certs))
+    if not creds.ca.is_file():
+        raise ConfigError(
+            f"--certs {args.certs}: no ca.crt there; hint: fedtransfer deploy certs {args.certs}"
+        )
+    if args.deploy_command == "server":
+        arm = args.arm or next((a.name for a in cfg.arms if a.mode == "federated"), "")
+        done = run_server(
+            cfg,
+            arm=arm,
+            creds=creds,
+            address=args.address,
+            run_dir=args.run_dir,
+            threads=args.threads,
+            timeout=args.timeout,
+            eval_every=args.eval_every,
+            say=console.print,
+        )
+        console.print(f"run {done.run_id}: {done.status}; results in [bold]{done.run_dir}[/]")
+        last = (done.run_dir / "metrics.jsonl").read_text().splitlines()[-1]
+        console.print_json(last)
+        return 0
+    if not 0 <= args.partition < cfg.data.num_clients:
+        raise ConfigError(
+            f"--partition {args.partition}: the configuration has {cfg.data.num_clients} "
+            f"clients, so 0..{cfg.data.num_clients - 1}"
+        )
+    node = client_process(
+        superlink=args.superlink,
+        creds=creds,
+        partition=args.partition,
+        num_partitions=cfg.data.num_clients,
+        port=args.port or 9100 + args.partition,
+        home=args.home or f"runs/deploy-client-{args.partition}",
+    )
+    return node.wait()
 
 
 if __name__ == "__main__":

@@ -149,6 +149,31 @@ def resume(
     return run_experiment(load_config(path), root, observer=observer, runtime=runtime)
 
 
+def start_state(
+    config: ExperimentConfig, run_dir: str | os.PathLike[str], arm_name: str
+) -> tuple[ArmConfig, Recipe, ServerState]:
+    """The arm ``arm_name``, its recipe and the state its round 1 starts from, as
+    :func:`run_experiment` makes them (pre-training in ``run_dir`` if the arm needs it, or
+    reusing what is there): for deployments, whose rounds a transport drives."""
+    arms = {arm.name: arm for arm in config.arms}
+    if arm_name not in arms:
+        raise ConfigError(f"arm {arm_name!r} is not in the configuration; its arms: {sorted(arms)}")
+    arm = arms[arm_name]
+    if arm.mode != "federated" or (arm.fedbuff or config.fedbuff) or config.threat:
+        raise ConfigError(
+            f"arm {arm_name!r}: only synchronous federated arms deploy (mode: federated, no "
+            f"fedbuff, no threat); got mode {arm.mode!r}"
+        )
+    root = Path(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _atomic_write(root / CONFIG_FILE, cfgio.to_yaml(config))
+    run = _Run(config, root, _quiet, SerialRuntime())
+    checkpoint = run._pretrained(run._manifest()) if arm.init == "pretrained" else None
+    recipe = config.recipe(arm)
+    state = ServerState.initial(recipe, run._start_model(arm, checkpoint), seed=config.seed)
+    return arm, recipe, state
+
+
 def load_config(
     path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()
 ) -> ExperimentConfig:

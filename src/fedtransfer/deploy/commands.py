@@ -1,0 +1,142 @@
+"""``fedtransfer deploy server`` and ``deploy client``: one federation run on Flower's
+deployment engine, from an experiment file, with TLS and node authentication on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtransfer.deploy.launch import (
+    CONNECTION,
+    Credentials,
+    flower_env,
+    flwr,
+    superlink_command,
+    supernode_command,
+    wait_healthy,
+    write_app,
+    write_connection,
+)
+from fedtransfer.errors import FedTransferError
+from fedtransfer.experiment.schema import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A finished deployed run: its folder (checkpoints, ``metrics.jsonl``, the Flower app and
+    logs), Flower's run id and status, and Flower's own traffic count for the run."""
+
+    run_dir: Path
+    run_id: str
+    status: str
+    traffic: dict[str, Any]
+
+
+def run_server(
+    config: ExperimentConfig,
+    *,
+    arm: str,
+    creds: Credentials,
+    address: str,
+    run_dir: str | os.PathLike[str],
+    threads: int = 1,
+    timeout: float = 600.0,
+    eval_every: int = 0,
+    say: Callable[[str], None] = lambda _: None,
+) -> Deployment:
+    """Start a SuperLink (TLS, node authentication, the node keys in ``creds`` registered),
+    submit ``arm`` of ``config`` as a Flower app, wait until it finishes, stop the SuperLink.
+    The clients are started separately (:func:`run_client`), before or after."""
+    root = Path(run_dir).resolve()
+    home = root / "flower"
+    app = write_app(
+        config,
+        root / "flower-app",
+        arm=arm,
+        out_dir=root,
+        threads=threads,
+        timeout=timeout,
+        eval_every=eval_every,
+    )
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "superlink.log", "ab") as log:
+        link = subprocess.Popen(
+            superlink_command(creds, address=address, database=home / "superlink.db"),
+            env=flower_env(home / "link"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_healthy(address, creds.ca)
+        write_connection(home / "cli", address=address, ca=creds.ca)
+        for key in creds.node_public_keys():
+            flwr(home / "cli", "supernode", "register", str(key), CONNECTION, "--name", key.stem)
+        say(f"SuperLink on https://{address}: {len(creds.node_public_keys())} node keys allowed")
+        submitted = json.loads(flwr(home / "cli", "run", str(app), CONNECTION, "--format", "json"))
+        run_id = str(submitted["run-id"])
+        say(f"run {run_id} submitted; waiting for the clients and {config.rounds} rounds")
+        status, traffic = _wait(home / "cli", run_id, timeout + 60.0 * config.rounds)
+        (home / "serverapp.log").write_text(flwr(home / "cli", "log", run_id, CONNECTION, "--show"))
+    finally:
+        link.terminate()
+        try:
+            link.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            link.kill()
+    if status != "finished:completed":
+        raise FedTransferError(
+            f"deploy: run {run_id} ended {status}; see {home / 'serverapp.log'} and "
+            f"{home / 'superlink.log'}"
+        )
+    return Deployment(root, run_id, status, traffic)
+
+
+def _wait(home: Path, run_id: str, timeout: float) -> tuple[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        listing = json.loads(flwr(home, "ls", CONNECTION, "--run-id", run_id, "--format", "json"))
+        run = listing["runs"][0]
+        if str(run["status"]).startswith("finished") or time.monotonic() > deadline:
+            return str(run["status"]), dict(run.get("network-traffic", {}))
+        time.sleep(1.0)
+
+
+def client_process(
+    *,
+    superlink: str,
+    creds: Credentials,
+    partition: int,
+    num_partitions: int,
+    port: int,
+    home: str | os.PathLike[str],
+    log: Path | None = None,
+    insecure: bool = False,
+    key: Path | None = None,
+    max_retries: int | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start the SuperNode of client ``partition``: TLS against the credentials' CA and
+    authenticated by ``node<partition>`` (or ``key``); ``insecure`` tries plaintext instead,
+    which a TLS SuperLink refuses."""
+    cmd = supernode_command(
+        superlink=superlink,
+        ca=None if insecure else creds.ca,
+        key=None if insecure else (key or creds.node_key(partition)),
+        partition=partition,
+        num_partitions=num_partitions,
+        port=port,
+        max_retries=max_retries,
+    )
+    out = open(log, "ab") if log is not None else None  # noqa: SIM115 (the child owns it)
+    try:
+        return subprocess.Popen(
+            cmd, env=flower_env(home), stdout=out, stderr=subprocess.STDOUT if out else None
+        )
+    finally:
+        if out is not None:
+            out.close()
