@@ -131,3 +131,32 @@ def test_start_state_refuses_arms_that_do_not_deploy(tmp_path: Path) -> None:
     cfg = load_config(None, SMALL)
     with pytest.raises(ConfigError, match="not in the configuration"):
         start_state(cfg, tmp_path, "nope")
+
+
+def test_a_resumed_deployment_sets_clients_up_again_and_continues(tmp_path: Path) -> None:
+    from fedtransfer.deploy.federation import resumed
+    from fedtransfer.state import save_state
+
+    cfg = _config([], "pretrained-full")
+    run_experiment(cfg, tmp_path / "sim")
+    simulated = load_state(tmp_path / "sim" / "checkpoints" / "pretrained-full")
+    _, recipe, state = start_state(cfg, tmp_path / "dep", "pretrained-full")
+    population = build_population(cfg)
+    held = {c: Holdings() for c in population.clients}
+
+    def send(requests: list[Request]) -> dict[str, Reply]:
+        out = {}
+        for req in requests:
+            out[req.client], held[req.client] = client_round(
+                req, held[req.client], population.train[req.client], recipe, model_fn=cfg.model
+            )
+        return out
+
+    for _ in range(2):
+        state, _ = server_round(recipe, state, population.clients, send, model_fn=cfg.model)
+    save_state(state, tmp_path / "ck")
+    held = {c: Holdings() for c in population.clients}  # the new run's nodes hold nothing
+    state = resumed(load_state(tmp_path / "ck"))
+    state, rep = server_round(recipe, state, population.clients, send, model_fn=cfg.model)
+    assert not rep.rejected and rep.setup_bytes > 0
+    assert tree.sha256(state.params) == tree.sha256(simulated.params)

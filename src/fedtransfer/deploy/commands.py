@@ -65,6 +65,8 @@ def run_server(
         eval_every=eval_every,
     )
     home.mkdir(parents=True, exist_ok=True)
+    for stale in home.glob("superlink.db*"):  # node keys are registered anew on every start
+        stale.unlink()
     with open(home / "superlink.log", "ab") as log:
         link = subprocess.Popen(
             superlink_command(creds, address=address, database=home / "superlink.db"),

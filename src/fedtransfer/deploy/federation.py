@@ -138,6 +138,13 @@ def server_round(
     return conclude(state, sent, results, kept, rejected, applied, cohort=cohort, began=began)
 
 
+def resumed(state: ServerState) -> ServerState:
+    """A checkpointed server state, continued in a new deployment: the clients' holdings lived
+    in the previous run's nodes, so every client is set up again (its starting weights sent
+    and verified anew); local keys and objective memory restart from the starting weights."""
+    return state.replace(set_up=(), synced={}, clients={}, memory={})
+
+
 @dataclass(frozen=True, eq=False)
 class Holdings:
     """What a client keeps between rounds: the starting weights it verified (updated by stage

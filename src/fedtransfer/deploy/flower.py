@@ -32,6 +32,7 @@ from fedtransfer.deploy.federation import (
     Request,
     client_evaluate,
     client_round,
+    resumed,
     server_round,
 )
 from fedtransfer.errors import FedTransferError
@@ -220,8 +221,9 @@ def serve(grid: Grid, cfg: ExperimentConfig, run_config: Mapping[str, Any]) -> S
     timeout = float(run_config.get("timeout", 300))
     folder = out / "checkpoints" / arm_name
     _, recipe, state = start_state(cfg, out, arm_name)
-    if (folder / "latest.json").exists():
-        state = load_state(folder)  # a restarted server never loses a finished round
+    if (folder / "latest.json").exists():  # a restarted server never loses a finished round
+        state = resumed(load_state(folder))
+        log.warning("deploy: continuing from round %d; clients are set up again", state.round)
     nodes = _connect(grid, cfg.data.num_clients, timeout)
     clients = sorted(nodes, key=lambda c: nodes[c][1])
     log.info("deploy: %d clients online: %s", len(clients), clients)

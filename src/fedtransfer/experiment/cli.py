@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,12 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--superlink", default="127.0.0.1:9092", help="the server's HOST:PORT")
     client.add_argument("--port", type=int, help="local port for its apps (default 9100 + I)")
     client.add_argument("--home", help="Flower state folder (default runs/deploy-client-I)")
+    client.add_argument(
+        "--retries",
+        type=int,
+        default=20,
+        help="restart a node the server refuses at once (started too early; default 20)",
+    )
 
     show = sub.add_parser("config", help="print the resolved configuration as YAML")
     with_config(show)
@@ -390,15 +397,24 @@ def _deploy(args: argparse.Namespace) -> int:
             f"--partition {args.partition}: the configuration has {cfg.data.num_clients} "
             f"clients, so 0..{cfg.data.num_clients - 1}"
         )
-    node = client_process(
-        superlink=args.superlink,
-        creds=creds,
-        partition=args.partition,
-        num_partitions=cfg.data.num_clients,
-        port=args.port or 9100 + args.partition,
-        home=args.home or f"runs/deploy-client-{args.partition}",
-    )
-    return node.wait()
+    code = 0
+    for attempt in range(args.retries + 1):
+        began = time.monotonic()
+        node = client_process(
+            superlink=args.superlink,
+            creds=creds,
+            partition=args.partition,
+            num_partitions=cfg.data.num_clients,
+            port=args.port or 9100 + args.partition,
+            home=args.home or f"runs/deploy-client-{args.partition}",
+        )
+        code = node.wait()
+        if code == 0 or time.monotonic() - began > 60 or attempt == args.retries:
+            break
+        # refused at once (the server not up yet, or its node keys not yet registered): retry
+        console.print(f"client {args.partition}: the SuperLink refused it (exit {code}); retrying")
+        time.sleep(3.0)
+    return code
 
 
 if __name__ == "__main__":
