@@ -23,6 +23,7 @@ from fedtransfer.deploy.launch import (
     write_app,
     write_connection,
 )
+from fedtransfer.deploy.secure import SecureAggregation
 from fedtransfer.errors import FedTransferError
 from fedtransfer.experiment.schema import ExperimentConfig
 
@@ -48,11 +49,14 @@ def run_server(
     threads: int = 1,
     timeout: float = 600.0,
     eval_every: int = 0,
+    secure: SecureAggregation | None = None,
     say: Callable[[str], None] = lambda _: None,
 ) -> Deployment:
     """Start a SuperLink (TLS, node authentication, the node keys in ``creds`` registered),
     submit ``arm`` of ``config`` as a Flower app, wait until it finishes, stop the SuperLink.
     The clients are started separately (:func:`run_client`), before or after."""
+    if secure is not None:
+        _check_secure(config, arm, secure)
     root = Path(run_dir).resolve()
     home = root / "flower"
     app = write_app(
@@ -63,6 +67,7 @@ def run_server(
         threads=threads,
         timeout=timeout,
         eval_every=eval_every,
+        secure=secure,
     )
     home.mkdir(parents=True, exist_ok=True)
     for stale in home.glob("superlink.db*"):  # node keys are registered anew on every start
@@ -97,6 +102,20 @@ def run_server(
             f"{home / 'superlink.log'}"
         )
     return Deployment(root, run_id, status, traffic)
+
+
+def _check_secure(config: ExperimentConfig, arm: str, secure: SecureAggregation) -> None:
+    """Secure aggregation's settings against the arm's recipe, before anything starts."""
+    from fedtransfer import tree
+
+    recipe = config.recipe(next(a for a in config.arms if a.name == arm))
+    model = recipe.policy.prepare(config.model())
+    plan = recipe.policy.plan(model)
+    clients = [str(i) for i in range(config.data.num_clients)]
+    cohort = len(recipe.sampler.sample(clients, seed=config.seed, round=1))
+    secure.clipping_range(
+        recipe, cohort, params=tree.select(model.state_dict(), plan.shared), plan=plan
+    )
 
 
 def _wait(home: Path, run_id: str, timeout: float) -> tuple[str, dict[str, Any]]:

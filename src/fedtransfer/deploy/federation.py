@@ -34,7 +34,13 @@ from fedtransfer.codecs import Payload
 from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import CompatibilityError, FedTransferError
 from fedtransfer.recipe import Recipe
-from fedtransfer.round import RoundReport, apply_updates, conclude, outbound, receive
+from fedtransfer.round import (
+    RoundReport,
+    apply_updates,
+    conclude,
+    outbound,
+    receive,
+)
 from fedtransfer.staged import begin_round
 from fedtransfer.state import ServerState
 from fedtransfer.transfer.schedule import stage_recipe

@@ -35,10 +35,12 @@ from fedtransfer.deploy.federation import (
     resumed,
     server_round,
 )
+from fedtransfer.deploy.secure import SecureAggregation, secure_round
 from fedtransfer.errors import FedTransferError
 from fedtransfer.experiment.run import build_population, load_config, start_state
 from fedtransfer.experiment.schema import ExperimentConfig
 from fedtransfer.state import ServerState, load_state, save_state
+from fedtransfer.transfer.schedule import stage_recipe
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +149,16 @@ def _keep(context: Context, held: Holdings) -> None:
     context.state[KEY] = ConfigRecord({**enc, "stage": held.stage})
 
 
-def client_app(config_path: str | Path) -> ClientApp:
+def client_app(config_path: str | Path, *, secure: bool = False) -> ClientApp:
     """The ``ClientApp``: train and evaluate handlers run the simulator's client code on the
-    node's partition (``--node-config "partition-id=I"``) of the bundled experiment."""
-    app = ClientApp()
+    node's partition (``--node-config "partition-id=I"``) of the bundled experiment; with
+    ``secure``, its updates are bounded and masked by SecAgg+ (``secaggplus_mod``)."""
+    if secure:
+        from flwr.client.mod import secaggplus_mod
+
+        app = ClientApp(mods=[secaggplus_mod])
+    else:
+        app = ClientApp()
     path = str(config_path)
 
     def side(context: Context) -> tuple[ExperimentConfig, str, Any]:
@@ -170,6 +178,8 @@ def client_app(config_path: str | Path) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg, name, population = side(context)
+        if secure:
+            return _secure_train(msg, context, cfg, name, population)
         req = request_of(msg)
         if req.client != name:
             raise FedTransferError(f"this node holds client {name}, the server asked {req.client}")
@@ -195,6 +205,28 @@ def client_app(config_path: str | Path) -> ClientApp:
     return app
 
 
+def _secure_train(
+    msg: Message, context: Context, cfg: ExperimentConfig, name: str, population: Any
+) -> Message:
+    from fedtransfer.deploy.flower_secure import fit_reply, request_of_fitins
+    from fedtransfer.deploy.secure import bounded, norm_bound
+
+    req = request_of_fitins(msg)
+    if req.client != name:
+        raise FedTransferError(f"this node holds client {name}, the server asked {req.client}")
+    recipe = cfg.recipe(_arm(cfg, str(context.run_config["arm"])))
+    reply, held = client_round(
+        req, _holdings(context), population.train[name], recipe, model_fn=cfg.model
+    )
+    if reply.error:
+        raise FedTransferError(reply.error)
+    _keep(context, held)
+    current, _ = stage_recipe(recipe, req.round)
+    update = current.uplink.decode(Payload.from_bytes(reply.uplink))
+    c = norm_bound(current)  # checked by the server before round 1
+    return fit_reply(bounded(update, c), reply.num_examples, msg)
+
+
 def _arm(cfg: ExperimentConfig, name: str) -> Any:
     return next(a for a in cfg.arms if a.name == name)
 
@@ -209,13 +241,20 @@ def server_app(config_path: str | Path) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, load_config(str(config_path)), dict(context.run_config))
+        serve(grid, load_config(str(config_path)), dict(context.run_config), context=context)
 
     return app
 
 
-def serve(grid: Grid, cfg: ExperimentConfig, run_config: Mapping[str, Any]) -> ServerState:
-    """Run (or resume) the deployed arm; writes ``metrics.jsonl`` and checkpoints."""
+def serve(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    run_config: Mapping[str, Any],
+    *,
+    context: Context | None = None,
+) -> ServerState:
+    """Run (or resume) the deployed arm; writes ``metrics.jsonl`` and checkpoints. With
+    ``secure`` in the run config, every round's updates are aggregated by SecAgg+."""
     torch.set_num_threads(int(run_config.get("threads", 1)))
     out, arm_name = Path(str(run_config["out-dir"])), str(run_config["arm"])
     timeout = float(run_config.get("timeout", 300))
@@ -227,9 +266,13 @@ def serve(grid: Grid, cfg: ExperimentConfig, run_config: Mapping[str, Any]) -> S
     nodes = _connect(grid, cfg.data.num_clients, timeout)
     clients = sorted(nodes, key=lambda c: nodes[c][1])
     log.info("deploy: %d clients online: %s", len(clients), clients)
+    secure = _secure(grid, context, cfg, recipe, state, nodes, run_config, timeout)
     while state.round < cfg.rounds:
         send = _Transport(grid, nodes, timeout)
-        state, rep = server_round(recipe, state, clients, send, model_fn=cfg.model)
+        if secure is not None:
+            state, rep = secure_round(recipe, state, clients, secure, model_fn=cfg.model)
+        else:
+            state, rep = server_round(recipe, state, clients, send, model_fn=cfg.model)
         save_state(state, folder)
         record = {
             "round": state.round,
@@ -255,11 +298,49 @@ def serve(grid: Grid, cfg: ExperimentConfig, run_config: Mapping[str, Any]) -> S
     return state
 
 
+def _secure(
+    grid: Grid,
+    context: Context | None,
+    cfg: ExperimentConfig,
+    recipe: Any,
+    state: ServerState,
+    nodes: Mapping[str, tuple[int, int, int]],
+    run_config: Mapping[str, Any],
+    timeout: float,
+) -> Any:
+    """The SecAgg+ transport when the run asks for it, its settings checked before round 1."""
+    if not run_config.get("secure", False):
+        return None
+    from fedtransfer.deploy.flower_secure import SecureTransport
+
+    if context is None:
+        raise FedTransferError("deploy: secure aggregation needs the ServerApp's context")
+    settings = SecureAggregation(
+        num_shares=float(run_config.get("secure-num-shares", 1.0)),
+        reconstruction_threshold=float(run_config.get("secure-threshold", 0.67)),
+        quantization_range=int(run_config.get("secure-quantization-range", 2**22)),
+        modulus_range=int(run_config.get("secure-modulus-range", 2**32)),
+    )
+    plan = recipe.plan(cfg.model())
+    cohort = len(recipe.sampler.sample(list(nodes), seed=state.seed, round=state.round + 1))
+    clip = settings.clipping_range(recipe, cohort, params=state.params, plan=plan)
+    return SecureTransport(
+        grid,
+        context,
+        {c: n for c, (n, _, _) in nodes.items()},
+        settings=settings,
+        clipping_range=clip,
+        max_weight=float(max(w for _, _, w in nodes.values())),
+        keys=sorted(state.params),
+        timeout=timeout,
+    )
+
+
 class _Transport:
     """One round's requests as Flower messages to their clients' nodes, the replies back; it
     records each message's size on the wire."""
 
-    def __init__(self, grid: Grid, nodes: Mapping[str, tuple[int, int]], timeout: float):
+    def __init__(self, grid: Grid, nodes: Mapping[str, tuple[int, int, int]], timeout: float):
         self.grid, self.nodes, self.timeout = grid, nodes, timeout
         self.down: list[int] = []
         self.up: list[int] = []
@@ -278,8 +359,9 @@ class _Transport:
         return replies
 
 
-def _connect(grid: Grid, expected: int, timeout: float) -> dict[str, tuple[int, int]]:
-    """client name → (node id, partition order), once ``expected`` nodes answer a query."""
+def _connect(grid: Grid, expected: int, timeout: float) -> dict[str, tuple[int, int, int]]:
+    """client name → (node id, partition, training examples), once ``expected`` nodes answer
+    a query."""
     deadline = time.monotonic() + timeout
     while len(ids := sorted(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
@@ -289,7 +371,7 @@ def _connect(grid: Grid, expected: int, timeout: float) -> dict[str, tuple[int, 
             )
         time.sleep(1.0)
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in ids]
-    nodes: dict[str, tuple[int, int]] = {}
+    nodes: dict[str, tuple[int, int, int]] = {}
     for answer in grid.send_and_receive(msgs, timeout=timeout):
         if answer.has_error():
             raise FedTransferError(f"deploy: a client failed to start: {answer.error.reason}")
@@ -297,7 +379,7 @@ def _connect(grid: Grid, expected: int, timeout: float) -> dict[str, tuple[int, 
         name = str(f["client"])
         if name in nodes:
             raise FedTransferError(f"deploy: two nodes hold client {name} (same partition-id)")
-        nodes[name] = (answer.metadata.src_node_id, int(f["partition"]))
+        nodes[name] = (answer.metadata.src_node_id, int(f["partition"]), int(f["num_examples"]))
     return nodes
 
 
@@ -305,7 +387,7 @@ def _evaluate(
     grid: Grid,
     recipe: Any,
     state: ServerState,
-    nodes: Mapping[str, tuple[int, int]],
+    nodes: Mapping[str, tuple[int, int, int]],
     timeout: float,
 ) -> dict[str, Any]:
     downlink = recipe.downlink.encode(state.params).to_bytes()
@@ -324,7 +406,7 @@ def _evaluate(
             n,
             kind="evaluate",
         )
-        for c, (n, _) in nodes.items()
+        for c, (n, _, _) in nodes.items()
     ]
     per_client = {}
     for a in grid.send_and_receive(msgs, timeout=timeout):

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedtransfer.deploy.secure import SecureAggregation
 from fedtransfer.errors import FedTransferError
 from fedtransfer.experiment import config as cfgio
 from fedtransfer.experiment.schema import ExperimentConfig
@@ -143,9 +144,11 @@ def write_app(
     threads: int = 1,
     timeout: float = 300.0,
     eval_every: int = 0,
+    secure: SecureAggregation | None = None,
 ) -> Path:
     """A Flower app in ``folder`` that runs ``arm`` of ``config`` (bundled as
-    ``experiment.yaml``) with ``flwr run``; the server writes to ``out_dir`` on its machine."""
+    ``experiment.yaml``) with ``flwr run``; the server writes to ``out_dir`` on its machine.
+    ``secure`` aggregates every round with SecAgg+ (checked before round 1)."""
     if arm not in {a.name for a in config.arms}:
         raise FedTransferError(
             f"deploy: arm {arm!r} is not in the configuration; its arms: "
@@ -162,7 +165,7 @@ def write_app(
         "from fedtransfer.deploy.flower import client_app, server_app\n\n"
         'CONFIG = Path(__file__).with_name("experiment.yaml")\n'
         "server = server_app(CONFIG)\n"
-        "client = client_app(CONFIG)\n"
+        f"client = client_app(CONFIG, secure={secure is not None})\n"
     )
     settings = {
         "arm": json.dumps(arm),
@@ -170,7 +173,17 @@ def write_app(
         "threads": str(int(threads)),
         "timeout": repr(float(timeout)),
         "eval-every": str(int(eval_every)),
+        "secure": "true" if secure is not None else "false",
     }
+    if secure is not None:
+        settings.update(
+            {
+                "secure-num-shares": repr(float(secure.num_shares)),
+                "secure-threshold": repr(float(secure.reconstruction_threshold)),
+                "secure-quantization-range": str(secure.quantization_range),
+                "secure-modulus-range": str(secure.modulus_range),
+            }
+        )
     (root / "pyproject.toml").write_text(
         "[build-system]\n"
         'requires = ["hatchling"]\n'

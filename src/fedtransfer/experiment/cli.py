@@ -205,6 +205,15 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--threads", type=int, default=1, help="torch threads per process")
     server.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for clients")
     server.add_argument("--eval-every", type=int, default=0, help="also evaluate every N rounds")
+    server.add_argument(
+        "--secure",
+        action="store_true",
+        help="aggregate with SecAgg+ (needs the norm_bound aggregator: its bound is the "
+        "clipping range)",
+    )
+    server.add_argument(
+        "--secure-quantization-range", type=int, default=2**22, help="SecAgg+ levels (2^22)"
+    )
     client = dep_sub.add_parser("client", help="start the SuperNode of one client")
     with_config(client)
     client.add_argument("--partition", type=int, required=True, help="this client's index")
@@ -360,6 +369,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _deploy(args: argparse.Namespace) -> int:
     from fedtransfer.deploy.commands import client_process, run_server
     from fedtransfer.deploy.launch import Credentials, make_credentials
+    from fedtransfer.deploy.secure import SecureAggregation
 
     if args.deploy_command == "certs":
         creds = make_credentials(
@@ -386,6 +396,9 @@ def _deploy(args: argparse.Namespace) -> int:
             threads=args.threads,
             timeout=args.timeout,
             eval_every=args.eval_every,
+            secure=SecureAggregation(quantization_range=args.secure_quantization_range)
+            if args.secure
+            else None,
             say=console.print,
         )
         console.print(f"run {done.run_id}: {done.status}; results in [bold]{done.run_dir}[/]")
