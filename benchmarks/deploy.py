@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
-import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,8 +27,7 @@ import torch
 from sweep import header, write
 
 from fedtransfer import tree
-from fedtransfer.deploy.commands import Deployment, client_process, run_server
-from fedtransfer.deploy.launch import make_credentials
+from fedtransfer.deploy.commands import run_loopback
 from fedtransfer.experiment.machine import load_average
 from fedtransfer.experiment.run import load_config, run_experiment
 from fedtransfer.state import load_state
@@ -40,68 +36,15 @@ ARMS = ("pretrained-full", "pretrained-head")
 CLIENTS = 3
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _deploy(cfg: Any, arm: str, root: Path) -> tuple[Deployment, float]:
-    creds = make_credentials(root / "creds", nodes=CLIENTS)
-    address = f"127.0.0.1:{_port()}"
-    ready, outcome = threading.Event(), {}
-
-    def serve() -> None:
-        try:
-            outcome["done"] = run_server(
-                cfg,
-                arm=arm,
-                creds=creds,
-                address=address,
-                run_dir=root / "dep",
-                timeout=300,
-                say=lambda text: ready.set() if "node keys allowed" in text else None,
-            )
-        finally:
-            ready.set()
-
-    began = time.perf_counter()
-    server = threading.Thread(target=serve)
-    server.start()
-    ready.wait(300)
-    nodes = [
-        client_process(
-            superlink=address,
-            creds=creds,
-            partition=i,
-            num_partitions=CLIENTS,
-            port=_port(),
-            home=root / f"node{i}",
-            log=root / f"node{i}.log",
-        )
-        for i in range(CLIENTS)
-    ]
-    server.join()
-    wall = time.perf_counter() - began
-    for node in nodes:
-        node.terminate()
-    for node in nodes:
-        try:
-            node.wait(20)
-        except subprocess.TimeoutExpired:
-            node.kill()
-    if "done" not in outcome:
-        raise RuntimeError(f"the deployed run of {arm} failed; see {root}")
-    return outcome["done"], wall
-
-
 def _arm(cfg: Any, arm: str, work: Path) -> dict[str, Any]:
     one = replace(cfg, arms=tuple(a for a in cfg.arms if a.name == arm))
     run_experiment(one, work / "sim")
     sim_records = [json.loads(line) for line in (work / "sim" / "metrics.jsonl").open()]
     sim_rounds = [r for r in sim_records if r["arm"] == arm and r["round"] > 0]
     shutil.copytree(work / "sim" / "pretrain", work / "dep" / "pretrain")
-    done, wall = _deploy(one, arm, work)
+    began = time.perf_counter()
+    done = run_loopback(one, arm=arm, root=work, timeout=300)
+    wall = time.perf_counter() - began
     dep_rounds = [json.loads(line) for line in (done.run_dir / "metrics.jsonl").open()]
     same = tree.sha256(load_state(work / "sim" / "checkpoints" / arm).params) == tree.sha256(
         load_state(done.run_dir / "checkpoints" / arm).params

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +53,7 @@ def run_server(
     eval_every: int = 0,
     secure: SecureAggregation | None = None,
     say: Callable[[str], None] = lambda _: None,
+    on_ready: Callable[[], None] = lambda: None,
 ) -> Deployment:
     """Start a SuperLink (TLS, node authentication, the node keys in ``creds`` registered),
     submit ``arm`` of ``config`` as a Flower app, wait until it finishes, stop the SuperLink.
@@ -85,6 +88,7 @@ def run_server(
         for key in creds.node_public_keys():
             flwr(home / "cli", "supernode", "register", str(key), CONNECTION, "--name", key.stem)
         say(f"SuperLink on https://{address}: {len(creds.node_public_keys())} node keys allowed")
+        on_ready()
         submitted = json.loads(flwr(home / "cli", "run", str(app), CONNECTION, "--format", "json"))
         run_id = str(submitted["run-id"])
         say(f"run {run_id} submitted; waiting for the clients and {config.rounds} rounds")
@@ -161,3 +165,86 @@ def client_process(
     finally:
         if out is not None:
             out.close()
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_loopback(
+    config: ExperimentConfig,
+    *,
+    arm: str,
+    root: str | os.PathLike[str],
+    secure: SecureAggregation | None = None,
+    timeout: float = 300.0,
+    while_up: Callable[[str, Credentials], None] | None = None,
+) -> Deployment:
+    """A whole deployment on this machine: test credentials, the server (a SuperLink) and
+    one SuperNode per client, each its own process, TLS and node authentication on; all are
+    stopped at the end. ``while_up(address, credentials)`` runs once the clients are started
+    (e.g. to try a node the server must refuse). Results are under ``root / "dep"``."""
+    from fedtransfer.deploy.launch import make_credentials
+
+    folder = Path(root)
+    n = config.data.num_clients
+    creds = make_credentials(folder / "creds", nodes=n)
+    address = f"127.0.0.1:{free_port()}"
+    ready = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def serve() -> None:
+        try:
+            outcome["done"] = run_server(
+                config,
+                arm=arm,
+                creds=creds,
+                address=address,
+                run_dir=folder / "dep",
+                timeout=timeout,
+                secure=secure,
+                on_ready=ready.set,
+            )
+        except BaseException as exc:  # raised again in the calling thread
+            outcome["error"] = exc
+        finally:
+            ready.set()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    ready.wait(timeout)
+    nodes = []
+    try:
+        if "error" not in outcome:
+            nodes = [
+                client_process(
+                    superlink=address,
+                    creds=creds,
+                    partition=i,
+                    num_partitions=n,
+                    port=free_port(),
+                    home=folder / f"node{i}",
+                    log=folder / f"node{i}.log",
+                )
+                for i in range(n)
+            ]
+            if while_up is not None:
+                while_up(address, creds)
+        server.join(timeout + 120.0 * config.rounds)
+    finally:
+        for node in nodes:
+            node.terminate()
+        for node in nodes:
+            try:
+                node.wait(20)
+            except subprocess.TimeoutExpired:
+                node.kill()
+    if "error" in outcome:
+        raise outcome["error"]
+    if "done" not in outcome:
+        raise FedTransferError(f"deploy: the loopback run did not finish; see {folder}")
+    done: Deployment = outcome["done"]
+    return done

@@ -35,6 +35,7 @@ from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import CompatibilityError, FedTransferError
 from fedtransfer.recipe import Recipe
 from fedtransfer.round import (
+    Outbound,
     RoundReport,
     apply_updates,
     conclude,
@@ -100,18 +101,15 @@ Send = Callable[[Sequence[Request]], Mapping[str, Reply]]
 that does not answer is missing from the mapping)."""
 
 
-def server_round(
+def open_round(
     recipe: Recipe,
     state: ServerState,
     clients: Sequence[str],
-    send: Send,
     *,
     model_fn: Callable[[], nn.Module],
-) -> tuple[ServerState, RoundReport]:
-    """Round ``state.round + 1`` over a transport: the simulator's sampling, encoding,
-    validation and aggregation around ``send``. A client that does not answer is rejected
-    for the round, like one whose update does not decode."""
-    began = time.perf_counter()
+) -> tuple[Recipe, ServerState, Outbound, list[Request]]:
+    """Begin round ``state.round + 1`` as the simulator does (stage, cohort, what is sent):
+    the round's recipe and state, the outbound bytes, and one request per cohort client."""
     r = state.round + 1
     recipe, state = begin_round(recipe, state, model_fn=model_fn)
     cohort = recipe.sampler.sample(list(clients), seed=state.seed, round=r)
@@ -130,6 +128,23 @@ def server_round(
         )
         for c in cohort
     ]
+    return recipe, state, out, requests
+
+
+def server_round(
+    recipe: Recipe,
+    state: ServerState,
+    clients: Sequence[str],
+    send: Send,
+    *,
+    model_fn: Callable[[], nn.Module],
+) -> tuple[ServerState, RoundReport]:
+    """Round ``state.round + 1`` over a transport: the simulator's sampling, encoding,
+    validation and aggregation around ``send``. A client that does not answer is rejected
+    for the round, like one whose update does not decode."""
+    began = time.perf_counter()
+    recipe, state, out, requests = open_round(recipe, state, clients, model_fn=model_fn)
+    cohort, r = [q.client for q in requests], state.round + 1
     replies = send(requests)
     results = [
         replies[c].result()

@@ -80,14 +80,19 @@ def request_message(req: Request, node_id: int, *, kind: str = "train") -> Messa
 
 
 def request_of(msg: Message) -> Request:
-    f = _fields(msg)
+    """The request a train or evaluate message carries."""
+    return request_from(_fields(msg))
+
+
+def request_from(f: Mapping[str, Any]) -> Request:
+    """A :class:`Request` from its fields as a record holds them (absent bytes: ``None``)."""
     return Request(
         client=str(f["client"]),
         round=int(f["round"]),
         seed=int(f["seed"]),
         stage=int(f["stage"]),
         start_sha256=str(f["start_sha256"]),
-        downlink=f.get("downlink", b""),
+        downlink=bytes(f.get("downlink", b"")),
         broadcast=f.get("broadcast"),
         setup=f.get("setup"),
         handover=f.get("handover"),

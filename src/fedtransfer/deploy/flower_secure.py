@@ -148,18 +148,9 @@ def _config(req: Request) -> dict[str, Any]:
 
 def request_of_fitins(msg: Message) -> Request:
     """The request inside a SecAgg+ fit instruction."""
-    f = dict(recorddict_to_fitins(msg.content, keep_input=True).config)
-    return Request(
-        client=str(f["client"]),
-        round=int(f["round"]),
-        seed=int(f["seed"]),
-        stage=int(f["stage"]),
-        start_sha256=str(f["start_sha256"]),
-        downlink=bytes(f["downlink"]),  # type: ignore[arg-type]
-        broadcast=f.get("broadcast"),  # type: ignore[arg-type]
-        setup=f.get("setup"),  # type: ignore[arg-type]
-        handover=f.get("handover"),  # type: ignore[arg-type]
-    )
+    from fedtransfer.deploy.flower import request_from
+
+    return request_from(dict(recorddict_to_fitins(msg.content, keep_input=True).config))
 
 
 def fit_reply(update: Mapping[str, Tensor], weight: int, msg: Message) -> Message:

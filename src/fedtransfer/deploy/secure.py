@@ -11,12 +11,11 @@ from torch import Tensor, nn
 
 from fedtransfer import tree
 from fedtransfer.client.update import ClientResult
-from fedtransfer.deploy.federation import Request
+from fedtransfer.deploy.federation import Request, open_round
 from fedtransfer.errors import ConfigError, UpdateRejected
 from fedtransfer.recipe import Recipe
-from fedtransfer.round import Received, RoundReport, apply_updates, conclude, outbound
+from fedtransfer.round import Received, RoundReport, apply_updates, conclude
 from fedtransfer.server.validate import validate_update
-from fedtransfer.staged import begin_round
 from fedtransfer.state import ServerState
 from fedtransfer.transfer.policy import ParamPlan
 from fedtransfer.types import Params
@@ -112,24 +111,8 @@ def secure_round(
     server applies that mean as the round's one update (what the ``norm_bound`` aggregator
     would have computed from the individual updates, up to quantisation)."""
     began = time.perf_counter()
-    r = state.round + 1
-    recipe, state = begin_round(recipe, state, model_fn=model_fn)
-    cohort = recipe.sampler.sample(list(clients), seed=state.seed, round=r)
-    out = outbound(recipe, state, cohort, model_fn=model_fn)
-    requests = [
-        Request(
-            client=c,
-            round=r,
-            seed=state.seed,
-            stage=state.stage,
-            start_sha256=state.start_sha256,
-            downlink=out.downlink,
-            broadcast=out.broadcast,
-            setup=out.setup if c in out.new_clients else None,
-            handover=out.handovers[c][1] if c in out.handovers else None,
-        )
-        for c in cohort
-    ]
+    recipe, state, out, requests = open_round(recipe, state, clients, model_fn=model_fn)
+    cohort, r = [q.client for q in requests], state.round + 1
     mean, weight, bytes_up = send(requests)
     update = {k: _like(mean[k], state.params[k]) for k in state.params} if mean else {}
     summed = ClientResult("secure-sum", b"", int(weight))
