@@ -395,7 +395,8 @@ def _evaluate(
     nodes: Mapping[str, tuple[int, int, int]],
     timeout: float,
 ) -> dict[str, Any]:
-    downlink = recipe.downlink.encode(state.params).to_bytes()
+    current, _ = stage_recipe(recipe, state.round)  # the codec the clients decode with
+    downlink = current.downlink.encode(state.params).to_bytes()
     setup = SETUP_CODEC.encode(state.start).to_bytes()
     msgs = [
         request_message(
