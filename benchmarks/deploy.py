@@ -109,7 +109,7 @@ def _markdown(figures: dict[str, Any], began: float, load: list[float] | None) -
     md += [
         "",
         "How to read it: Flower adds a fixed envelope per message (message, record and array "
-        "headers, about 1.5 kB), so the ratio tends to 1 as payloads grow; the head-only arm's "
+        "headers: 1.1 to 1.5 kB here), so the ratio tends to 1 as payloads grow; the head-only arm's "
         "small payloads show the envelope. A deployed round costs seconds that the simulator "
         "does not pay: each message starts a fresh ClientApp process (importing torch and "
         "fedtransfer, loading the client's partition), SuperNodes poll the SuperLink every 3 s "
