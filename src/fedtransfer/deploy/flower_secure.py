@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from torch import Tensor
 
 from fedtransfer.deploy.federation import Request
+from fedtransfer.deploy.flower_wire import request_from, wire_nbytes
 from fedtransfer.deploy.secure import SecureAggregation
 from fedtransfer.types import Params
 
@@ -43,8 +44,6 @@ class _Metered:
         return getattr(self.grid, name)
 
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
-        from fedtransfer.deploy.flower import wire_nbytes
-
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self.up += sum(wire_nbytes(r) for r in replies if not r.has_error())
         return replies
@@ -148,8 +147,6 @@ def _config(req: Request) -> dict[str, Any]:
 
 def request_of_fitins(msg: Message) -> Request:
     """The request inside a SecAgg+ fit instruction."""
-    from fedtransfer.deploy.flower import request_from
-
     return request_from(dict(recorddict_to_fitins(msg.content, keep_input=True).config))
 
 

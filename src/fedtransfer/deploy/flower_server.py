@@ -1,0 +1,201 @@
+"""The deployed server on Flower: wait for the clients, then run the arm's rounds with the
+simulator's server code over Flower messages (plain, or SecAgg+), checkpointing every round."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedtransfer import tree
+from fedtransfer.client.update import SETUP_CODEC
+from fedtransfer.deploy.federation import Reply, Request, resumed, server_round
+from fedtransfer.deploy.flower_wire import fields_of, reply_of, request_message, wire_nbytes
+from fedtransfer.deploy.secure import SecureAggregation, secure_round
+from fedtransfer.errors import FedTransferError
+from fedtransfer.experiment.run import start_state
+from fedtransfer.experiment.schema import ExperimentConfig
+from fedtransfer.state import ServerState, load_state, save_state
+from fedtransfer.transfer.schedule import stage_recipe
+
+log = logging.getLogger(__name__)
+
+
+def serve(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    run_config: Mapping[str, Any],
+    *,
+    context: Context | None = None,
+) -> ServerState:
+    """Run (or resume) the deployed arm; writes ``metrics.jsonl`` and checkpoints. With
+    ``secure`` in the run config, every round's updates are aggregated by SecAgg+."""
+    torch.set_num_threads(int(run_config.get("threads", 1)))
+    out, arm_name = Path(str(run_config["out-dir"])), str(run_config["arm"])
+    timeout = float(run_config.get("timeout", 300))
+    folder = out / "checkpoints" / arm_name
+    _, recipe, state = start_state(cfg, out, arm_name)
+    if (folder / "latest.json").exists():  # a restarted server never loses a finished round
+        state = resumed(load_state(folder))
+        log.warning("deploy: continuing from round %d; clients are set up again", state.round)
+    nodes = _connect(grid, cfg.data.num_clients, timeout)
+    clients = sorted(nodes, key=lambda c: nodes[c][1])
+    log.info("deploy: %d clients online: %s", len(clients), clients)
+    secure = _secure(grid, context, cfg, recipe, state, nodes, run_config, timeout)
+    while state.round < cfg.rounds:
+        send = _Transport(grid, nodes, timeout)
+        if secure is not None:
+            state, rep = secure_round(recipe, state, clients, secure, model_fn=cfg.model)
+        else:
+            state, rep = server_round(recipe, state, clients, send, model_fn=cfg.model)
+        save_state(state, folder)
+        record = {
+            "round": state.round,
+            "cohort": list(rep.cohort),
+            "accepted": list(rep.accepted),
+            "rejected": [c for c, _ in rep.rejected],
+            "bytes_up": rep.bytes_up,
+            "bytes_down": rep.bytes_down,
+            "setup_bytes": rep.setup_bytes,
+            "flower_bytes_down": send.down,
+            "flower_bytes_up": send.up,
+            "seconds": rep.seconds,
+            "params_sha256": tree.sha256(state.params),
+        }
+        if state.round == cfg.rounds or (
+            int(run_config.get("eval-every", 0))
+            and (state.round % int(run_config["eval-every"]) == 0)
+        ):
+            record.update(_evaluate(grid, recipe, state, nodes, timeout))
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("deploy: round %d done in %.1f s", state.round, rep.seconds)
+    return state
+
+
+def _secure(
+    grid: Grid,
+    context: Context | None,
+    cfg: ExperimentConfig,
+    recipe: Any,
+    state: ServerState,
+    nodes: Mapping[str, tuple[int, int, int]],
+    run_config: Mapping[str, Any],
+    timeout: float,
+) -> Any:
+    """The SecAgg+ transport when the run asks for it, its settings checked before round 1."""
+    if not run_config.get("secure", False):
+        return None
+    from fedtransfer.deploy.flower_secure import SecureTransport
+
+    if context is None:
+        raise FedTransferError("deploy: secure aggregation needs the ServerApp's context")
+    settings = SecureAggregation(
+        num_shares=float(run_config.get("secure-num-shares", 1.0)),
+        reconstruction_threshold=float(run_config.get("secure-threshold", 0.67)),
+        quantization_range=int(run_config.get("secure-quantization-range", 2**22)),
+        modulus_range=int(run_config.get("secure-modulus-range", 2**32)),
+    )
+    plan = recipe.plan(cfg.model())
+    cohort = len(recipe.sampler.sample(list(nodes), seed=state.seed, round=state.round + 1))
+    clip = settings.clipping_range(recipe, cohort, params=state.params, plan=plan)
+    return SecureTransport(
+        grid,
+        context,
+        {c: n for c, (n, _, _) in nodes.items()},
+        settings=settings,
+        clipping_range=clip,
+        max_weight=float(max(w for _, _, w in nodes.values())),
+        keys=sorted(state.params),
+        timeout=timeout,
+    )
+
+
+class _Transport:
+    """One round's requests as Flower messages to their clients' nodes, the replies back; it
+    records each message's size on the wire."""
+
+    def __init__(self, grid: Grid, nodes: Mapping[str, tuple[int, int, int]], timeout: float):
+        self.grid, self.nodes, self.timeout = grid, nodes, timeout
+        self.down: list[int] = []
+        self.up: list[int] = []
+
+    def __call__(self, requests: Sequence[Request]) -> dict[str, Reply]:
+        msgs = [request_message(r, self.nodes[r.client][0]) for r in requests]
+        self.down = [wire_nbytes(m) for m in msgs]
+        replies: dict[str, Reply] = {}
+        for answer in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            if answer.has_error():
+                log.warning("deploy: a client failed: %s", answer.error.reason)
+                continue
+            self.up.append(wire_nbytes(answer))
+            rep = reply_of(answer)
+            replies[rep.client] = rep
+        return replies
+
+
+def _connect(grid: Grid, expected: int, timeout: float) -> dict[str, tuple[int, int, int]]:
+    """client name → (node id, partition, training examples), once ``expected`` nodes answer
+    a query."""
+    deadline = time.monotonic() + timeout
+    while len(ids := sorted(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise FedTransferError(
+                f"deploy: {len(ids)} of {expected} clients connected within {timeout:.0f} s; "
+                "hint: start one client per partition-id 0..N-1 (fedtransfer deploy client)"
+            )
+        time.sleep(1.0)
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in ids]
+    nodes: dict[str, tuple[int, int, int]] = {}
+    for answer in grid.send_and_receive(msgs, timeout=timeout):
+        if answer.has_error():
+            raise FedTransferError(f"deploy: a client failed to start: {answer.error.reason}")
+        f = fields_of(answer)
+        name = str(f["client"])
+        if name in nodes:
+            raise FedTransferError(f"deploy: two nodes hold client {name} (same partition-id)")
+        nodes[name] = (answer.metadata.src_node_id, int(f["partition"]), int(f["num_examples"]))
+    return nodes
+
+
+def _evaluate(
+    grid: Grid,
+    recipe: Any,
+    state: ServerState,
+    nodes: Mapping[str, tuple[int, int, int]],
+    timeout: float,
+) -> dict[str, Any]:
+    current, _ = stage_recipe(recipe, state.round)  # the codec the clients decode with
+    downlink = current.downlink.encode(state.params).to_bytes()
+    setup = SETUP_CODEC.encode(state.start).to_bytes()
+    msgs = [
+        request_message(
+            Request(
+                c,
+                state.round,
+                state.seed,
+                state.stage,
+                state.start_sha256,
+                downlink,
+                setup=None if c in state.set_up else setup,
+            ),
+            n,
+            kind="evaluate",
+        )
+        for c, (n, _, _) in nodes.items()
+    ]
+    per_client = {}
+    for a in grid.send_and_receive(msgs, timeout=timeout):
+        if not a.has_error():
+            f = fields_of(a)
+            per_client[str(f["client"])] = (float(f["accuracy"]), float(f["examples"]))
+    total = sum(n for _, n in per_client.values())
+    accuracy = sum(acc * n for acc, n in per_client.values()) / total if total else float("nan")
+    return {"accuracy": accuracy, "client_accuracy": {c: a for c, (a, _) in per_client.items()}}
