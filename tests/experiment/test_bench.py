@@ -37,7 +37,9 @@ arms:
 """
 
 
-def test_bench_transfer_runs_seeds_and_writes_the_report(tmp_path: Path, capsys) -> None:
+def test_bench_transfer_runs_seeds_and_writes_the_report(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     configs = tmp_path / "configs"
     configs.mkdir()
     (configs / "tiny.yaml").write_text(TINY)
@@ -70,6 +72,14 @@ def test_bench_transfer_runs_seeds_and_writes_the_report(tmp_path: Path, capsys)
     assert "| pretrained-fedavg |" in md and "## Pre-trained minus scratch" in md
     assert (out / "tiny.png").stat().st_size > 0
     assert figures["checks"] == []  # no claims registered for this name
+    # --report measures the claims again from the seeds' run directories
+    from fedtransfer.experiment import bench
+
+    monkeypatch.setitem(bench.CHECKS, "tiny", (bench._near_oracle("pretrained-head", 100),))
+    bench.rewrite_report("tiny", configs=configs, out=out, runs_dir=tmp_path / "runs")
+    (check,) = json.loads((out / "tiny.json").read_text())["checks"]
+    assert check["met"] is True and "`pretrained-head`" in check["measured"]
+    assert check["measured"] in (out / "tiny.md").read_text()
 
 
 def test_bench_of_an_unknown_config_names_the_known_ones(tmp_path: Path, capsys) -> None:
@@ -123,6 +133,8 @@ def test_text_check_compares_the_best_federated_arm_with_the_oracle() -> None:
     assert ok and text == "`lp-ft` 0.7 points below `centralised-head`"
     s = _summaries({"pretrained-head": [0.86, 0.86], "centralised-head": [0.89, 0.89]})
     assert near.measure(s)[1] is False
+    s = _summaries({"lp-ft": [0.90, 0.90], "centralised-head": [0.88, 0.88]})
+    assert near.measure(s) == ("`lp-ft` 2.0 points above `centralised-head`", True)
 
 
 def test_natural_partition_takes_the_writers_of_the_source() -> None:

@@ -104,7 +104,12 @@ def test_config_missing_file_is_an_error(tmp_path):
         load_config(tmp_path / "absent.yaml")
 
 
-REQUIRED = {"hf_dataset": {"path": "csv", "data_files": "train.csv", "text": "sentence"}}
+REQUIRED = {
+    "hf_dataset": {"path": "csv", "data_files": "train.csv", "text": "sentence"},
+    "hf_classifier": {"path": "a-saved-model"},
+    "timm": {"name": "resnet18"},
+    "torchvision": {"name": "resnet18"},
+}
 """Kinds without a sensible default for every field: the arguments a config must give."""
 
 

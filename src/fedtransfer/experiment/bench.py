@@ -83,7 +83,8 @@ def _near_oracle(oracle: str, points: float) -> Check:
         federated = [a for a in arms if a != oracle and not a.startswith("centralised")]
         best = max(federated, key=lambda a: _mean(_final(s, a)))
         gap = _mean(_final(s, oracle)) - _mean(_final(s, best))
-        text = f"`{best}` {100 * gap:.1f} points below `{oracle}`"
+        side = "below" if gap >= 0 else "above"
+        text = f"`{best}` {100 * abs(gap):.1f} points {side} `{oracle}`"
         return text, gap <= points / 100
 
     return Check(f"the best federated arm within {points:g} points of `{oracle}`", measure)
@@ -263,12 +264,24 @@ def _intro(config: Path) -> list[str]:
     return [" ".join(lines)] if lines else []
 
 
-def rewrite_report(name: str, *, configs: Path, out: Path) -> Path:
-    """Write ``out/NAME.md`` again from the recorded ``out/NAME.json`` (no runs)."""
+def rewrite_report(
+    name: str, *, configs: Path, out: Path, runs_dir: Path = Path("runs") / "bench"
+) -> Path:
+    """Write ``out/NAME.md`` again from the recorded ``out/NAME.json`` (no runs); the claims
+    are measured again when the seeds' run directories are still in ``runs_dir``."""
     path, figures = configs / f"{name}.yaml", out / f"{name}.json"
     if not figures.is_file():
         raise ConfigError(f"bench transfer --report: no recorded figures {figures}; run it first")
     f = json.loads(figures.read_text())
+    found = {seed: runs_dir / f"{name}-seed{seed}" / "summary.json" for seed in f["seeds"]}
+    if "sweep" not in f and all(p.is_file() for p in found.values()):
+        summaries = {seed: json.loads(p.read_text()) for seed, p in found.items()}
+        f["checks"] = [
+            {"claim": c.claim, "measured": m, "met": ok}
+            for c in CHECKS.get(name, ())
+            for m, ok in [c.measure(summaries)]
+        ]
+        figures.write_text(json.dumps(f, indent=1) + "\n")
     text = _sweep_markdown(name, path, f) if "sweep" in f else _markdown(name, path, f)
     (out / f"{name}.md").write_text(text)
     return out / f"{name}.md"

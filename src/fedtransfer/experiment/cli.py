@@ -292,7 +292,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fedtransfer.experiment.bench import rewrite_report, run_transfer_bench
 
         if args.report:
-            path = rewrite_report(args.bench_name, configs=Path(args.configs), out=Path(args.out))
+            path = rewrite_report(
+                args.bench_name,
+                configs=Path(args.configs),
+                out=Path(args.out),
+                runs_dir=Path(args.runs_dir),
+            )
             console.print(f"report: [bold]{path}[/]")
             return 0
         with _runtime(args) as runtime:
