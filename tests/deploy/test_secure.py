@@ -73,6 +73,13 @@ def test_small_cohorts_and_overflowing_ranges_are_refused() -> None:
         _check(_config(), settings=wide)
 
 
+def test_settings_are_validated_when_made() -> None:
+    with pytest.raises(ConfigError, match="num_shares: a fraction"):
+        SecureAggregation(num_shares=3)
+    with pytest.raises(ConfigError, match="power of 2"):
+        SecureAggregation(modulus_range=3 * 2**22)
+
+
 def test_bounded_scales_only_updates_over_the_bound() -> None:
     big = {"w": torch.tensor([3.0, 4.0])}
     assert torch.allclose(bounded(big, 1.0)["w"], torch.tensor([0.6, 0.8], dtype=torch.float64))

@@ -57,7 +57,13 @@ def run_server(
 ) -> Deployment:
     """Start a SuperLink (TLS, node authentication, the node keys in ``creds`` registered),
     submit ``arm`` of ``config`` as a Flower app, wait until it finishes, stop the SuperLink.
-    The clients are started separately (:func:`run_client`), before or after."""
+    The clients are started separately (:func:`client_process`, ``fedtransfer deploy
+    client``), before or after."""
+    if arm not in {a.name for a in config.arms}:
+        raise FedTransferError(
+            f"deploy: arm {arm!r} is not in the configuration; its arms: "
+            f"{[a.name for a in config.arms]}"
+        )
     if secure is not None:
         _check_secure(config, arm, secure)
     root = Path(run_dir).resolve()

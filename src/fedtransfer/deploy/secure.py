@@ -32,12 +32,26 @@ class SecureAggregation:
     ``quantization_range`` levels (a step of ``2c / quantization_range``). Sums are taken modulo
     ``modulus_range``, which must exceed the cohort size times ``quantization_range``.
     ``num_shares`` / ``reconstruction_threshold``: secret shares per client and how many
-    recover a secret (fractions of the cohort, or counts)."""
+    recover a secret, as fractions of the cohort."""
 
     num_shares: float = 1.0
     reconstruction_threshold: float = 0.67
     quantization_range: int = 2**22
     modulus_range: int = 2**32
+
+    def __post_init__(self) -> None:
+        for name in ("num_shares", "reconstruction_threshold"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ConfigError(
+                    f"SecureAggregation.{name}: a fraction of the cohort in (0, 1], got {value!r}"
+                )
+        m, q = self.modulus_range, self.quantization_range
+        if q < 2 or m <= q or m & (m - 1):
+            raise ConfigError(
+                f"SecureAggregation: modulus_range ({m}) must be a power of 2 above "
+                f"quantization_range ({q}), which must be at least 2"
+            )
 
     def clipping_range(
         self, recipe: Recipe, cohort: int, *, params: Params, plan: ParamPlan
