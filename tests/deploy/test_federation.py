@@ -100,6 +100,8 @@ def test_a_client_that_does_not_answer_is_rejected_and_the_rest_aggregate(tmp_pa
     new, rep = server_round(recipe, state, population.clients, send, model_fn=cfg.model)
     assert len(rep.rejected) == 1 and "no reply" in rep.rejected[0][1]
     assert len(rep.accepted) == 2
+    silent = rep.rejected[0][0]  # never answered: it gets the starting weights next time
+    assert silent not in new.set_up and set(rep.accepted) <= set(new.set_up)
     assert not all(torch.equal(before[k], new.params[k]) for k in before)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor, nn
 
@@ -156,6 +156,10 @@ def server_round(
     applied = apply_updates(recipe, state, len(clients), kept)
     applied[2]["schedule/stage"] = float(state.stage)
     sent = out.dispatched(recipe, state, cohort, results)
+    # unlike a simulated one, a client that never answered may not hold the starting weights:
+    # it is sent them again next time
+    silent = set(out.new_clients) - set(replies)
+    sent = replace(sent, set_up=tuple(c for c in sent.set_up if c not in silent))
     return conclude(state, sent, results, kept, rejected, applied, cohort=cohort, began=began)
 
 
