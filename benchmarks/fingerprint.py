@@ -84,7 +84,9 @@ def main() -> int:
     ]
     for arm, fp in arms.items():
         accs = fp["accuracies"]
-        lines.append(f"| {arm} | `{fp['params_sha256'][:16]}…` | {len(accs) - 1} | {accs[-1]:.4f} |")
+        lines.append(
+            f"| {arm} | `{fp['params_sha256'][:16]}…` | {len(accs) - 1} | {accs[-1]:.4f} |"
+        )
     (RESULTS / "fingerprint.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -25,9 +25,10 @@ from typing import Any
 
 from sweep import fmt, header, run_seeds, write
 
-from fedtransfer.attacks import ALIE, GaussianNoise, SignFlip, Threat
 from fedtransfer.data.partition import IID
 from fedtransfer.experiment.schema import ArmConfig, DataConfig, ExperimentConfig
+from fedtransfer.robustness.attacks import ALIE, GaussianAttack, SignFlip
+from fedtransfer.robustness.threat import Threat
 from fedtransfer.server import Bulyan, CenteredClipping, Krum, Median, TrimmedMean
 from fedtransfer.server.aggregate import Aggregator, Mean
 from fedtransfer.server.sample import AllClients
@@ -45,7 +46,7 @@ SCENARIOS: dict[str, Threat | None] = {
     "sign flip 20 %": Threat(SignFlip(scale=4.0), 0.2),
     "sign flip 30 %": Threat(SignFlip(scale=4.0), 0.3),
     "ALIE 20 %": Threat(ALIE(), 0.2),
-    "Gaussian 20 %": Threat(GaussianNoise(sigma=1.0), 0.2),
+    "Gaussian 20 %": Threat(GaussianAttack(sigma=1.0), 0.2),
 }
 
 

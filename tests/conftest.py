@@ -14,12 +14,12 @@ from torch import nn
 
 from fedtransfer import (
     AllClients,
-    ClientResult,
     ClientTask,
     FederatedDataset,
     Full,
     LocalTraining,
     Recipe,
+    Reply,
     SerialRuntime,
     ServerState,
     TensorData,
@@ -128,9 +128,9 @@ class RecordingRuntime:
     """The serial runtime, keeping every task and every client result (in task order)."""
 
     tasks: list[ClientTask] = field(default_factory=list)
-    results: list[ClientResult] = field(default_factory=list)
+    results: list[Reply] = field(default_factory=list)
 
-    def map(self, fn: Callable[[Any], ClientResult], tasks: Sequence[Any]) -> list[ClientResult]:
+    def map(self, fn: Callable[[Any], Reply], tasks: Sequence[Any]) -> list[Reply]:
         out = SerialRuntime().map(fn, tasks)
         self.tasks.extend(tasks)
         self.results.extend(out)

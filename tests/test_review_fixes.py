@@ -14,13 +14,13 @@ from torch import nn
 
 from fedtransfer import (
     AllClients,
-    ClientResult,
     CompatibilityError,
     ConfigError,
     LocalBatchNorm,
     LocalTraining,
     PayloadError,
     Recipe,
+    Reply,
     ServerPipeline,
     ServerState,
     run_round,
@@ -62,7 +62,7 @@ class _RejectFirst:
     def __init__(self, victim: str) -> None:
         self.victim, self.calls = victim, 0
 
-    def map(self, fn: Callable[[Any], ClientResult], tasks: Sequence[Any]) -> list[ClientResult]:
+    def map(self, fn: Callable[[Any], Reply], tasks: Sequence[Any]) -> list[Reply]:
         self.calls += 1
         out = [fn(t) for t in tasks]
         self.trained = out

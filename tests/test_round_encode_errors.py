@@ -18,7 +18,7 @@ from fedtransfer import (
     run_round,
     tree,
 )
-from fedtransfer.client.update import ClientResult
+from fedtransfer.client.update import Reply
 from fedtransfer.codecs import Codec
 from fedtransfer.state import Pending
 
@@ -56,7 +56,7 @@ def test_round_only_the_diverging_client_is_rejected() -> None:
 
 
 def test_pending_keeps_an_error_result_through_a_checkpoint() -> None:
-    res = ClientResult("c3", b"", 12, metrics={"loss": 1.0}, error="does not encode")
+    res = Reply("c3", b"", 12, metrics={"loss": 1.0}, error="does not encode")
     item = Pending(res, version=4, arrival=2.5)
     back = Pending.load(item.meta(), item.tensors(""))
     assert (back.result.error, back.result.uplink, back.result.num_examples) == (

@@ -15,13 +15,13 @@ from torch import Tensor
 
 from fedtransfer import (
     AllClients,
-    ClientResult,
     FederatedDataset,
     Float32,
     HeadOnly,
     LocalTraining,
     Payload,
     Recipe,
+    Reply,
     SerialRuntime,
     ServerState,
     TensorData,
@@ -57,10 +57,10 @@ def _population() -> FederatedDataset:
 class RecordingRuntime:
     """The serial runtime; ``tamper`` may rewrite (or drop, returning None) the victim's result."""
 
-    tamper: Callable[[ClientResult], ClientResult | None] | None = None
-    results: list[ClientResult] = field(default_factory=list)
+    tamper: Callable[[Reply], Reply | None] | None = None
+    results: list[Reply] = field(default_factory=list)
 
-    def map(self, fn: Callable[[Any], ClientResult], tasks: Sequence[Any]) -> list[ClientResult]:
+    def map(self, fn: Callable[[Any], Reply], tasks: Sequence[Any]) -> list[Reply]:
         out = []
         for result in SerialRuntime().map(fn, tasks):
             if self.tamper is not None and result.client == VICTIM:
@@ -85,7 +85,7 @@ def _round(runtime: RecordingRuntime, recipe: Recipe | None = None) -> tuple[Ser
     return state, run_round(recipe, state, _population(), runtime, model_fn=make_tiny_model)
 
 
-def _decoded(result: ClientResult) -> dict[str, Tensor]:
+def _decoded(result: Reply) -> dict[str, Tensor]:
     return Float32().decode(Payload.from_bytes(result.uplink))
 
 
@@ -141,13 +141,13 @@ def test_round_lora_ranks_aggregate_is_the_weighted_mean_of_zero_padded_updates(
     torch.testing.assert_close(step[A][2:], only_holders * holders / total, rtol=1e-5, atol=1e-7)
 
 
-def _untrimmed(result: ClientResult) -> ClientResult:
+def _untrimmed(result: Reply) -> Reply:
     """The victim sends a full-rank update (its slice zero-padded) instead of its slice."""
     full = HET.pad(_decoded(result), result.client)
     return dataclasses.replace(result, uplink=Float32().encode(full).to_bytes())
 
 
-def _dropped(result: ClientResult) -> None:
+def _dropped(result: Reply) -> None:
     return None
 
 

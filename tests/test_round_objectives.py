@@ -16,7 +16,6 @@ from torch import Tensor
 
 from fedtransfer import (
     AllClients,
-    ClientResult,
     FederatedDataset,
     Float32,
     Full,
@@ -24,6 +23,7 @@ from fedtransfer import (
     Payload,
     PersonalHead,
     Recipe,
+    Reply,
     Rules,
     SerialRuntime,
     ServerState,
@@ -116,7 +116,7 @@ def test_round_scaffold_ledger_counts_extras_and_broadcast_exactly(
 
 # --- malformed extras ----------------------------------------------------------------------------
 
-Tamper = Callable[[ClientResult], ClientResult | None]
+Tamper = Callable[[Reply], Reply | None]
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class TamperingRuntime:
 
     tamper: Tamper
 
-    def map(self, fn: Callable[[Any], ClientResult], tasks: Sequence[Any]) -> list[ClientResult]:
+    def map(self, fn: Callable[[Any], Reply], tasks: Sequence[Any]) -> list[Reply]:
         results = []
         for task in tasks:
             result = fn(task)
@@ -137,7 +137,7 @@ class TamperingRuntime:
 
 
 def _extras(edit: Callable[[dict[str, Tensor]], dict[str, Tensor]]) -> Tamper:
-    def tamper(result: ClientResult) -> ClientResult:
+    def tamper(result: Reply) -> Reply:
         extras = Float32().decode(Payload.from_bytes(result.extras)) if result.extras else {}
         return dataclasses.replace(result, extras=Float32().encode(edit(extras)).to_bytes())
 
@@ -163,15 +163,15 @@ def _reshaped(extras: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _missing(result: ClientResult) -> ClientResult:
+def _missing(result: Reply) -> Reply:
     return dataclasses.replace(result, extras=b"")
 
 
-def _garbled(result: ClientResult) -> ClientResult:
+def _garbled(result: Reply) -> Reply:
     return dataclasses.replace(result, extras=result.extras[: len(result.extras) // 2])
 
 
-def _drop(result: ClientResult) -> None:
+def _drop(result: Reply) -> None:
     return None
 
 

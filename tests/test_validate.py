@@ -19,11 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from fedtransfer import (
-    ClientResult,
     FederatedDataset,
     Float32,
     Payload,
     Recipe,
+    Reply,
     SerialRuntime,
     ServerAdam,
     ServerPipeline,
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 VICTIM = "c2"
 
-Tamper = Callable[[ClientResult], ClientResult | None]
+Tamper = Callable[[Reply], Reply | None]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class TamperingRuntime:
     tamper: Tamper
     victims: tuple[str, ...] = (VICTIM,)
 
-    def map(self, fn: Callable[[Any], ClientResult], tasks: Sequence[Any]) -> list[ClientResult]:
+    def map(self, fn: Callable[[Any], Reply], tasks: Sequence[Any]) -> list[Reply]:
         results = []
         for task in tasks:
             result = fn(task)
@@ -62,7 +62,7 @@ class TamperingRuntime:
 def _rewrite(edit: Callable[[dict[str, Tensor]], None]) -> Tamper:
     """A tamper that decodes the real uplink, edits the update in place and re-encodes it."""
 
-    def tamper(result: ClientResult) -> ClientResult:
+    def tamper(result: Reply) -> Reply:
         update = Float32().decode(Payload.from_bytes(result.uplink))
         edit(update)
         return dataclasses.replace(result, uplink=Float32().encode(update).to_bytes())
@@ -101,7 +101,7 @@ def _poison(value: float) -> Callable[[dict[str, Tensor]], None]:
     return edit
 
 
-def _garble(result: ClientResult) -> ClientResult:
+def _garble(result: Reply) -> Reply:
     return dataclasses.replace(result, uplink=result.uplink[: len(result.uplink) // 2])
 
 
@@ -123,7 +123,7 @@ CASES: dict[str, tuple[Tamper, str]] = {
 }
 
 
-def _drop(result: ClientResult) -> None:
+def _drop(result: Reply) -> None:
     return None
 
 

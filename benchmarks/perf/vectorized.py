@@ -244,7 +244,7 @@ class SweepCNN(nn.Module):
 
 PARTS: tuple[tuple[str, str, str], ...] = (
     # (label, file suffix, function): cumulative time of these calls, per round
-    ("whole round (`run_round`)", "fedtransfer/round.py", "run_round"),
+    ("whole round (`run_round`)", "fedtransfer/rounds/spine.py", "run_round"),
     ("clients (`ClientUpdate.batch`)", "fedtransfer/client/update.py", "batch"),
     ("clients ▸ start (verify, weights, context)", "fedtransfer/client/update.py", "start_client"),
     ("clients ▸ training loop", "fedtransfer/client/stacked.py", "train_stacked"),
@@ -259,8 +259,8 @@ PARTS: tuple[tuple[str, str, str], ...] = (
         "fedtransfer/client/update.py",
         "finish_client",
     ),
-    ("server ▸ decode + validate (`receive`)", "fedtransfer/round.py", "receive"),
-    ("server ▸ aggregate + step (`apply_updates`)", "fedtransfer/round.py", "apply_updates"),
+    ("server ▸ decode + validate (`collect`)", "fedtransfer/rounds/collect.py", "collect"),
+    ("server ▸ aggregate + step (`aggregate`)", "fedtransfer/rounds/finalize.py", "aggregate"),
 )
 
 

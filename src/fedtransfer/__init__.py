@@ -18,10 +18,8 @@ from fedtransfer.algorithms import (
     lg_fedavg,
     scaffold,
 )
-from fedtransfer.attacks import ALIE, IPM, Attack, GaussianNoise, LabelFlip, Scale, SignFlip, Threat
 from fedtransfer.buffered import ClientDelays, FedBuff, run_buffered_step
 from fedtransfer.client import (
-    ClientResult,
     ClientTask,
     ClientTransform,
     ClientUpdate,
@@ -66,7 +64,19 @@ from fedtransfer.errors import (
 )
 from fedtransfer.models import CNN, HFClassifier, SmallCNN
 from fedtransfer.recipe import Recipe
-from fedtransfer.round import RoundReport, run_round
+from fedtransfer.robustness.attacks import (
+    ALIE,
+    IPM,
+    Attack,
+    GaussianAttack,
+    LabelFlip,
+    Scale,
+    SignFlip,
+)
+from fedtransfer.robustness.threat import Threat
+from fedtransfer.rounds.finalize import RoundReport
+from fedtransfer.rounds.messages import Reply, Request, Send
+from fedtransfer.rounds.spine import run_round, server_round
 from fedtransfer.runtime import (
     AutoRuntime,
     ProcessRuntime,
@@ -135,7 +145,6 @@ __all__ = [
     "Bulyan",
     "CenteredClipping",
     "ClientDelays",
-    "ClientResult",
     "ClientStore",
     "ClientTask",
     "ClientTransform",
@@ -156,7 +165,7 @@ __all__ = [
     "Float32",
     "FrozenHead",
     "Full",
-    "GaussianNoise",
+    "GaussianAttack",
     "GlobalHead",
     "HFClassifier",
     "HeadOnly",
@@ -191,11 +200,14 @@ __all__ = [
     "RayRuntime",
     "Recipe",
     "Rep",
+    "Reply",
+    "Request",
     "RoundReport",
     "Rules",
     "Runtime",
     "Scaffold",
     "Scale",
+    "Send",
     "SerialRuntime",
     "ServerAdagrad",
     "ServerAdam",
@@ -245,5 +257,6 @@ __all__ = [
     "save_checkpoint",
     "save_state",
     "scaffold",
+    "server_round",
     "write_lazy_population",
 ]

@@ -23,11 +23,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fedtransfer.attacks import Threat
 from fedtransfer.data.federated import FederatedDataset
 from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.recipe import Recipe
-from fedtransfer.round import RoundReport, apply_updates, conclude, dispatch, receive
+from fedtransfer.robustness.threat import Threat
+from fedtransfer.rounds.collect import answered, collect
+from fedtransfer.rounds.distribute import distribute
+from fedtransfer.rounds.finalize import RoundReport, aggregate, finalize
+from fedtransfer.rounds.messages import Send
+from fedtransfer.rounds.simulate import InProcess
 from fedtransfer.runtime.serial import Runtime
 from fedtransfer.seeding import generator
 from fedtransfer.state import Pending, ServerState
@@ -125,35 +129,37 @@ def run_buffered_step(
     idle = [c for c in population.clients if c not in busy]
     order = torch.randperm(len(idle), generator=generator(state.seed, "dispatch", r)).tolist()
     chosen = [idle[i] for i in order[: fedbuff.concurrency - len(busy)]]
-    sent = dispatch(recipe, state, population, runtime, chosen, model_fn=model_fn, threat=threat)
+    out = distribute(recipe, state, chosen, model_fn=model_fn)
+    clients = InProcess(recipe, state, population.train.__getitem__, runtime, model_fn)
+    send: Send = clients
+    malicious = threat.malicious(population.clients, seed=state.seed) if threat else frozenset()
+    if threat is not None:
+        send = threat.around(clients, recipe, state, population=population, malicious=malicious)
+    replies = send(out.requests)
     pending = list(state.pending) + [
         Pending(
             res,
             version=state.round,
             arrival=state.clock + fedbuff.delays.duration(res.client, seed=state.seed, job=r),
         )
-        for res in sent.results
+        for res in answered(chosen, replies)
     ]
     pending.sort(key=lambda p: (p.arrival, p.result.client))
     arrived, still = pending[: fedbuff.buffer_size], pending[fedbuff.buffer_size :]
-    results = [p.result for p in arrived]
-    kept, rejected = receive(
-        recipe, state, results, r, plan=sent.plan, threat=threat, malicious=sent.malicious
-    )
+    got = collect(recipe, state, [p.result for p in arrived], plan=out.plan)
     staleness = {p.result.client: state.round - p.version for p in arrived}
-    scales = [fedbuff.staleness_weight(staleness[res.client]) for res, _, _ in kept]
-    applied = apply_updates(recipe, state, len(population.clients), kept, scales=scales)
-    applied[2]["async/staleness_mean"] = sum(staleness.values()) / max(len(staleness), 1)
-    applied[2]["async/staleness_max"] = float(max(staleness.values(), default=0))
-    applied[2]["attack/malicious"] = float(sum(res.client in sent.malicious for res in results))
-    return conclude(
+    scales = [fedbuff.staleness_weight(staleness[a.reply.client]) for a in got.accepted]
+    step = aggregate(recipe, state, got, population_size=len(population.clients), scales=scales)
+    step.metrics["async/staleness_mean"] = sum(staleness.values()) / max(len(staleness), 1)
+    step.metrics["async/staleness_max"] = float(max(staleness.values(), default=0))
+    step.metrics["attack/malicious"] = float(sum(p.result.client in malicious for p in arrived))
+    return finalize(
         state,
-        sent,
-        results,
-        kept,
-        rejected,
-        applied,
-        cohort=[res.client for res in results],
+        out,
+        got,
+        step,
+        set_up=out.set_up(state, answered=replies.keys()),
+        synced=out.synced(recipe, state),
         began=began,
         pending=tuple(still),
         clock=arrived[-1].arrival,

@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fedtransfer import tree
-from fedtransfer.client.update import ClientResult
 from fedtransfer.clientstore import (
     ClientStore,
     PerClient,
@@ -27,6 +26,7 @@ from fedtransfer.clientstore import (
 )
 from fedtransfer.errors import CompatibilityError
 from fedtransfer.recipe import Recipe
+from fedtransfer.rounds.messages import Reply
 from fedtransfer.transfer.schedule import stage_recipe
 from fedtransfer.types import State
 
@@ -136,7 +136,7 @@ class Pending:
     """A client update in flight (asynchronous runs): its result, the global version it was
     trained from, and when it reaches the server in simulated time."""
 
-    result: ClientResult
+    result: Reply
     version: int
     arrival: float
 
@@ -168,7 +168,7 @@ class Pending:
             return {k[len(prefix) :]: v for k, v in part.items() if k.startswith(prefix)}
 
         extras = part["extras"].numpy().tobytes()
-        result = ClientResult(
+        result = Reply(
             client=meta["client"],
             uplink=b"" if meta.get("error") else part["uplink"].numpy().tobytes(),
             num_examples=int(meta["num_examples"]),

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from fedtransfer import tree
-from fedtransfer.deploy.federation import Holdings, Reply, Request, client_round, server_round
+from fedtransfer.deploy.federation import Holdings, client_round, deployed_round
 from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.experiment.run import build_population, load_config, run_experiment, start_state
+from fedtransfer.rounds.messages import Reply, Request
 from fedtransfer.state import load_state
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -49,7 +50,7 @@ def _deployed(cfg, root: Path, arm: str):  # type: ignore[no-untyped-def]
 
     reports = []
     while state.round < cfg.rounds:
-        state, rep = server_round(recipe, state, population.clients, send, model_fn=cfg.model)
+        state, rep = deployed_round(recipe, state, population.clients, send, model_fn=cfg.model)
         reports.append(rep)
     return state, reports, asked, held
 
@@ -97,7 +98,7 @@ def test_a_client_that_does_not_answer_is_rejected_and_the_rest_aggregate(tmp_pa
         return out
 
     before = tree.clone(state.params)
-    new, rep = server_round(recipe, state, population.clients, send, model_fn=cfg.model)
+    new, rep = deployed_round(recipe, state, population.clients, send, model_fn=cfg.model)
     assert len(rep.rejected) == 1 and "no reply" in rep.rejected[0][1]
     assert len(rep.accepted) == 2
     silent = rep.rejected[0][0]  # never answered: it gets the starting weights next time
@@ -116,7 +117,7 @@ def test_a_client_refuses_a_tampered_start_and_a_stage_mismatch(tmp_path: Path) 
         captured.extend(requests)
         return {}
 
-    server_round(recipe, state, population.clients, send, model_fn=cfg.model)
+    deployed_round(recipe, state, population.clients, send, model_fn=cfg.model)
     req = next(r for r in captured if r.setup is not None)
     bad = Request(**{**req.__dict__, "start_sha256": "0" * 64})
     with pytest.raises(CompatibilityError, match="does not match"):
@@ -155,10 +156,10 @@ def test_a_resumed_deployment_sets_clients_up_again_and_continues(tmp_path: Path
         return out
 
     for _ in range(2):
-        state, _ = server_round(recipe, state, population.clients, send, model_fn=cfg.model)
+        state, _ = deployed_round(recipe, state, population.clients, send, model_fn=cfg.model)
     save_state(state, tmp_path / "ck")
     held = {c: Holdings() for c in population.clients}  # the new run's nodes hold nothing
     state = resumed(load_state(tmp_path / "ck"))
-    state, rep = server_round(recipe, state, population.clients, send, model_fn=cfg.model)
+    state, rep = deployed_round(recipe, state, population.clients, send, model_fn=cfg.model)
     assert not rep.rejected and rep.setup_bytes > 0
     assert tree.sha256(state.params) == tree.sha256(simulated.params)

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from fedtransfer import tree
-from fedtransfer.deploy.federation import Holdings, Request, client_round
-from fedtransfer.deploy.secure import SecureAggregation, bounded, secure_round
+from fedtransfer.deploy.federation import Holdings, client_round, deployed_round
+from fedtransfer.deploy.secure import SecureAggregation, bounded, secure_sum
 from fedtransfer.errors import ConfigError
 from fedtransfer.experiment.run import build_population, load_config, run_experiment, start_state
+from fedtransfer.rounds.messages import Request
 from fedtransfer.state import load_state
 from fedtransfer.types import Params
 
@@ -110,7 +111,8 @@ def test_secure_rounds_with_an_exact_sum_follow_the_simulator(tmp_path: Path) ->
         return tree.weighted_mean(ups, ws), sum(ws), 1234
 
     for _ in range(3):
-        state, rep = secure_round(recipe, state, population.clients, send, model_fn=cfg.model)
+        summed = secure_sum(send, uplink=recipe.uplink, params=state.params)
+        state, rep = deployed_round(recipe, state, population.clients, summed, model_fn=cfg.model)
         assert rep.accepted == ("secure-sum",) and rep.bytes_up == 1234
     assert seen == [3, 3, 3] and state.ledger["up"] == 3 * 1234
     gap = max(
@@ -124,8 +126,7 @@ def test_a_secure_round_without_a_sum_leaves_the_model_unchanged(tmp_path: Path)
     cfg = _config()
     _, recipe, state = start_state(cfg, tmp_path, ARM)
     population = build_population(cfg)
-    new, rep = secure_round(
-        recipe, state, population.clients, lambda reqs: ({}, 0.0, 0), model_fn=cfg.model
-    )
+    summed = secure_sum(lambda reqs: ({}, 0.0, 0), uplink=recipe.uplink, params=state.params)
+    new, rep = deployed_round(recipe, state, population.clients, summed, model_fn=cfg.model)
     assert rep.rejected and not rep.accepted
     assert tree.sha256(new.params) == tree.sha256(state.params)

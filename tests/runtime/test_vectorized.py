@@ -17,7 +17,6 @@ import fedtransfer.client.vectorized as vectorized_module
 from fedtransfer import (
     AllClients,
     AutoRuntime,
-    ClientResult,
     ClientTask,
     ClientUpdate,
     ConfigError,
@@ -31,6 +30,7 @@ from fedtransfer import (
     PersonalHead,
     Prox,
     Recipe,
+    Reply,
     Runtime,
     SerialRuntime,
     ServerState,
@@ -153,9 +153,9 @@ class Twin:
     """A runtime that runs every cohort both ways: returns the serial results and keeps the
     vectorised ones beside them (``fn.batch`` must accept every cohort)."""
 
-    pairs: list[tuple[ClientResult, ClientResult]] = field(default_factory=list)
+    pairs: list[tuple[Reply, Reply]] = field(default_factory=list)
 
-    def map(self, fn: Callable[[Any], ClientResult], tasks: Sequence[Any]) -> list[ClientResult]:
+    def map(self, fn: Callable[[Any], Reply], tasks: Sequence[Any]) -> list[Reply]:
         serial = [fn(t) for t in tasks]
         batched = fn.batch(tasks)  # type: ignore[attr-defined]
         assert batched is not None, "the vectorised path declined this cohort"
@@ -179,7 +179,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Spy]:
     vectorized_update = vectorized_module.vectorized_update
     client_update = update_module.client_update
 
-    def counting_batch(*args: Any, **kwargs: Any) -> list[ClientResult] | None:
+    def counting_batch(*args: Any, **kwargs: Any) -> list[Reply] | None:
         out = vectorized_update(*args, **kwargs)
         if out is None:
             seen.declined += 1
@@ -187,7 +187,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Spy]:
             seen.batched += 1
         return out
 
-    def counting_client(*args: Any, **kwargs: Any) -> ClientResult:
+    def counting_client(*args: Any, **kwargs: Any) -> Reply:
         seen.serial += 1
         return client_update(*args, **kwargs)
 
@@ -245,7 +245,7 @@ def assert_close_runs(
         assert spy.batched == ROUNDS and spy.declined == 0 and spy.serial == 0
 
 
-def decoded(recipe: Recipe, res: ClientResult) -> dict[str, torch.Tensor]:
+def decoded(recipe: Recipe, res: Reply) -> dict[str, torch.Tensor]:
     return recipe.uplink.decode(Payload.from_bytes(res.uplink))
 
 
@@ -460,7 +460,7 @@ def test_vectorized_update_declines_a_single_task_and_logs_why(
     tasks: list[ClientTask] = []
 
     class Keep:
-        def map(self, fn: Callable[[Any], ClientResult], ts: Sequence[Any]) -> list[ClientResult]:
+        def map(self, fn: Callable[[Any], Reply], ts: Sequence[Any]) -> list[Reply]:
             tasks.extend(ts)
             return [fn(t) for t in ts]
 

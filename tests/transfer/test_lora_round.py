@@ -9,11 +9,11 @@ from tests.conftest import RecordingRuntime, make_tiny_model
 from torch import Tensor
 
 from fedtransfer import (
-    ClientResult,
     FederatedDataset,
     LocalTraining,
     Payload,
     Recipe,
+    Reply,
     ServerState,
     fedavg,
     run_round,
@@ -29,7 +29,7 @@ LOCAL = LocalTraining(lr=0.2, steps=4, batch_size=8)
 
 def _one_round(
     policy: Lora, data: FederatedDataset
-) -> tuple[Recipe, ServerState, ServerState, list[ClientResult]]:
+) -> tuple[Recipe, ServerState, ServerState, list[Reply]]:
     """Start (with non-zero global ``B`` so every factor trains from step one), one round."""
     recipe = fedavg(policy, local=LOCAL, clients_per_round=3)
     recipe.validate(make_tiny_model(), population=data.clients)
@@ -47,7 +47,7 @@ def _one_round(
 
 
 def _client_factors(
-    recipe: Recipe, old: ServerState, results: list[ClientResult], key: str
+    recipe: Recipe, old: ServerState, results: list[Reply], key: str
 ) -> list[Tensor]:
     """Each client's trained value of ``key``: the global value plus its decoded update."""
     out = []
@@ -57,7 +57,7 @@ def _client_factors(
     return out
 
 
-def _mean(values: list[Tensor], results: list[ClientResult]) -> Tensor:
+def _mean(values: list[Tensor], results: list[Reply]) -> Tensor:
     weights = [float(r.num_examples) for r in results]
     return sum(w * v for w, v in zip(weights, values, strict=True)) / sum(weights)
 

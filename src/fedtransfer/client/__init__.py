@@ -8,7 +8,6 @@ from fedtransfer.client.personalization import Ditto, Personalization, Rep, pers
 from fedtransfer.client.train import LocalTraining, local_train
 from fedtransfer.client.transforms import ClientTransform, ErrorFeedback
 from fedtransfer.client.update import (
-    ClientResult,
     ClientTask,
     ClientUpdate,
     client_update,
@@ -18,7 +17,6 @@ from fedtransfer.client.update import (
 __all__ = [
     "ClientContext",
     "ClientOut",
-    "ClientResult",
     "ClientTask",
     "ClientTransform",
     "ClientUpdate",

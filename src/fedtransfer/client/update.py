@@ -18,6 +18,7 @@ from fedtransfer.codecs import Exact, Payload
 from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import CompatibilityError, FedTransferError, PayloadError
 from fedtransfer.recipe import Recipe
+from fedtransfer.rounds.messages import Reply
 from fedtransfer.seeding import derive_seed, generator, global_cpu_seed
 from fedtransfer.transfer.policy import ParamPlan, TransferPolicy, per_client_rank
 from fedtransfer.types import Metrics, Params
@@ -57,24 +58,6 @@ TRANSFORM_MEMORY = "transform/"
 the rest is the objective's."""
 
 
-@dataclass(frozen=True, eq=False)
-class ClientResult:
-    """What comes back: the encoded update and the objective's encoded extras (both sent),
-    its weight, and what the client keeps: its new local keys and objective memory — or, if
-    the update could not be encoded, the ``error`` and nothing else."""
-
-    client: str
-    uplink: bytes
-    num_examples: int
-    local: dict[str, Tensor] = field(default_factory=dict)
-    metrics: Metrics = field(default_factory=dict)
-    extras: bytes = b""
-    memory: dict[str, Tensor] = field(default_factory=dict)
-    error: str = ""
-    """Why the client sent nothing this round (its update did not encode); the server rejects
-    the result with this reason."""
-
-
 def verify_start(setup: bytes, expected_sha256: str, *, client: str) -> dict[str, Tensor]:
     """Decode the set-up payload and check its weights' hash (the identical-start guarantee).
 
@@ -97,9 +80,7 @@ def verify_start(setup: bytes, expected_sha256: str, *, client: str) -> dict[str
     return weights
 
 
-def client_update(
-    task: ClientTask, *, recipe: Recipe, model_fn: Callable[[], nn.Module]
-) -> ClientResult:
+def client_update(task: ClientTask, *, recipe: Recipe, model_fn: Callable[[], nn.Module]) -> Reply:
     """Run one client's round; errors name the client and the round."""
     try:
         return _client_update(task, recipe, model_fn)
@@ -119,7 +100,7 @@ class ClientUpdate:
     recipe: Recipe
     model_fn: Callable[[], nn.Module]
 
-    def __call__(self, task: ClientTask) -> ClientResult:
+    def __call__(self, task: ClientTask) -> Reply:
         return client_update(task, recipe=self.recipe, model_fn=self.model_fn)
 
     def batch(
@@ -128,7 +109,7 @@ class ClientUpdate:
         *,
         max_params: int | None = None,
         convolutions: bool = True,
-    ) -> list[ClientResult] | None:
+    ) -> list[Reply] | None:
         """Every task's result at once, trained together on stacked parameters, or ``None``
         when the cohort cannot be (or, past ``max_params`` trainable scalars or with a
         training convolution and ``convolutions=False``, should not be) vectorised: then map
@@ -144,9 +125,7 @@ class ClientUpdate:
         )
 
 
-def _client_update(
-    task: ClientTask, recipe: Recipe, model_fn: Callable[[], nn.Module]
-) -> ClientResult:
+def _client_update(task: ClientTask, recipe: Recipe, model_fn: Callable[[], nn.Module]) -> Reply:
     model, plan = worker_model(recipe.policy, model_fn)
     start = start_client(task, recipe, plan)
     load_weights(model, start.weights)
@@ -195,7 +174,7 @@ def finish_client(
     out: ClientOut,
     *,
     delta: dict[str, Tensor] | None = None,
-) -> ClientResult:
+) -> Reply:
     """Everything a client does after it trains (shared by the serial and vectorised paths):
     delta ▸ scale ▸ trim ▸ client transforms ▸ encode ▸ result, from its ``trained`` weights
     (``delta``, the trained minus the global shared keys, when the caller has it already)."""
@@ -215,8 +194,8 @@ def finish_client(
         # rejection (the server names it), not the end of the round
         why = f"its update does not encode with {recipe.uplink!r}: {exc}"
         log.warning("client %s, round %d: %s", task.client, task.round, why)
-        return ClientResult(task.client, b"", len(task.data), metrics=out.metrics, error=why)
-    return ClientResult(
+        return Reply(task.client, b"", len(task.data), metrics=out.metrics, error=why)
+    return Reply(
         client=task.client,
         uplink=uplink,
         num_examples=len(task.data),

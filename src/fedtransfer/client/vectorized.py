@@ -39,7 +39,6 @@ from fedtransfer.client.stacked import (
 )
 from fedtransfer.client.train import LocalTraining, set_modes
 from fedtransfer.client.update import (
-    ClientResult,
     ClientStart,
     ClientTask,
     finish_client,
@@ -47,6 +46,7 @@ from fedtransfer.client.update import (
     worker_model,
 )
 from fedtransfer.recipe import Recipe
+from fedtransfer.rounds.messages import Reply
 from fedtransfer.transfer.policy import ParamPlan
 from fedtransfer.types import Metrics
 
@@ -69,8 +69,8 @@ def vectorized_update(
     model_fn: Callable[[], nn.Module],
     max_params: int | None = None,
     convolutions: bool = True,
-) -> list[ClientResult] | None:
-    """Every task's :class:`ClientResult`, trained at once; ``None`` when not supported.
+) -> list[Reply] | None:
+    """Every task's :class:`Reply`, trained at once; ``None`` when not supported.
 
     Supported: the :class:`Plain` objective with SGD (momentum, weight decay) or Adam, by
     epochs or steps, any policy (per-client LoRA ranks too) on a model that computes the same

@@ -59,11 +59,7 @@ def run_server(
     submit ``arm`` of ``config`` as a Flower app, wait until it finishes, stop the SuperLink.
     The clients are started separately (:func:`client_process`, ``fedtransfer deploy
     client``), before or after."""
-    if arm not in {a.name for a in config.arms}:
-        raise FedTransferError(
-            f"deploy: arm {arm!r} is not in the configuration; its arms: "
-            f"{[a.name for a in config.arms]}"
-        )
+    config.arm(arm)  # refuses an arm the configuration does not have
     if secure is not None:
         _check_secure(config, arm, secure)
     root = Path(run_dir).resolve()
@@ -118,7 +114,7 @@ def _check_secure(config: ExperimentConfig, arm: str, secure: SecureAggregation)
     """Secure aggregation's settings against the arm's recipe, before anything starts."""
     from fedtransfer import tree
 
-    recipe = config.recipe(next(a for a in config.arms if a.name == arm))
+    recipe = config.recipe(config.arm(arm))
     model = recipe.policy.prepare(config.model())
     plan = recipe.policy.plan(model)
     clients = [str(i) for i in range(config.data.num_clients)]

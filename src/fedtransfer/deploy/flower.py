@@ -29,6 +29,7 @@ from fedtransfer.deploy.flower_wire import KEY, content, request_of
 from fedtransfer.errors import FedTransferError
 from fedtransfer.experiment.run import build_population, load_config
 from fedtransfer.experiment.schema import ExperimentConfig
+from fedtransfer.rounds.messages import Reply, Request
 from fedtransfer.transfer.schedule import stage_recipe
 
 # --- the client ----------------------------------------------------------------------------
@@ -97,13 +98,7 @@ def client_app(config_path: str | Path, *, secure: bool = False) -> ClientApp:
         cfg, name, population = side(context)
         if secure:
             return _secure_train(msg, context, cfg, name, population)
-        req = request_of(msg)
-        if req.client != name:
-            raise FedTransferError(f"this node holds client {name}, the server asked {req.client}")
-        recipe = cfg.recipe(_arm(cfg, str(context.run_config["arm"])))
-        reply, held = client_round(
-            req, _holdings(context), population.train[name], recipe, model_fn=cfg.model
-        )
+        reply, held = _train(request_of(msg), context, cfg, name, population)
         _keep(context, held)
         fields = {k: getattr(reply, k) for k in ("client", "uplink", "num_examples", "extras")}
         fields.update(metrics=json.dumps(reply.metrics), error=reply.error)
@@ -113,7 +108,7 @@ def client_app(config_path: str | Path, *, secure: bool = False) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         cfg, name, population = side(context)
         req = request_of(msg)
-        recipe = cfg.recipe(_arm(cfg, str(context.run_config["arm"])))
+        recipe = cfg.recipe(cfg.arm(str(context.run_config["arm"])))
         ev = client_evaluate(
             req, _holdings(context), population.test[name], recipe, model_fn=cfg.model
         )
@@ -129,23 +124,24 @@ def _secure_train(
     from fedtransfer.deploy.secure import bounded, norm_bound
 
     req = request_of_fitins(msg)
-    if req.client != name:
-        raise FedTransferError(f"this node holds client {name}, the server asked {req.client}")
-    recipe = cfg.recipe(_arm(cfg, str(context.run_config["arm"])))
-    reply, held = client_round(
-        req, _holdings(context), population.train[name], recipe, model_fn=cfg.model
-    )
+    reply, held = _train(req, context, cfg, name, population)
     if reply.error:
         raise FedTransferError(reply.error)
     _keep(context, held)
-    current, _ = stage_recipe(recipe, req.round)
+    current, _ = stage_recipe(cfg.recipe(cfg.arm(str(context.run_config["arm"]))), req.round)
     update = current.uplink.decode(Payload.from_bytes(reply.uplink))
     c = norm_bound(current)  # checked by the server before round 1
     return fit_reply(bounded(update, c), reply.num_examples, msg)
 
 
-def _arm(cfg: ExperimentConfig, name: str) -> Any:
-    return next(a for a in cfg.arms if a.name == name)
+def _train(
+    req: Request, context: Context, cfg: ExperimentConfig, name: str, population: Any
+) -> tuple[Reply, Holdings]:
+    """This node's client round for ``req``, from what the node holds."""
+    if req.client != name:
+        raise FedTransferError(f"this node holds client {name}, the server asked {req.client}")
+    recipe = cfg.recipe(cfg.arm(str(context.run_config["arm"])))
+    return client_round(req, _holdings(context), population.train[name], recipe, model_fn=cfg.model)
 
 
 # --- the server ----------------------------------------------------------------------------

@@ -28,9 +28,9 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 from torch import Tensor
 
-from fedtransfer.deploy.federation import Request
 from fedtransfer.deploy.flower_wire import request_from, wire_nbytes
 from fedtransfer.deploy.secure import SecureAggregation
+from fedtransfer.rounds.messages import Request
 from fedtransfer.types import Params
 
 

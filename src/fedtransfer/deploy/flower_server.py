@@ -16,12 +16,13 @@ from flwr.serverapp import Grid
 
 from fedtransfer import tree
 from fedtransfer.client.update import SETUP_CODEC
-from fedtransfer.deploy.federation import Reply, Request, resumed, server_round
+from fedtransfer.deploy.federation import deployed_round, resumed
 from fedtransfer.deploy.flower_wire import fields_of, reply_of, request_message, wire_nbytes
-from fedtransfer.deploy.secure import SecureAggregation, secure_round
+from fedtransfer.deploy.secure import SecureAggregation, secure_sum
 from fedtransfer.errors import FedTransferError
 from fedtransfer.experiment.run import start_state
 from fedtransfer.experiment.schema import ExperimentConfig
+from fedtransfer.rounds.messages import Reply, Request, Send
 from fedtransfer.state import ServerState, load_state, save_state
 from fedtransfer.transfer.schedule import stage_recipe
 
@@ -50,11 +51,12 @@ def serve(
     log.info("deploy: %d clients online: %s", len(clients), clients)
     secure = _secure(grid, context, cfg, recipe, state, nodes, run_config, timeout)
     while state.round < cfg.rounds:
-        send = _Transport(grid, nodes, timeout)
+        transport = _Transport(grid, nodes, timeout)
+        send: Send = transport
         if secure is not None:
-            state, rep = secure_round(recipe, state, clients, secure, model_fn=cfg.model)
-        else:
-            state, rep = server_round(recipe, state, clients, send, model_fn=cfg.model)
+            uplink = stage_recipe(recipe, state.round + 1)[0].uplink
+            send = secure_sum(secure, uplink=uplink, params=state.params)
+        state, rep = deployed_round(recipe, state, clients, send, model_fn=cfg.model)
         save_state(state, folder)
         record = {
             "round": state.round,
@@ -64,8 +66,8 @@ def serve(
             "bytes_up": rep.bytes_up,
             "bytes_down": rep.bytes_down,
             "setup_bytes": rep.setup_bytes,
-            "flower_bytes_down": send.down,
-            "flower_bytes_up": send.up,
+            "flower_bytes_down": transport.down,
+            "flower_bytes_up": transport.up,
             "seconds": rep.seconds,
             "params_sha256": tree.sha256(state.params),
         }

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedtransfer.deploy.federation import Reply, Request
+from fedtransfer.rounds.messages import Reply, Request
 
 KEY = "fedtransfer"
 

@@ -149,11 +149,7 @@ def write_app(
     """A Flower app in ``folder`` that runs ``arm`` of ``config`` (bundled as
     ``experiment.yaml``) with ``flwr run``; the server writes to ``out_dir`` on its machine.
     ``secure`` aggregates every round with SecAgg+ (checked before round 1)."""
-    if arm not in {a.name for a in config.arms}:
-        raise FedTransferError(
-            f"deploy: arm {arm!r} is not in the configuration; its arms: "
-            f"{[a.name for a in config.arms]}"
-        )
+    config.arm(arm)  # refuses an arm the configuration does not have
     root = Path(folder)
     package = root / "fedtransfer_app"
     package.mkdir(parents=True, exist_ok=True)

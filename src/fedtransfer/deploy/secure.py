@@ -3,20 +3,16 @@ update, never one client's (the transport runs the protocol: :mod:`.flower_secur
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from fedtransfer import tree
-from fedtransfer.client.update import ClientResult
-from fedtransfer.deploy.federation import Request, open_round
-from fedtransfer.errors import ConfigError, UpdateRejected
+from fedtransfer.codecs import Codec
+from fedtransfer.errors import ConfigError
 from fedtransfer.recipe import Recipe
-from fedtransfer.round import Received, RoundReport, apply_updates, conclude
-from fedtransfer.server.validate import validate_update
-from fedtransfer.state import ServerState
+from fedtransfer.rounds.messages import Reply, Request, Send
 from fedtransfer.transfer.policy import ParamPlan
 from fedtransfer.types import Params
 
@@ -79,6 +75,13 @@ class SecureAggregation:
                 "the norm bound does not cover; hint: keep them local, e.g. policy "
                 "{kind: local_batchnorm} for BatchNorm statistics"
             )
+        if recipe.uplink.error_bound != 0:
+            raise ConfigError(
+                f"secure aggregation: the uplink {recipe.uplink!r} is lossy, but under secure "
+                "aggregation what travels is the protocol's own quantisation of each update, "
+                "so a lossy uplink would only distort the sum; hint: --set 'uplink={kind: "
+                "float32}'"
+            )
         if cohort < 3:
             raise ConfigError(f"secure aggregation: needs at least 3 clients a round, got {cohort}")
         if cohort * self.quantization_range >= self.modulus_range:
@@ -112,36 +115,38 @@ def bounded(update: Params, c: float) -> dict[str, Tensor]:
     return {k: v.double() * scale for k, v in update.items()}
 
 
-def secure_round(
-    recipe: Recipe,
-    state: ServerState,
-    clients: Sequence[str],
-    send: Callable[[Sequence[Request]], tuple[Params, float, int]],
+SECURE_SUM = "secure-sum"
+"""The one reply of a securely aggregated round: the cohort's weighted mean update."""
+
+
+def secure_sum(
+    protocol: Callable[[Sequence[Request]], tuple[Params, float, int]],
     *,
-    model_fn: Callable[[], nn.Module],
-) -> tuple[ServerState, RoundReport]:
-    """Round ``state.round + 1`` with secure aggregation: ``send`` returns the weighted mean of
-    the cohort's bounded updates, their total weight, and the bytes the clients sent; the
-    server applies that mean as the round's one update (what the ``norm_bound`` aggregator
-    would have computed from the individual updates, up to quantisation)."""
-    began = time.perf_counter()
-    recipe, state, out, requests = open_round(recipe, state, clients, model_fn=model_fn)
-    cohort, r = [q.client for q in requests], state.round + 1
-    mean, weight, bytes_up = send(requests)
-    update = {k: _like(mean[k], state.params[k]) for k in state.params} if mean else {}
-    summed = ClientResult("secure-sum", b"", int(weight))
-    kept: Received = []
-    rejected: list[tuple[str, str]] = []
-    try:
-        validate_update(update, weight, reference=state.params, client="secure-sum", round=r)
-        kept = [(summed, update, {})]
-    except UpdateRejected as exc:
-        rejected = [("secure-sum", str(exc))]
-    applied = apply_updates(recipe, state, len(clients), kept)
-    sent = out.dispatched(recipe, state, cohort, [])
-    state, report = conclude(state, sent, [], kept, rejected, applied, cohort=cohort, began=began)
-    state = state.replace(ledger={**state.ledger, "up": state.ledger["up"] + bytes_up})
-    return state, replace(report, bytes_up=bytes_up)
+    uplink: Codec,
+    params: Params,
+) -> Send:
+    """The :data:`~fedtransfer.rounds.messages.Send` of a securely aggregated round:
+    ``protocol`` delivers the requests and returns the weighted mean of the cohort's bounded
+    updates, their total weight and the bytes the clients sent; the round receives that mean
+    as one reply, :data:`SECURE_SUM`, weighted by the total (what the ``norm_bound``
+    aggregator would have computed from the individual updates, up to quantisation).
+    ``params`` are the round's global shared parameters, whose dtypes and shapes the mean
+    takes before it is encoded with the (lossless) ``uplink``."""
+
+    def send(requests: Sequence[Request]) -> dict[str, Reply]:
+        mean, weight, bytes_up = protocol(requests)
+        cohort = tuple(q.client for q in requests)
+        if not mean:
+            why = "the secure aggregation returned no sum"
+            return {
+                SECURE_SUM: Reply(SECURE_SUM, b"", 0, error=why, wire_bytes=bytes_up, covers=cohort)
+            }
+        update = {k: _like(mean[k], params[k]) for k in params}
+        payload = uplink.encode(update).to_bytes()
+        summed = Reply(SECURE_SUM, payload, int(weight), wire_bytes=bytes_up, covers=cohort)
+        return {SECURE_SUM: summed}
+
+    return send
 
 
 def _like(value: Tensor, reference: Tensor) -> Tensor:

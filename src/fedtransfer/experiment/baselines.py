@@ -14,7 +14,7 @@ from fedtransfer.client.features import train_head_cached
 from fedtransfer.client.train import local_train
 from fedtransfer.data.federated import FederatedDataset, TensorData
 from fedtransfer.recipe import Recipe
-from fedtransfer.round import RoundReport
+from fedtransfer.rounds.finalize import RoundReport
 from fedtransfer.seeding import generator
 from fedtransfer.state import ServerState
 from fedtransfer.transfer.policy import ParamPlan

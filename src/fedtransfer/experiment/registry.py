@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtransfer.attacks import ALIE, IPM, Attack, GaussianNoise, LabelFlip, Scale, SignFlip
 from fedtransfer.client.drift import Dyn, Nova, Scaffold
 from fedtransfer.client.ncm import NearestClassMean
 from fedtransfer.client.objectives import Objective, Plain, Prox
@@ -26,6 +25,15 @@ from fedtransfer.models import CNN, LeafCNN, ModelFactory
 from fedtransfer.models.hub import HFSequenceClassifier, TimmModel, TorchvisionModel
 from fedtransfer.models.resnet import CifarResNetFactory
 from fedtransfer.models.text import MiniLM, Tokenized
+from fedtransfer.robustness.attacks import (
+    ALIE,
+    IPM,
+    Attack,
+    GaussianAttack,
+    LabelFlip,
+    Scale,
+    SignFlip,
+)
 from fedtransfer.server.aggregate import Aggregator, Mean
 from fedtransfer.server.clipping import CenteredClipping, NormBound
 from fedtransfer.server.optimizers import (
@@ -130,7 +138,7 @@ GROUPS: dict[Any, dict[str, type]] = {
     Attack: {
         "sign_flip": SignFlip,
         "scale": Scale,
-        "gaussian": GaussianNoise,
+        "gaussian": GaussianAttack,
         "label_flip": LabelFlip,
         "alie": ALIE,
         "ipm": IPM,

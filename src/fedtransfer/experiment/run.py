@@ -35,7 +35,8 @@ from fedtransfer.experiment.schema import (
     inherit_arm_settings,
 )
 from fedtransfer.recipe import Recipe
-from fedtransfer.round import RoundReport, run_round
+from fedtransfer.rounds.finalize import RoundReport
+from fedtransfer.rounds.spine import run_round
 from fedtransfer.runtime.serial import Runtime, SerialRuntime
 from fedtransfer.seeding import derive_seed, generator
 from fedtransfer.state import ServerState, load_state, save_state
@@ -155,10 +156,7 @@ def start_state(
     """The arm ``arm_name``, its recipe and the state its round 1 starts from, as
     :func:`run_experiment` makes them (pre-training in ``run_dir`` if the arm needs it, or
     reusing what is there): for deployments, whose rounds a transport drives."""
-    arms = {arm.name: arm for arm in config.arms}
-    if arm_name not in arms:
-        raise ConfigError(f"arm {arm_name!r} is not in the configuration; its arms: {sorted(arms)}")
-    arm = arms[arm_name]
+    arm = config.arm(arm_name)
     if arm.mode != "federated" or (arm.fedbuff or config.fedbuff) or config.threat:
         raise ConfigError(
             f"arm {arm_name!r}: only synchronous federated arms deploy (mode: federated, no "

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fedtransfer.attacks import Threat
 from fedtransfer.buffered import FedBuff
 from fedtransfer.client.objectives import Objective, Plain
 from fedtransfer.client.personalization import Personalization
@@ -19,6 +18,7 @@ from fedtransfer.errors import ConfigError
 from fedtransfer.experiment.config import dump
 from fedtransfer.models import CNN, ModelFactory
 from fedtransfer.recipe import Recipe
+from fedtransfer.robustness.threat import Threat
 from fedtransfer.server.aggregate import Aggregator, Mean
 from fedtransfer.server.optimizers import ServerSGD, UpdateTransform
 from fedtransfer.server.pipeline import ServerPipeline
@@ -260,6 +260,15 @@ class ExperimentConfig:
                 post=(arm.server_optimizer or self.server_optimizer,),
             ),
             sampler=arm.sampler or self.sampler,
+        )
+
+    def arm(self, name: str) -> ArmConfig:
+        """The arm called ``name``; a :class:`ConfigError` naming the arms if there is none."""
+        for arm in self.arms:
+            if arm.name == name:
+                return arm
+        raise ConfigError(
+            f"arm {name!r} is not in the configuration; its arms: {[a.name for a in self.arms]}"
         )
 
     @property

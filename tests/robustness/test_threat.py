@@ -16,19 +16,20 @@ from tests.conftest import make_tiny_model
 from torch import Tensor
 
 from fedtransfer import (
-    ClientResult,
     FederatedDataset,
     Float32,
     Payload,
     Recipe,
+    Reply,
     ServerState,
     TensorData,
     Uniform,
     run_round,
     tree,
 )
-from fedtransfer.attacks import GaussianNoise, LabelFlip, SignFlip, Threat
-from fedtransfer.round import RoundReport
+from fedtransfer.robustness.attacks import GaussianAttack, LabelFlip, SignFlip
+from fedtransfer.robustness.threat import Threat
+from fedtransfer.rounds.finalize import RoundReport
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -37,9 +38,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 class RecordingRuntime:
     """The serial runtime, keeping every client result it returns (in task order)."""
 
-    results: list[ClientResult] = field(default_factory=list)
+    results: list[Reply] = field(default_factory=list)
 
-    def map(self, fn: Callable[[Any], ClientResult], tasks: Sequence[Any]) -> list[ClientResult]:
+    def map(self, fn: Callable[[Any], Reply], tasks: Sequence[Any]) -> list[Reply]:
         out = [fn(t) for t in tasks]
         self.results.extend(out)
         return out
@@ -172,7 +173,7 @@ def test_run_round_label_flip_leaves_the_population_data_untouched(
     assert all(torch.equal(tiny_data.train[c].y, labels[c]) for c in tiny_data.clients)
 
 
-@pytest.mark.parametrize("attack", [SignFlip(), LabelFlip(), GaussianNoise(1.0)], ids=repr)
+@pytest.mark.parametrize("attack", [SignFlip(), LabelFlip(), GaussianAttack(1.0)], ids=repr)
 def test_run_round_threat_with_zero_fraction_changes_nothing(
     attack: Any, tiny_recipe: Recipe, tiny_data: FederatedDataset
 ) -> None:
@@ -189,7 +190,7 @@ def test_run_round_threat_with_zero_fraction_changes_nothing(
 def test_run_round_gaussian_noise_attack_is_seeded(
     tiny_recipe: Recipe, tiny_data: FederatedDataset
 ) -> None:
-    threat = Threat(GaussianNoise(0.01), fraction=0.4)
+    threat = Threat(GaussianAttack(0.01), fraction=0.4)
     _, a, _, _ = _round(tiny_recipe, tiny_data, threat)
     _, b, _, _ = _round(tiny_recipe, tiny_data, threat)
     _, clean, _, _ = _round(tiny_recipe, tiny_data)

@@ -10,20 +10,20 @@ import pytest
 import torch
 
 from fedtransfer import tree
-from fedtransfer.attacks import (
+from fedtransfer.data.federated import TensorData
+from fedtransfer.errors import ConfigError
+from fedtransfer.robustness.attacks import (
     ALIE,
     IPM,
     Attack,
-    GaussianNoise,
+    GaussianAttack,
     LabelFlip,
     Scale,
     SignFlip,
-    Threat,
 )
-from fedtransfer.data.federated import TensorData
-from fedtransfer.errors import ConfigError
+from fedtransfer.robustness.threat import Threat
 
-ALL_ATTACKS = [SignFlip(), Scale(), GaussianNoise(), LabelFlip(), ALIE(), IPM()]
+ALL_ATTACKS = [SignFlip(), Scale(), GaussianAttack(), LabelFlip(), ALIE(), IPM()]
 POPULATION = [f"c{i:02d}" for i in range(20)]
 
 
@@ -109,7 +109,7 @@ def test_scale_multiplies_own_update() -> None:
 
 def test_gaussiannoise_matches_normal_draws_of_generator() -> None:
     updates, malicious = _round()
-    out = GaussianNoise(sigma=0.5).corrupt(updates, malicious, generator=_gen(3))
+    out = GaussianAttack(sigma=0.5).corrupt(updates, malicious, generator=_gen(3))
     reference = _gen(3)
     w = 0.5 * torch.randn(2, generator=reference, dtype=torch.float64)
     b = 0.5 * torch.randn(1, generator=reference, dtype=torch.float64)
@@ -119,7 +119,7 @@ def test_gaussiannoise_matches_normal_draws_of_generator() -> None:
 
 def test_gaussiannoise_reproducible_by_generator_seed() -> None:
     updates, malicious = _round()
-    attack = GaussianNoise(sigma=1.0)
+    attack = GaussianAttack(sigma=1.0)
     a = attack.corrupt(updates, malicious, generator=_gen(7))
     b = attack.corrupt(updates, malicious, generator=_gen(7))
     c = attack.corrupt(updates, malicious, generator=_gen(8))
@@ -129,7 +129,7 @@ def test_gaussiannoise_reproducible_by_generator_seed() -> None:
 
 def test_gaussiannoise_gives_each_malicious_client_its_own_noise() -> None:
     updates, _ = _round()
-    out = GaussianNoise().corrupt(updates, [True, False, True], generator=_gen())
+    out = GaussianAttack().corrupt(updates, [True, False, True], generator=_gen())
     assert not torch.equal(out[0]["w"], out[2]["w"])
 
 
@@ -250,8 +250,8 @@ def test_threat_rejects_non_attack() -> None:
         (lambda: SignFlip(scale=math.inf), "scale must be a finite number > 0"),
         (lambda: SignFlip(scale=0.0), "scale must be a finite number > 0"),
         (lambda: Scale(factor=math.nan), "factor must be a finite number > 0"),
-        (lambda: GaussianNoise(sigma=-1.0), "sigma must be a finite number >= 0"),
-        (lambda: GaussianNoise(sigma=math.inf), "sigma must be a finite number >= 0"),
+        (lambda: GaussianAttack(sigma=-1.0), "sigma must be a finite number >= 0"),
+        (lambda: GaussianAttack(sigma=math.inf), "sigma must be a finite number >= 0"),
         (lambda: ALIE(z=-0.5), "z must be a finite number >= 0"),
         (lambda: IPM(epsilon=math.inf), "epsilon must be a finite number > 0"),
         (lambda: IPM(epsilon=0.0), "epsilon must be a finite number > 0"),

@@ -2,8 +2,8 @@
 
 An :class:`Attack` acts at two points of a round: ``poison`` changes the training data of each
 malicious client before local training, and ``corrupt`` replaces the decoded updates of the
-malicious clients before validation and aggregation. A :class:`Threat` says which clients are
-malicious. Attacks act on floating tensors only; integer tensors (such as BatchNorm's
+malicious clients before validation and aggregation. A :class:`~fedtransfer.robustness.threat.Threat`
+says which clients are malicious. Attacks act on floating tensors only; integer tensors (such as BatchNorm's
 ``num_batches_tracked``) are passed through from the client's own update. Inputs are never mutated.
 """
 
@@ -20,7 +20,6 @@ from torch import Tensor
 
 from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import ConfigError
-from fedtransfer.seeding import generator as seeded_generator
 from fedtransfer.types import Params
 
 
@@ -165,7 +164,7 @@ class Scale(_ModelAttack):
 
 
 @dataclass(frozen=True)
-class GaussianNoise(_ModelAttack):
+class GaussianAttack(_ModelAttack):
     """Gaussian attack: a malicious update is replaced by i.i.d. ``N(0, sigma²)`` noise.
 
     Noise is drawn (in float64, on CPU) from ``generator``, malicious clients in order and keys in
@@ -175,7 +174,7 @@ class GaussianNoise(_ModelAttack):
     >>> import torch
     >>> def attack(seed):
     ...     gen = torch.Generator().manual_seed(seed)
-    ...     return GaussianNoise(1.0).corrupt([{"w": torch.ones(3)}], [True], generator=gen)[0]["w"]
+    ...     return GaussianAttack(1.0).corrupt([{"w": torch.ones(3)}], [True], generator=gen)[0]["w"]
     >>> torch.equal(attack(0), attack(0)), attack(0).shape
     (True, torch.Size([3]))
     """
@@ -183,7 +182,7 @@ class GaussianNoise(_ModelAttack):
     sigma: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_number("GaussianNoise", "sigma", self.sigma, low=0.0, strict=False, hint="e.g. 1.0")
+        _check_number("GaussianAttack", "sigma", self.sigma, low=0.0, strict=False, hint="e.g. 1.0")
 
     def corrupt(
         self, updates: Sequence[Params], malicious: Sequence[bool], *, generator: torch.Generator
@@ -192,7 +191,7 @@ class GaussianNoise(_ModelAttack):
             draw = torch.randn(v.shape, generator=generator, dtype=torch.float64)
             return (self.sigma * draw).to(v.device)
 
-        return _replace("GaussianNoise", updates, malicious, lambda u: _map_floating(u, noise))
+        return _replace("GaussianAttack", updates, malicious, lambda u: _map_floating(u, noise))
 
 
 @dataclass(frozen=True)
@@ -311,35 +310,3 @@ class IPM(_ModelAttack):
             return _replace("IPM", updates, malicious, _as_dict)
         target = _statistic("IPM", updates, malicious, lambda s: -self.epsilon * s.mean(dim=0))
         return _replace("IPM", updates, malicious, lambda u: _fill(u, target))
-
-
-@dataclass(frozen=True)
-class Threat:
-    """Which clients are malicious and what they do: ``fraction`` of the population, chosen by seed.
-
-    >>> threat = Threat(SignFlip(), fraction=0.25)
-    >>> len(threat.malicious([f"c{i}" for i in range(8)], seed=0))
-    2
-    """
-
-    attack: Attack
-    fraction: float
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.attack, Attack):
-            raise ConfigError(
-                f"Threat: attack must implement Attack (poison and corrupt), got "
-                f"{type(self.attack).__name__}; hint: e.g. SignFlip() or LabelFlip()"
-            )
-        f = self.fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
-            raise ConfigError(
-                f"Threat: fraction must be in [0, 1), got {f!r}; hint: the share of the "
-                "population that is malicious, e.g. 0.2"
-            )
-
-    def malicious(self, population: Sequence[str], *, seed: int) -> frozenset[str]:
-        """``floor(fraction × N)`` client ids from a permutation seeded by ``(seed, "threat")``."""
-        count = math.floor(self.fraction * len(population) + 1e-9)
-        order = torch.randperm(len(population), generator=seeded_generator(seed, "threat"))
-        return frozenset(population[i] for i in order[:count].tolist())

@@ -1,0 +1,98 @@
+"""``server_round``: the one round of federated transfer learning, readable in one go.
+
+distribute ▸ send ▸ collect ▸ aggregate ▸ finalize. The simulator, a Flower deployment and
+SecAgg+ differ only in the :data:`~fedtransfer.rounds.messages.Send` they hand it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from torch import nn
+
+from fedtransfer.data.federated import FederatedDataset
+from fedtransfer.recipe import Recipe
+from fedtransfer.robustness.threat import Threat
+from fedtransfer.rounds.collect import answered, collect, heard
+from fedtransfer.rounds.distribute import distribute
+from fedtransfer.rounds.finalize import RoundReport, aggregate, finalize
+from fedtransfer.rounds.messages import Send
+from fedtransfer.rounds.simulate import InProcess
+from fedtransfer.runtime.serial import Runtime
+from fedtransfer.staged import begin_round
+from fedtransfer.state import ServerState
+
+
+def server_round(
+    recipe: Recipe,
+    state: ServerState,
+    cohort: Sequence[str],
+    send: Send,
+    *,
+    model_fn: Callable[[], nn.Module],
+    population_size: int,
+) -> tuple[ServerState, RoundReport]:
+    """Round ``state.round + 1`` of ``recipe`` (the round's own: its stage's in a schedule,
+    see :func:`open_round`) with ``cohort`` over ``send``.
+
+    Only updates that decode and validate are aggregated; a client that does not answer is
+    rejected like one whose update does not decode, and a round with none accepted leaves the
+    global parameters and server state unchanged. ``population_size``: the clients of the
+    federation (objectives such as SCAFFOLD scale by it)."""
+    began = time.perf_counter()
+    out = distribute(recipe, state, cohort, model_fn=model_fn)
+    replies = send(out.requests)
+    got = collect(recipe, state, answered(cohort, replies), plan=out.plan)
+    step = aggregate(recipe, state, got, population_size=population_size)
+    step.metrics["schedule/stage"] = float(state.stage)
+    return finalize(
+        state,
+        out,
+        got,
+        step,
+        set_up=out.set_up(state, answered=heard(got.replies)),
+        synced=out.synced(recipe, state),
+        began=began,
+    )
+
+
+def open_round(
+    recipe: Recipe,
+    state: ServerState,
+    clients: Sequence[str],
+    *,
+    model_fn: Callable[[], nn.Module],
+) -> tuple[Recipe, ServerState, list[str]]:
+    """The start of round ``state.round + 1``: its recipe (its stage's, in a schedule), the
+    state (rebased if the round begins a stage) and the cohort the recipe's sampler draws."""
+    recipe, state = begin_round(recipe, state, model_fn=model_fn)
+    cohort = recipe.sampler.sample(list(clients), seed=state.seed, round=state.round + 1)
+    return recipe, state, cohort
+
+
+def run_round(
+    recipe: Recipe,
+    state: ServerState,
+    population: FederatedDataset,
+    runtime: Runtime,
+    *,
+    model_fn: Callable[[], nn.Module],
+    threat: Threat | None = None,
+) -> tuple[ServerState, RoundReport]:
+    """Run round ``state.round + 1`` in simulation and return the new state and its report:
+    :func:`server_round` over the in-process clients on ``runtime``. ``threat`` simulates
+    malicious clients (robustness evaluation) around them
+    (:meth:`~fedtransfer.robustness.threat.Threat.around`)."""
+    current, state, cohort = open_round(recipe, state, population.clients, model_fn=model_fn)
+    clients = InProcess(current, state, population.train.__getitem__, runtime, model_fn)
+    send: Send = clients
+    malicious = threat.malicious(population.clients, seed=state.seed) if threat else frozenset()
+    if threat is not None:
+        send = threat.around(clients, current, state, population=population, malicious=malicious)
+    state, report = server_round(
+        current, state, cohort, send, model_fn=model_fn, population_size=len(population.clients)
+    )
+    n = float(sum(c in malicious for c in cohort))
+    return state, replace(report, metrics={**report.metrics, "attack/malicious": n})
