@@ -31,7 +31,7 @@ from fedtransfer import (
 )
 from fedtransfer.client.ncm import NearestClassMean
 from fedtransfer.codecs import TopK
-from fedtransfer.staged import begin_round
+from fedtransfer.rounds.schedule import begin_round
 from fedtransfer.transfer.schedule import Stage, Stages, fedncm
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -18,7 +18,6 @@ from fedtransfer.algorithms import (
     lg_fedavg,
     scaffold,
 )
-from fedtransfer.buffered import ClientDelays, FedBuff, run_buffered_step
 from fedtransfer.client import (
     ClientTask,
     ClientTransform,
@@ -38,7 +37,6 @@ from fedtransfer.client import (
     client_update,
     evaluate,
 )
-from fedtransfer.clientstore import ClientStore
 from fedtransfer.codecs import BFloat16, Codec, Exact, Float16, Float32, Int8, Payload, TopK
 from fedtransfer.data import (
     IID,
@@ -74,6 +72,7 @@ from fedtransfer.robustness.attacks import (
     SignFlip,
 )
 from fedtransfer.robustness.threat import Threat
+from fedtransfer.rounds.buffered import ClientDelays, FedBuff, run_buffered_step
 from fedtransfer.rounds.finalize import RoundReport
 from fedtransfer.rounds.messages import Reply, Request, Send
 from fedtransfer.rounds.spine import run_round, server_round
@@ -103,6 +102,7 @@ from fedtransfer.server import (
     Uniform,
 )
 from fedtransfer.state import ServerState, load_state, save_state
+from fedtransfer.state.clientstore import ClientStore
 from fedtransfer.transfer import (
     FrozenHead,
     Full,

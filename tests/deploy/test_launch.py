@@ -12,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
+from fedtransfer.cli import main
 from fedtransfer.deploy.launch import (
     Credentials,
     make_credentials,
@@ -21,7 +22,6 @@ from fedtransfer.deploy.launch import (
 )
 from fedtransfer.deploy.secure import SecureAggregation
 from fedtransfer.errors import FedTransferError
-from fedtransfer.experiment.cli import main
 from fedtransfer.experiment.run import load_config
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from fedtransfer.cli import main
 from fedtransfer.errors import ConfigError
 from fedtransfer.experiment.bench import CHECKS
-from fedtransfer.experiment.cli import main
 from fedtransfer.experiment.run import build_population, load_config
 
 SHARED = Path(os.environ.get("FEDTRANSFER_DATA") or Path(__file__).parents[3] / "shared" / "data")

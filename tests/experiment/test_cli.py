@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fedtransfer.experiment.cli import main
+from fedtransfer.cli import main
 
 
 def test_cli_partition_writes_report(tmp_path, capsys):

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from fedtransfer import AutoRuntime, SerialRuntime, VectorizedRuntime
+from fedtransfer.cli import _parser, _runtime, main
 from fedtransfer.client import vectorized
 from fedtransfer.errors import ConfigError
-from fedtransfer.experiment.cli import _parser, _runtime, main
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from fedtransfer.cli import main
 from fedtransfer.errors import CompatibilityError
-from fedtransfer.experiment.cli import main
 from fedtransfer.experiment.run import load_config, run_experiment
 from fedtransfer.transfer import load_checkpoint
 

@@ -22,7 +22,7 @@ SMALL = [
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedtransfer.experiment.cli", *args]
+    return [sys.executable, "-m", "fedtransfer.cli", *args]
 
 
 def _latest_round(run_dir: Path, arm: str) -> int:

@@ -46,7 +46,24 @@ def _round() -> tuple[list[dict[str, torch.Tensor]], list[bool]]:
 
 @pytest.mark.parametrize("attack", ALL_ATTACKS, ids=lambda a: type(a).__name__)
 def test_attack_implements_protocol(attack: Attack) -> None:
+    """Both methods keep the layout (the examples and their shapes; the update's keys, shapes
+    and dtypes), and the attack acts through at least one of them: it poisons the data or
+    replaces the malicious update."""
     assert isinstance(attack, Attack)
+    data = TensorData(torch.arange(12.0).reshape(6, 2), torch.tensor([0, 1, 2, 0, 1, 2]))
+    poisoned = attack.poison(data, num_classes=3, generator=_gen())
+    assert isinstance(poisoned, TensorData)
+    assert poisoned.x.shape == data.x.shape and poisoned.y.shape == data.y.shape
+    assert bool(((poisoned.y >= 0) & (poisoned.y < 3)).all())
+    updates, malicious = _round()
+    out = attack.corrupt(updates, malicious, generator=_gen())
+    assert isinstance(out, list) and len(out) == len(updates)
+    bad = out[malicious.index(True)]
+    assert {k: (v.shape, v.dtype) for k, v in bad.items()} == {
+        k: (v.shape, v.dtype) for k, v in updates[2].items()
+    }
+    poisons = not (torch.equal(poisoned.x, data.x) and torch.equal(poisoned.y, data.y))
+    assert poisons or not tree.equal(bad, updates[2])
 
 
 @pytest.mark.parametrize("attack", ALL_ATTACKS, ids=lambda a: type(a).__name__)

@@ -33,7 +33,7 @@ from fedtransfer import (
     scaffold,
     tree,
 )
-from fedtransfer.experiment.cli import main
+from fedtransfer.cli import main
 from fedtransfer.experiment.run import final_weights
 from fedtransfer.runtime import WorkerLost, transport
 

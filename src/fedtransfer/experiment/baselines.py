@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +15,6 @@ from fedtransfer.client.features import train_head_cached
 from fedtransfer.client.train import local_train
 from fedtransfer.data.federated import FederatedDataset, TensorData
 from fedtransfer.recipe import Recipe
-from fedtransfer.rounds.finalize import RoundReport
 from fedtransfer.seeding import generator
 from fedtransfer.state import ServerState
 from fedtransfer.transfer.policy import ParamPlan
@@ -31,6 +31,15 @@ def weights_of(mode: str, state: ServerState, client: str) -> dict[str, Tensor]:
     return state.weights_for(client)
 
 
+@dataclass(frozen=True)
+class IsolatedRound:
+    """What a round of a no-federation arm did: local training only, nothing sent."""
+
+    round: int
+    seconds: float
+    metrics: Metrics = field(default_factory=dict)
+
+
 def train_isolated(
     mode: str,
     recipe: Recipe,
@@ -38,7 +47,7 @@ def train_isolated(
     population: FederatedDataset,
     *,
     model_fn: Callable[[], nn.Module],
-) -> tuple[ServerState, RoundReport]:
+) -> tuple[ServerState, IsolatedRound]:
     """One round of a ``local-only`` or ``centralised`` arm: ``recipe.local`` training of what
     the recipe's policy trains, with nothing sent anywhere (the ledger does not move).
 
@@ -69,18 +78,8 @@ def train_isolated(
                 losses.append(metrics["loss"])
             clients[c] = tree.clone(tree.select(model.state_dict(), kept))
     new_state = state.replace(round=r, params=params, clients=clients)
-    report = RoundReport(
-        round=r,
-        cohort=(),
-        accepted=(),
-        rejected=(),
-        bytes_up=0,
-        bytes_down=0,
-        setup_bytes=0,
-        seconds=time.perf_counter() - began,
-        metrics={"client/train_loss": sum(losses) / len(losses) if losses else float("nan")},
-    )
-    return new_state, report
+    loss = sum(losses) / len(losses) if losses else float("nan")
+    return new_state, IsolatedRound(r, time.perf_counter() - began, {"client/train_loss": loss})
 
 
 _POOLED: weakref.WeakKeyDictionary[FederatedDataset, TensorData] = weakref.WeakKeyDictionary()

@@ -18,7 +18,6 @@ import yaml
 from torch import Tensor, nn
 
 from fedtransfer import tree
-from fedtransfer.buffered import run_buffered_step
 from fedtransfer.client.evaluate import evaluate
 from fedtransfer.client.features import evaluate_cached, head_path
 from fedtransfer.client.personalization import personalized_accuracy
@@ -27,7 +26,7 @@ from fedtransfer.data.partition import Natural
 from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.experiment import config as cfgio
 from fedtransfer.experiment import report
-from fedtransfer.experiment.baselines import train_isolated, weights_of
+from fedtransfer.experiment.baselines import IsolatedRound, train_isolated, weights_of
 from fedtransfer.experiment.schema import (
     ArmConfig,
     ExperimentConfig,
@@ -35,6 +34,7 @@ from fedtransfer.experiment.schema import (
     inherit_arm_settings,
 )
 from fedtransfer.recipe import Recipe
+from fedtransfer.rounds.buffered import run_buffered_step
 from fedtransfer.rounds.finalize import RoundReport
 from fedtransfer.rounds.spine import run_round
 from fedtransfer.runtime.serial import Runtime, SerialRuntime
@@ -314,11 +314,12 @@ class _Run:
             {"arm": arm.name, "round": state.round, "rounds": cfg.rounds, "arms": len(cfg.arms)},
         )
         fedbuff = arm.fedbuff or cfg.fedbuff
+        last: RoundReport | IsolatedRound
         while state.round < cfg.rounds:
             if arm.mode != "federated":
-                state, rr = train_isolated(arm.mode, recipe, state, population, model_fn=model_fn)
+                state, last = train_isolated(arm.mode, recipe, state, population, model_fn=model_fn)
             elif fedbuff is not None:
-                state, rr = run_buffered_step(
+                state, last = run_buffered_step(
                     recipe,
                     state,
                     population,
@@ -328,10 +329,10 @@ class _Run:
                     threat=cfg.threat,
                 )
             else:
-                state, rr = run_round(
+                state, last = run_round(
                     recipe, state, population, self.runtime, model_fn=model_fn, threat=cfg.threat
                 )
-            record = self._evaluate(arm, recipe, state, population, rr)
+            record = self._evaluate(arm, recipe, state, population, last)
             state = state.replace(history=(*state.history, record))
             save_state(state, folder)
             with open(self.root / METRICS_FILE, "a") as f:
@@ -345,8 +346,10 @@ class _Run:
         recipe: Recipe,
         state: ServerState,
         population: FederatedDataset,
-        rr: RoundReport | None,
+        done: RoundReport | IsolatedRound | None,
     ) -> dict[str, Any]:
+        """The evaluation record of ``state`` after the round ``done`` (``None``: round 0);
+        an isolated arm's round sent nothing."""
         began = time.perf_counter()
         model = recipe.policy.prepare(self.config.model())
         plan = _eval_plan(recipe, model)
@@ -371,6 +374,7 @@ class _Run:
                 total + n,
             )
         accs = np.array(list(per_client.values()))
+        rr = done if isinstance(done, RoundReport) else None
         record: dict[str, Any] = {
             "arm": arm.name,
             "round": state.round,
@@ -387,11 +391,13 @@ class _Run:
             "accepted": len(rr.accepted) if rr else 0,
             "rejected": len(rr.rejected) if rr else 0,
             "rejected_clients": [c for c, _ in rr.rejected] if rr else [],
-            "train_loss": _finite_or_none(rr.metrics.get("client/train_loss")) if rr else None,
-            "round_metrics": (
-                {k: v for k, v in rr.metrics.items() if math.isfinite(v)} if rr else {}
+            "train_loss": (
+                _finite_or_none(done.metrics.get("client/train_loss")) if done else None
             ),
-            "seconds": rr.seconds if rr else 0.0,
+            "round_metrics": (
+                {k: v for k, v in done.metrics.items() if math.isfinite(v)} if done else {}
+            ),
+            "seconds": done.seconds if done else 0.0,
             "eval_seconds": time.perf_counter() - began,
             "client_accuracy": per_client,
         }

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fedtransfer.buffered import FedBuff
 from fedtransfer.client.objectives import Objective, Plain
 from fedtransfer.client.personalization import Personalization
 from fedtransfer.client.train import LocalTraining
@@ -19,6 +18,7 @@ from fedtransfer.experiment.config import dump
 from fedtransfer.models import CNN, ModelFactory
 from fedtransfer.recipe import Recipe
 from fedtransfer.robustness.threat import Threat
+from fedtransfer.rounds.buffered import FedBuff
 from fedtransfer.server.aggregate import Aggregator, Mean
 from fedtransfer.server.optimizers import ServerSGD, UpdateTransform
 from fedtransfer.server.pipeline import ServerPipeline

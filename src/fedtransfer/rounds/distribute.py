@@ -12,7 +12,7 @@ from fedtransfer import tree
 from fedtransfer.client.update import SETUP_CODEC
 from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.messages import Request
-from fedtransfer.staged import handover_keys
+from fedtransfer.rounds.schedule import handover_keys
 from fedtransfer.state import ServerState
 from fedtransfer.transfer.policy import ParamPlan
 from fedtransfer.transfer.schedule import StagePolicy

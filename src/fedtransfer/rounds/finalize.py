@@ -11,12 +11,12 @@ from torch import Tensor
 
 from fedtransfer import tree
 from fedtransfer.client.objectives import scale_floats
-from fedtransfer.clientstore import merged
 from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.collect import Collected
 from fedtransfer.rounds.distribute import Outbound
 from fedtransfer.rounds.messages import Reply
 from fedtransfer.state import Pending, ServerState
+from fedtransfer.state.clientstore import merged
 from fedtransfer.types import Metrics, State
 
 
@@ -88,8 +88,8 @@ def finalize(
     clock: float | None = None,
 ) -> tuple[ServerState, RoundReport]:
     """The next state and its report: the ``step``'s parameters, what the accepted clients
-    keep (through :func:`~fedtransfer.clientstore.merged`: a dict is copied, a
-    :class:`~fedtransfer.clientstore.ClientStore` writes only theirs), the clients ``set_up``
+    keep (through :func:`~fedtransfer.state.clientstore.merged`: a dict is copied, a
+    :class:`~fedtransfer.state.clientstore.ClientStore` writes only theirs), the clients ``set_up``
     and ``synced`` after the round, the ledger (``got`` went up, ``out`` went down), and, for
     asynchronous runs, the updates still in flight and the simulated clock."""
     kept = [a.reply for a in got.accepted]

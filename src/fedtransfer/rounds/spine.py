@@ -19,9 +19,9 @@ from fedtransfer.rounds.collect import answered, collect, heard
 from fedtransfer.rounds.distribute import distribute
 from fedtransfer.rounds.finalize import RoundReport, aggregate, finalize
 from fedtransfer.rounds.messages import Send
+from fedtransfer.rounds.schedule import begin_round
 from fedtransfer.rounds.simulate import InProcess
 from fedtransfer.runtime.serial import Runtime
-from fedtransfer.staged import begin_round
 from fedtransfer.state import ServerState
 
 

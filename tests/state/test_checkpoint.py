@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import fedtransfer.state as state_module
+import fedtransfer.state.checkpoint as state_module
 from fedtransfer import (
     CompatibilityError,
     FederatedDataset,

@@ -10,9 +10,9 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from fedtransfer import tree
-from fedtransfer.clientstore import emptied, mapped
 from fedtransfer.recipe import Recipe
 from fedtransfer.state import ServerState
+from fedtransfer.state.clientstore import emptied, mapped
 from fedtransfer.transfer.schedule import StagePolicy, stage_recipe
 
 log = logging.getLogger(__name__)

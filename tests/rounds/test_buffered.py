@@ -9,9 +9,9 @@ import torch
 from tests.conftest import NUM_CLIENTS, make_tiny_model
 
 from fedtransfer import AllClients, FederatedDataset, Recipe, SerialRuntime, ServerState, run_round
-from fedtransfer.buffered import ClientDelays, FedBuff, run_buffered_step
 from fedtransfer.codecs import Payload
 from fedtransfer.errors import ConfigError
+from fedtransfer.rounds.buffered import ClientDelays, FedBuff, run_buffered_step
 from fedtransfer.state import load_state, save_state
 
 

@@ -39,10 +39,10 @@ from fedtransfer import (
     save_state,
     tree,
 )
-from fedtransfer.buffered import FedBuff, run_buffered_step
 from fedtransfer.client.drift import Scaffold
 from fedtransfer.codecs import Exact
-from fedtransfer.staged import begin_round
+from fedtransfer.rounds.buffered import FedBuff, run_buffered_step
+from fedtransfer.rounds.schedule import begin_round
 from fedtransfer.transfer.schedule import Stage, StagePolicy, Stages, stage_recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tests.conftest import make_tiny_data, make_tiny_model
 from torch import Tensor
 
-import fedtransfer.state as state_module
+import fedtransfer.state.checkpoint as state_module
 from fedtransfer import (
     ClientStore,
     CompatibilityError,
@@ -37,7 +37,7 @@ from fedtransfer import (
     tree,
 )
 from fedtransfer.client.drift import Scaffold
-from fedtransfer.clientstore import emptied, mapped, merged
+from fedtransfer.state.clientstore import emptied, mapped, merged
 from fedtransfer.transfer.schedule import Stage, Stages
 
 pytestmark = pytest.mark.usefixtures("single_thread")
