@@ -64,7 +64,17 @@ def _roundtrip(params: dict[str, Tensor], codec: Any = LOSSY) -> dict[str, Tenso
 
 
 def test_error_feedback_is_a_client_transform() -> None:
+    """Through a lossless uplink nothing is dropped: the update is sent as it is plus the
+    residual kept, and the new residual is zero, for every floating key."""
     assert isinstance(ErrorFeedback(), ClientTransform)
+    update, residual = _update(0), _update(1)
+    first = ErrorFeedback().apply(update, {}, uplink=Float32())
+    assert tree.equal(first.value, update)
+    assert tree.equal(first.state, tree.zeros_like(update))
+    assert first.metrics["residual_norm"] == 0.0
+    carried = ErrorFeedback().apply(update, residual, uplink=Float32())
+    assert tree.equal(carried.value, tree.add(update, residual))
+    assert tree.equal(carried.state, tree.zeros_like(update))
 
 
 def test_error_feedback_sends_update_plus_residual_and_keeps_what_the_codec_dropped() -> None:
@@ -167,7 +177,7 @@ def test_round_error_feedback_keeps_the_residual_in_memory_under_transform_prefi
     for task in runtimes[0].tasks:
         raw = _raw_update(recipe, task)
         expected = tree.sub(_floats(raw), _floats(_roundtrip(raw)))
-        memory = states[1].memory[task.client]
+        memory = states[1].holdings.memory[task.client]
         assert set(memory) == {PREFIX + k for k in expected}
         assert tree.equal({k[len(PREFIX) :]: v for k, v in memory.items()}, expected)
         assert tree.global_norm(expected) > 0
@@ -178,22 +188,24 @@ def test_round_error_feedback_adds_last_residual_to_the_next_update() -> None:
     states, runtimes = _rounds(recipe, 2)
     for client in ("c1", "c2"):  # in both cohorts
         task = next(t for t in runtimes[1].tasks if t.client == client)
-        before = {k[len(PREFIX) :]: v for k, v in states[1].memory[client].items()}
+        before = {k[len(PREFIX) :]: v for k, v in states[1].holdings.memory[client].items()}
         assert tree.equal({k[len(PREFIX) :]: v for k, v in task.memory.items()}, before)
         raw = _raw_update(recipe, task)
         corrected = {k: v + before[k] if k in before else v for k, v in raw.items()}
         result = next(r for r in runtimes[1].results if r.client == client)
         assert tree.equal(LOSSY.decode(Payload.from_bytes(result.uplink)), _roundtrip(corrected))
-        after = {k[len(PREFIX) :]: v for k, v in states[2].memory[client].items()}
+        after = {k[len(PREFIX) :]: v for k, v in states[2].holdings.memory[client].items()}
         assert tree.equal(after, tree.sub(_floats(corrected), _floats(_roundtrip(corrected))))
 
 
 def test_round_error_feedback_updates_only_the_cohort_memory() -> None:
     states, _ = _rounds(_recipe(), 2)
-    assert set(states[1].memory) == {"c0", "c1", "c2"}
-    assert set(states[2].memory) == {"c0", "c1", "c2", "c3"}
-    assert tree.equal(states[2].memory["c0"], states[1].memory["c0"])  # c0 sat out round 2
-    assert not tree.equal(states[2].memory["c1"], states[1].memory["c1"])
+    assert set(states[1].holdings.memory) == {"c0", "c1", "c2"}
+    assert set(states[2].holdings.memory) == {"c0", "c1", "c2", "c3"}
+    assert tree.equal(
+        states[2].holdings.memory["c0"], states[1].holdings.memory["c0"]
+    )  # c0 sat out round 2
+    assert not tree.equal(states[2].holdings.memory["c1"], states[1].holdings.memory["c1"])
 
 
 def test_round_error_feedback_residual_survives_save_and_load(tmp_path: Path) -> None:
@@ -201,27 +213,27 @@ def test_round_error_feedback_residual_survives_save_and_load(tmp_path: Path) ->
     states, _ = _rounds(recipe, 3)
     save_state(states[1], tmp_path)
     loaded = load_state(tmp_path)
-    assert set(loaded.memory) == set(states[1].memory)
-    for client, memory in states[1].memory.items():
-        assert tree.equal(loaded.memory[client], memory), client
+    assert set(loaded.holdings.memory) == set(states[1].holdings.memory)
+    for client, memory in states[1].holdings.memory.items():
+        assert tree.equal(loaded.holdings.memory[client], memory), client
     resumed, _ = _rounds(recipe, 2, state=loaded)
     assert tree.equal(resumed[-1].params, states[3].params)
-    for client, memory in states[3].memory.items():
-        assert tree.equal(resumed[-1].memory[client], memory), client
+    for client, memory in states[3].holdings.memory.items():
+        assert tree.equal(resumed[-1].holdings.memory[client], memory), client
 
 
 def test_round_error_feedback_with_a_lossless_uplink_is_plain_fedavg() -> None:
     with_ef, _ = _rounds(_recipe(uplink=Float32()), 2)
     without, _ = _rounds(_recipe(uplink=Float32(), transforms=()), 2)
     assert tree.equal(with_ef[-1].params, without[-1].params)
-    assert all(not any(v.any() for v in m.values()) for m in with_ef[-1].memory.values())
+    assert all(not any(v.any() for v in m.values()) for m in with_ef[-1].holdings.memory.values())
 
 
 def test_round_error_feedback_memory_coexists_with_scaffold_memory() -> None:
     states, _ = _rounds(_recipe(objective=Scaffold()), 2)
     float_keys = [k for k, v in states[0].params.items() if v.dtype.is_floating_point]
     for client in ("c1", "c2"):
-        keys = set(states[2].memory[client])
+        keys = set(states[2].holdings.memory[client])
         assert {k for k in keys if k.startswith(PREFIX)} == {PREFIX + k for k in float_keys}
         assert {k for k in keys if k.startswith("c/")}, client
         assert keys == {k for k in keys if k.startswith((PREFIX, "c/"))}
@@ -233,8 +245,10 @@ def test_round_error_feedback_leaves_scaffold_memory_as_without_it() -> None:
     with_ef, _ = _rounds(_recipe(uplink=Float32(), objective=Scaffold()), 3)
     without, _ = _rounds(_recipe(uplink=Float32(), objective=Scaffold(), transforms=()), 3)
     assert tree.equal(with_ef[-1].params, without[-1].params)
-    for client, memory in without[-1].memory.items():
-        ours = {k: v for k, v in with_ef[-1].memory[client].items() if not k.startswith(PREFIX)}
+    for client, memory in without[-1].holdings.memory.items():
+        ours = {
+            k: v for k, v in with_ef[-1].holdings.memory[client].items() if not k.startswith(PREFIX)
+        }
         assert tree.equal(ours, memory), client
 
 

@@ -159,6 +159,9 @@ def test_rounds_on_a_lazy_population_equal_rounds_on_the_eager_one(
             state, _ = run_round(recipe, state, data, SerialRuntime(), model_fn=make_tiny_model)
         states.append(state)
     assert tree.equal(states[0].params, states[1].params)
-    assert all(tree.equal(states[0].clients[c], states[1].clients[c]) for c in states[0].clients)
+    assert all(
+        tree.equal(states[0].holdings.local[c], states[1].holdings.local[c])
+        for c in states[0].holdings.local
+    )
     train = lazy.train
     assert isinstance(train, LazySplit) and 0 < train.reads <= 9 and lazy.test.reads == 0  # type: ignore[attr-defined]

@@ -152,8 +152,10 @@ def test_ncm_round_keeps_head_rows_of_classes_no_client_holds() -> None:
 def test_ncm_round_leaves_the_feature_extractor_unchanged() -> None:
     old, new, _, _ = _ncm_round(_population(range(NUM_CLASSES)))
     assert list(new.params) == list(HEAD)
-    body = [k for k in old.start if k not in HEAD]
-    assert tree.equal(tree.select(new.weights_for(), body), tree.select(old.start, body))
+    body = [k for k in old.distribution.start if k not in HEAD]
+    assert tree.equal(
+        tree.select(new.weights_for(), body), tree.select(old.distribution.start, body)
+    )
     assert not tree.equal(new.params, old.params)
 
 
@@ -238,7 +240,7 @@ def test_ncm_fedncm_schedule_fine_tunes_from_the_ncm_head() -> None:
     _, old, _, _ = _ncm_round(data)  # the same round without a schedule
     assert tree.equal(ncm.params, old.params)
     _, ft = begin_round(recipe, ncm, model_fn=make_model)
-    assert ft.stage == 1 and set(ft.params) == set(make_model().state_dict())
+    assert ft.distribution.stage == 1 and set(ft.params) == set(make_model().state_dict())
     assert tree.equal(tree.select(ft.params, HEAD), ncm.params)
 
 

@@ -123,7 +123,7 @@ def test_run_round_with_altered_start_sha256_raises_on_round_one(
     tiny_data: FederatedDataset,
     tiny_model_fn: Callable[[], nn.Module],
 ) -> None:
-    altered = tiny_state.replace(start_sha256="f" * 64)
+    altered = tiny_state.distributed(start_sha256="f" * 64)
     with pytest.raises(CompatibilityError, match=r"client c0: starting weights"):
         run_round(tiny_recipe, altered, tiny_data, SerialRuntime(), model_fn=tiny_model_fn)
 
@@ -134,11 +134,14 @@ def test_run_round_with_replaced_start_weights_raises_on_round_one(
     tiny_data: FederatedDataset,
     tiny_model_fn: Callable[[], nn.Module],
 ) -> None:
-    start = {k: v + 1 if v.dtype.is_floating_point else v for k, v in tiny_state.start.items()}
+    start = {
+        k: v + 1 if v.dtype.is_floating_point else v
+        for k, v in tiny_state.distribution.start.items()
+    }
     with pytest.raises(CompatibilityError, match="every client must start from the same"):
         run_round(
             tiny_recipe,
-            tiny_state.replace(start=start),
+            tiny_state.distributed(start=start),
             tiny_data,
             SerialRuntime(),
             model_fn=tiny_model_fn,
@@ -155,10 +158,10 @@ def test_run_round_sends_setup_only_on_first_participation(
         tiny_recipe, tiny_state, tiny_data, SerialRuntime(), model_fn=tiny_model_fn
     )
     _, second = run_round(tiny_recipe, one, tiny_data, SerialRuntime(), model_fn=tiny_model_fn)
-    setup_len = len(SETUP_CODEC.encode(tiny_state.start).to_bytes())
+    setup_len = len(SETUP_CODEC.encode(tiny_state.distribution.start).to_bytes())
     assert first.setup_bytes == setup_len * len(tiny_data.clients)
     assert second.setup_bytes == 0
-    assert one.set_up == tiny_data.clients
+    assert one.distribution.set_up == tiny_data.clients
 
 
 def test_checkpoint_weights_start_a_run_whose_hash_matches(
@@ -168,5 +171,5 @@ def test_checkpoint_weights_start_a_run_whose_hash_matches(
     model = tiny_model_fn()
     model.load_state_dict(loaded.weights)
     state = ServerState.initial(tiny_recipe, model, seed=0)
-    assert state.start_sha256 == loaded.sha256
+    assert state.distribution.start_sha256 == loaded.sha256
     assert torch.equal(state.params["head.weight"], loaded.weights["head.weight"])

@@ -85,7 +85,7 @@ def test_round_client_rejected_in_round_one_with_local_keys_trains_in_round_two(
     state = ServerState.initial(recipe, make_tiny_model(), seed=0)
     runtime = _RejectFirst("c0")
     state, first = run_round(recipe, state, data, runtime, model_fn=make_tiny_model)
-    assert [c for c, _ in first.rejected] == ["c0"] and "c0" not in state.clients
+    assert [c for c, _ in first.rejected] == ["c0"] and "c0" not in state.holdings.local
     state, second = run_round(recipe, state, data, runtime, model_fn=make_tiny_model)
     assert "c0" in second.accepted and not second.rejected
 

@@ -202,8 +202,8 @@ def test_run_round_rejected_client_keeps_no_local_state(
     state = ServerState.initial(recipe, tiny_model_fn(), seed=0)
     runtime = TamperingRuntime(_weight(0))
     new, _ = run_round(recipe, state, tiny_data, runtime, model_fn=tiny_model_fn)
-    assert VICTIM not in new.clients
-    assert set(new.clients) == set(tiny_data.clients) - {VICTIM}
+    assert VICTIM not in new.holdings.local
+    assert set(new.holdings.local) == set(tiny_data.clients) - {VICTIM}
 
 
 @dataclass(frozen=True)

@@ -142,8 +142,10 @@ def run_arm(arm: str, population_dir: Path, rounds: int, cohort: int, work: Path
             "ru_maxrss": maxrss_bytes(),
             "seconds": seconds,
             "train_loss": report.metrics.get("client/train_loss"),
-            "clients_stored": len(state.clients),
-            "cached": state.clients.cached() if isinstance(state.clients, ft.ClientStore) else None,
+            "clients_stored": len(state.holdings.local),
+            "cached": state.holdings.local.cached()
+            if isinstance(state.holdings.local, ft.ClientStore)
+            else None,
         }
         print(json.dumps(record), flush=True)
     sample = population.clients[:: max(1, len(population.clients) // 500)]

@@ -63,7 +63,26 @@ def _params() -> dict[str, Tensor]:
 
 
 def test_aggregator_is_an_aggregator(aggregator: Aggregator) -> None:
+    """``aggregate`` combines the updates into one update of their layout, inside their
+    coordinate-wise range (widened to 0, as clipping shrinks towards it), not all zero; the
+    state is a flat dict of tensors and ``linear`` a bool."""
     assert isinstance(aggregator, Aggregator)
+    assert isinstance(type(aggregator).linear, bool)
+    updates = _updates(N, seed=7)
+    out = aggregator.aggregate(
+        updates, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 4.0], aggregator.init(_params())
+    )
+    assert {k: (v.shape, v.dtype) for k, v in out.value.items()} == {
+        k: (v.shape, v.dtype) for k, v in updates[0].items()
+    }
+    for k, v in out.value.items():
+        stacked = torch.stack([u[k] for u in updates])
+        low = torch.clamp(stacked.min(dim=0).values, max=0.0)
+        high = torch.clamp(stacked.max(dim=0).values, min=0.0)
+        assert bool(((v >= low - 1e-6) & (v <= high + 1e-6)).all()), k
+    assert tree.global_norm(out.value) > 0
+    assert isinstance(out.state, dict)
+    assert all(isinstance(k, str) and isinstance(v, Tensor) for k, v in out.state.items())
 
 
 def test_aggregator_is_permutation_invariant(aggregator: Aggregator) -> None:

@@ -93,7 +93,22 @@ def _within_bound(codec: Codec, original: Tensor, decoded: Tensor, slack: float 
 
 
 def test_codec_is_a_codec(codec: Codec) -> None:
+    """The protocol's members behave: a declared bound in [0, 1], and ``decode`` takes the
+    :class:`Payload` that ``encode`` returns (no bytes in between) back to the same keys and
+    shapes, within that bound (exactly for a lossless codec)."""
     assert isinstance(codec, Codec)
+    bound = codec.error_bound
+    assert isinstance(bound, float) and 0.0 <= bound <= 1.0
+    params = _params(codec)
+    payload = codec.encode(params)
+    assert isinstance(payload, Payload)
+    decoded = codec.decode(payload)
+    assert isinstance(decoded, dict) and list(decoded) == list(params)
+    for k, v in params.items():
+        assert isinstance(decoded[k], Tensor) and decoded[k].shape == v.shape, k
+        assert _within_bound(codec, v, decoded[k], slack=1e-6), k
+        if bound == 0:
+            assert torch.equal(decoded[k].to(v.dtype), v), k
 
 
 def test_codec_roundtrip_within_error_bound(codec: Codec) -> None:

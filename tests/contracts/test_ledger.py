@@ -57,7 +57,7 @@ def test_ledger_counts_the_payloads_of_shared_keys_only(
     new, report = run_round(recipe, state, data, runtime, model_fn=make_tiny_model)
     n = len(data.clients)
     assert report.accepted == tuple(data.clients)
-    assert report.setup_bytes == n * len(Exact().encode(state.start).to_bytes())
+    assert report.setup_bytes == n * len(Exact().encode(state.distribution.start).to_bytes())
     assert report.bytes_down == n * len(downlink.encode(state.params).to_bytes())
     assert report.bytes_up == sum(len(r.uplink) for r in runtime.results)
     for res in runtime.results:

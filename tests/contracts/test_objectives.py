@@ -28,7 +28,7 @@ from fedtransfer import (
     run_round,
 )
 from fedtransfer.client.ncm import NearestClassMean
-from fedtransfer.client.objectives import Objective
+from fedtransfer.client.objectives import ClientContext, ClientOut, Objective
 from fedtransfer.client.personalization import Rep
 from fedtransfer.experiment import config as cfgio
 from fedtransfer.experiment.registry import GROUPS
@@ -84,8 +84,46 @@ def _shared_key(name: str, shared: dict[str, torch.Tensor]) -> str | None:
     return rest if rest in shared else None
 
 
-def test_objective_is_an_objective(objective: Objective) -> None:
+def test_objective_is_an_objective(objective: Objective, tiny_data: FederatedDataset) -> None:
+    """Both halves called directly, as a round calls them: ``check`` accepts its recipe's
+    plan, ``train`` returns a :class:`ClientOut` whose extras are the ones ``extras_like``
+    announces, and ``server_apply`` returns a step for every key of the aggregated step."""
     assert isinstance(objective, Objective)
+    recipe = _recipe(objective)
+    model = recipe.policy.prepare(make_tiny_model())
+    plan = recipe.policy.plan(model)
+    assert objective.check(plan) is None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shared = {k: v for k, v in before.items() if k in plan.shared}
+    server = objective.server_init(shared, plan)
+    ctx = ClientContext(
+        global_shared=shared,
+        memory={},
+        broadcast=objective.broadcast(server),
+        spec=recipe.local,
+        generator=torch.Generator().manual_seed(0),
+    )
+    out = objective.train(model, plan, tiny_data.train["c0"], ctx)
+    assert isinstance(out, ClientOut)
+    assert all(isinstance(k, str) and isinstance(v, float) for k, v in out.metrics.items())
+    after = model.state_dict()
+    # the client contributes: it trains the model, or (FedNCM, which sets the head on the
+    # server from class means) it sends statistics
+    trained = any(not torch.equal(after[k], before[k]) for k in plan.trainable)
+    assert trained or any(bool(v.abs().sum() > 0) for v in out.extras.values())
+    expected = objective.extras_like(shared, plan)
+    assert {k: v.shape for k, v in out.extras.items()} == {k: v.shape for k, v in expected.items()}
+    update = {k: after[k] - before[k] for k in shared}
+    step = objective.server_apply(
+        dict(update),
+        updates=[update],
+        extras=[out.extras],
+        weights=[1.0],
+        state=server,
+        population_size=len(tiny_data.clients),
+        params=shared,
+    )
+    assert set(step.value) == set(update)
 
 
 def test_objective_is_registered_under_its_own_kind(objective: Objective) -> None:
@@ -99,11 +137,11 @@ def test_objective_round_is_deterministic(
     (a, ra), (b, rb) = _rounds(objective, tiny_data, 1)[0], _rounds(objective, tiny_data, 1)[0]
     assert _same_tensors(a.params, b.params)
     assert _same_tensors(a.server, b.server)
-    assert a.memory.keys() == b.memory.keys()
-    for c in a.memory:
-        assert _same_tensors(a.memory[c], b.memory[c]), c
-    for c in a.clients:
-        assert _same_tensors(a.clients[c], b.clients[c]), c
+    assert a.holdings.memory.keys() == b.holdings.memory.keys()
+    for c in a.holdings.memory:
+        assert _same_tensors(a.holdings.memory[c], b.holdings.memory[c]), c
+    for c in a.holdings.local:
+        assert _same_tensors(a.holdings.local[c], b.holdings.local[c]), c
     assert (ra.bytes_up, ra.bytes_down) == (rb.bytes_up, rb.bytes_down)
 
 
@@ -121,18 +159,18 @@ def test_objective_memory_keys_are_stable_across_rounds(
     objective: Objective, tiny_data: FederatedDataset
 ) -> None:
     (first, _), (second, _) = _rounds(objective, tiny_data, 2)
-    assert first.memory.keys() == second.memory.keys()
-    for c in first.memory:
-        assert first.memory[c].keys() == second.memory[c].keys(), c
-        for k, v in first.memory[c].items():
-            assert second.memory[c][k].shape == v.shape, (c, k)
+    assert first.holdings.memory.keys() == second.holdings.memory.keys()
+    for c in first.holdings.memory:
+        assert first.holdings.memory[c].keys() == second.holdings.memory[c].keys(), c
+        for k, v in first.holdings.memory[c].items():
+            assert second.holdings.memory[c][k].shape == v.shape, (c, k)
 
 
 def test_objective_memory_tensors_are_shaped_like_shared_params(
     objective: Objective, tiny_data: FederatedDataset
 ) -> None:
     ((state, _),) = _rounds(objective, tiny_data, 1)
-    for c, memory in state.memory.items():
+    for c, memory in state.holdings.memory.items():
         for name, value in memory.items():
             key = _shared_key(name, state.params)
             assert key is not None, f"{c}: memory {name!r} names no shared key"
@@ -185,7 +223,7 @@ def test_objective_personal_returns_every_state_dict_key(
     ((state, _),) = _rounds(objective, tiny_data, 1)
     reference = make_tiny_model().state_dict()
     for c in tiny_data.clients:
-        personal = objective.personal(state.weights_for(c), state.memory.get(c, {}))
+        personal = objective.personal(state.weights_for(c), state.holdings.memory.get(c, {}))
         assert set(personal) == set(reference), c
         for k, v in reference.items():
             assert personal[k].shape == v.shape and personal[k].dtype == v.dtype, (c, k)

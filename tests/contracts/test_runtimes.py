@@ -74,7 +74,10 @@ def _two_rounds(
 
 
 def test_runtime_is_a_runtime(runtime: Runtime) -> None:
+    """``map`` takes any sequence of tasks (here a tuple) and returns a list, in task order."""
     assert isinstance(runtime, Runtime)
+    out = runtime.map(square_pair, (4, 2, 3))
+    assert isinstance(out, list) and out == [(4, 16), (2, 4), (3, 9)]
 
 
 def test_runtime_map_preserves_task_order(runtime: Runtime) -> None:
@@ -110,5 +113,7 @@ def test_runtime_two_rounds_are_reproducible(
     second = _two_rounds(tiny_recipe, tiny_state, tiny_data, runtime, tiny_model_fn)
     assert tree.equal(first.params, second.params)
     assert tree.equal(first.server, second.server)
-    assert first.clients.keys() == second.clients.keys()
-    assert all(tree.equal(first.clients[c], second.clients[c]) for c in first.clients)
+    assert first.holdings.local.keys() == second.holdings.local.keys()
+    assert all(
+        tree.equal(first.holdings.local[c], second.holdings.local[c]) for c in first.holdings.local
+    )

@@ -56,7 +56,18 @@ def _assert_flat_tensor_state(state: object) -> None:
 
 
 def test_transform_is_an_update_transform(transform: UpdateTransform) -> None:
+    """``apply`` on a first update returns an :class:`Out`: a step for every key, whose floating
+    coordinates move along the update (the update is a negative pseudo-gradient, so a server
+    optimiser steps with it, never against it), and flat tensor state and float metrics."""
     assert isinstance(transform, UpdateTransform)
+    params, update = _params(), _update()
+    out = transform.apply(update, transform.init(params), params)
+    assert set(out.value) == set(update)
+    for k, v in update.items():
+        if v.dtype.is_floating_point:
+            assert torch.equal(torch.sign(out.value[k]), torch.sign(v)), k
+    _assert_flat_tensor_state(out.state)
+    assert all(isinstance(k, str) and isinstance(m, float) for k, m in out.metrics.items())
 
 
 def test_transform_init_state_is_flat_dict_of_tensors(transform: UpdateTransform) -> None:

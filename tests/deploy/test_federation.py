@@ -102,7 +102,9 @@ def test_a_client_that_does_not_answer_is_rejected_and_the_rest_aggregate(tmp_pa
     assert len(rep.rejected) == 1 and "no reply" in rep.rejected[0][1]
     assert len(rep.accepted) == 2
     silent = rep.rejected[0][0]  # never answered: it gets the starting weights next time
-    assert silent not in new.set_up and set(rep.accepted) <= set(new.set_up)
+    assert silent not in new.distribution.set_up and set(rep.accepted) <= set(
+        new.distribution.set_up
+    )
     assert not all(torch.equal(before[k], new.params[k]) for k in before)
 
 

@@ -93,17 +93,17 @@ def test_arms_local_only_clients_keep_their_own_models(
 ) -> None:
     run_dir, _ = arms_run
     state = load_state(run_dir / "checkpoints" / "alone")
-    clients = sorted(state.clients)
+    clients = sorted(state.holdings.local)
     assert len(clients) == 4
     for a, b in itertools.pairwise(clients):
         assert not tree.equal(state.weights_for(a), state.weights_for(b)), (a, b)
-    assert tree.equal(state.params, tree.select(state.start, state.params))
+    assert tree.equal(state.params, tree.select(state.distribution.start, state.params))
 
 
 def test_arms_centralised_trains_one_model(arms_run: tuple[Path, dict[str, Any]]) -> None:
     run_dir, _ = arms_run
     state = load_state(run_dir / "checkpoints" / "pooled")
-    assert not tree.equal(state.params, tree.select(state.start, state.params))
+    assert not tree.equal(state.params, tree.select(state.distribution.start, state.params))
     records = [r for r in _records(run_dir) if r["arm"] == "pooled"]
     assert records[-1]["accepted"] == 0
 
@@ -157,7 +157,10 @@ def test_arms_threat_attacks_the_federated_arm_only(
     assert not tree.equal(final_weights(tmp_path, "fed"), final_weights(clean_dir, "fed"))
     attacked = load_state(tmp_path / "checkpoints" / "alone")
     clean = load_state(clean_dir / "checkpoints" / "alone")
-    assert all(tree.equal(attacked.clients[c], clean.clients[c]) for c in clean.clients)
+    assert all(
+        tree.equal(attacked.holdings.local[c], clean.holdings.local[c])
+        for c in clean.holdings.local
+    )
 
 
 FEDBUFF = [
@@ -185,7 +188,7 @@ def test_arms_fedbuff_arm_aggregates_buffer_size_updates_per_round(tmp_path: Pat
     assert [r["round"] for r in records] == [0, 1, 2, 3]
     assert all(r["accepted"] == 2 for r in records[1:])
     assert all(r["bytes_up"] > 0 for r in records[1:])
-    assert len(load_state(tmp_path / "checkpoints" / "buff").pending) == 1
+    assert len(load_state(tmp_path / "checkpoints" / "buff").inflight.pending) == 1
 
 
 def test_arms_fedbuff_arm_resumes_bit_identical(tmp_path: Path) -> None:
@@ -199,8 +202,8 @@ def test_arms_fedbuff_arm_resumes_bit_identical(tmp_path: Path) -> None:
     assert tree.equal(final_weights(stopped, "buff"), final_weights(straight, "buff"))
     a = load_state(straight / "checkpoints" / "buff")
     b = load_state(stopped / "checkpoints" / "buff")
-    assert [p.meta() for p in a.pending] == [p.meta() for p in b.pending]
-    assert a.clock == b.clock and a.ledger == b.ledger
+    assert [p.meta() for p in a.inflight.pending] == [p.meta() for p in b.inflight.pending]
+    assert a.inflight.clock == b.inflight.clock and a.ledger == b.ledger
     drop = ("seconds", "eval_seconds")
     strip = [{k: v for k, v in r.items() if k not in drop} for r in _records(straight)]
     assert [{k: v for k, v in r.items() if k not in drop} for r in _records(stopped)] == strip

@@ -98,8 +98,8 @@ def test_communication_error_feedback_residual_is_kept_by_clients(
     from fedtransfer import load_state
 
     state = load_state(comm_run[0] / "checkpoints" / "topk")
-    assert state.memory and all(
-        any(k.startswith("transform/0/") for k in mem) for mem in state.memory.values()
+    assert state.holdings.memory and all(
+        any(k.startswith("transform/0/") for k in mem) for mem in state.holdings.memory.values()
     )
 
 

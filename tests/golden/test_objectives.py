@@ -105,7 +105,14 @@ def test_fedprox_with_very_large_mu_leaves_the_model_at_the_global(
 
 
 def test_fedprox_with_zero_mu_is_fedavg(single_thread: None) -> None:
-    torch.testing.assert_close(_run(Prox(mu=0.0), rounds=3), _run(Plain(), rounds=3))
+    plain = _run(Plain(), rounds=3)
+    torch.testing.assert_close(_run(Prox(mu=0.0), rounds=3), plain)
+    # the proximal term is live: with mu > 0 the same rounds end elsewhere, nearer the start
+    # (a Prox that ignored mu would equal FedAvg here too)
+    start = _linear().weight.detach().double().view(-1)
+    prox = _run(Prox(mu=1.0), rounds=3)
+    assert float((prox - plain).norm()) > 1e-3
+    assert float((prox - start).norm()) < float((plain - start).norm())
 
 
 def test_fednova_with_equal_local_steps_is_fedavg(single_thread: None) -> None:
@@ -165,12 +172,12 @@ def test_objective_memory_survives_checkpoint_and_resume(
     model_fn: Callable[[], nn.Module] = _linear
     state = ServerState.initial(recipe, _linear(), seed=0)
     state, _ = run_round(recipe, state, pop, SerialRuntime(), model_fn=model_fn)
-    assert set(state.memory) == set(pop.clients)
+    assert set(state.holdings.memory) == set(pop.clients)
     save_state(state, tmp_path)  # type: ignore[arg-type]
     loaded = load_state(tmp_path)  # type: ignore[arg-type]
     a, _ = run_round(recipe, state, pop, SerialRuntime(), model_fn=model_fn)
     b, _ = run_round(recipe, loaded, pop, SerialRuntime(), model_fn=model_fn)
     assert torch.equal(a.params["weight"], b.params["weight"])
     for c in pop.clients:
-        for k in a.memory[c]:
-            assert torch.equal(a.memory[c][k], b.memory[c][k])
+        for k in a.holdings.memory[c]:
+            assert torch.equal(a.holdings.memory[c][k], b.holdings.memory[c][k])

@@ -112,7 +112,7 @@ def test_experiment_with_the_published_weights_as_the_pretrained_start(tmp_path:
     summary = run_experiment(cfg, tmp_path / "run")
     published = MiniLM(num_classes=4, layers=1)().state_dict()
     starts = {
-        arm: load_state(tmp_path / "run" / "checkpoints" / arm).start
+        arm: load_state(tmp_path / "run" / "checkpoints" / arm).distribution.start
         for arm in ("scratch", "pretrained-head")
     }
     key = "encoder.bert.encoder.layer.0.attention.self.query.weight"

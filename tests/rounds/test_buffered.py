@@ -45,7 +45,7 @@ def test_fedbuff_with_whole_population_buffer_is_a_synchronous_round(
     for k in sync.params:
         torch.testing.assert_close(buffered.params[k], sync.params[k], rtol=1e-6, atol=1e-7)
     assert buffered.ledger == sync.ledger
-    assert buffered.pending == ()
+    assert buffered.inflight.pending == ()
 
 
 def test_fedbuff_keeps_concurrency_minus_buffer_in_flight_and_time_moves_forward(
@@ -62,11 +62,11 @@ def test_fedbuff_keeps_concurrency_minus_buffer_in_flight_and_time_moves_forward
             model_fn=make_tiny_model,
             fedbuff=fedbuff,
         )
-        assert len(state.pending) == 2
+        assert len(state.inflight.pending) == 2
         assert len(report.cohort) == 2
-        clocks.append(state.clock)
+        clocks.append(state.inflight.clock)
         stale.append(report.metrics["async/staleness_max"])
-        in_flight = [p.result.client for p in state.pending]
+        in_flight = [p.result.client for p in state.inflight.pending]
         assert len(set(in_flight)) == len(in_flight)
     assert clocks == sorted(clocks) and clocks[0] > 0
     assert max(stale) >= 1.0  # some updates were trained on an older version
@@ -80,7 +80,7 @@ def test_fedbuff_scales_a_stale_update_by_its_staleness_weight(
     state = _steps(tiny_recipe, tiny_state, tiny_data, fedbuff, 3)
     checked = []
     for _ in range(8):
-        before = {p.result.client: p for p in state.pending}
+        before = {p.result.client: p for p in state.inflight.pending}
         new, report = run_buffered_step(
             tiny_recipe,
             state,
@@ -114,11 +114,11 @@ def test_fedbuff_resume_from_checkpoint_is_bit_identical(
     mid = _steps(tiny_recipe, tiny_state, tiny_data, fedbuff, 3)
     save_state(mid, tmp_path)
     loaded = load_state(tmp_path)
-    assert [p.meta() for p in loaded.pending] == [p.meta() for p in mid.pending]
+    assert [p.meta() for p in loaded.inflight.pending] == [p.meta() for p in mid.inflight.pending]
     a = _steps(tiny_recipe, mid, tiny_data, fedbuff, 3)
     b = _steps(tiny_recipe, loaded, tiny_data, fedbuff, 3)
     assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
-    assert a.clock == b.clock and a.ledger == b.ledger
+    assert a.inflight.clock == b.inflight.clock and a.ledger == b.ledger
 
 
 def test_fedbuff_rejects_impossible_settings() -> None:

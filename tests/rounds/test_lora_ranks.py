@@ -164,7 +164,7 @@ def test_round_lora_ranks_rejected_update_leaves_the_global_model_as_without_it(
     _, (without, _) = _round(RecordingRuntime(_dropped))
     assert report.rejected
     assert tree.equal(tampered.params, without.params)
-    assert VICTIM not in tampered.clients and VICTIM not in tampered.memory
+    assert VICTIM not in tampered.holdings.local and VICTIM not in tampered.holdings.memory
 
 
 def test_round_staged_lora_ranks_trim_per_client_in_the_lora_stage() -> None:

@@ -196,7 +196,7 @@ def test_round_rejects_malformed_scaffold_extras_naming_the_client(
     )
     assert [c for c, _ in report.rejected] == [VICTIM]
     assert VICTIM in report.rejected[0][1] and reason in report.rejected[0][1]
-    assert VICTIM not in report.accepted and VICTIM not in new.memory
+    assert VICTIM not in report.accepted and VICTIM not in new.holdings.memory
 
 
 @pytest.mark.parametrize("case", list(EXTRAS_CASES))
@@ -257,7 +257,7 @@ def test_round_fedrep_trains_the_head_with_the_body_fixed_then_the_body(
     gen = generator(0, "batches", 1, client)
     head_spec = dataclasses.replace(recipe.local, epochs=2, steps=None)
     local_train(model, plan.only(plan.local), one.train[client], head_spec, generator=gen)
-    assert tree.equal(state.clients[client], tree.select(model.state_dict(), plan.local))
+    assert tree.equal(state.holdings.local[client], tree.select(model.state_dict(), plan.local))
     local_train(model, plan.only(plan.shared), one.train[client], recipe.local, generator=gen)
     expected = tree.select(model.state_dict(), plan.shared)
     for k in expected:
@@ -272,7 +272,7 @@ def test_round_fedrep_shares_the_body_and_keeps_a_distinct_head_per_client(
     state = _run(recipe, tiny_data)
     assert set(state.params) == set(start) - set(HEAD)
     assert not tree.equal(state.params, tree.select(start, state.params))
-    heads = [state.clients[c] for c in tiny_data.clients]
+    heads = [state.holdings.local[c] for c in tiny_data.clients]
     assert all(set(h) == set(HEAD) for h in heads)
     assert all(not tree.equal(h, tree.select(start, HEAD)) for h in heads)
     assert not tree.equal(heads[0], heads[1])
@@ -288,10 +288,12 @@ def test_round_ditto_memory_holds_a_personal_copy_of_every_shared_key(
     state = _run(recipe, tiny_data)
     plan = recipe.plan(make_tiny_model())
     for c in tiny_data.clients:
-        assert set(state.memory[c]) == {f"v/{k}" for k in plan.shared}, c
+        assert set(state.holdings.memory[c]) == {f"v/{k}" for k in plan.shared}, c
         for k in plan.shared:
-            assert state.memory[c][f"v/{k}"].shape == state.params[k].shape
-        personal = _trainable({k.removeprefix("v/"): v for k, v in state.memory[c].items()})
+            assert state.holdings.memory[c][f"v/{k}"].shape == state.params[k].shape
+        personal = _trainable(
+            {k.removeprefix("v/"): v for k, v in state.holdings.memory[c].items()}
+        )
         assert not tree.equal(personal, tree.select(state.params, personal)), c
 
 
@@ -301,10 +303,10 @@ def test_round_ditto_personal_substitutes_the_personal_copy(tiny_data: Federated
     plan = recipe.plan(make_tiny_model())
     for c in tiny_data.clients:
         held = state.weights_for(c)
-        personal = recipe.objective.personal(held, state.memory[c])
+        personal = recipe.objective.personal(held, state.holdings.memory[c])
         assert set(personal) == set(held)
         for k in plan.shared:
-            assert torch.equal(personal[k], state.memory[c][f"v/{k}"]), (c, k)
+            assert torch.equal(personal[k], state.holdings.memory[c][f"v/{k}"]), (c, k)
         for k in plan.local:
             assert torch.equal(personal[k], held[k]), (c, k)
 
@@ -317,10 +319,14 @@ def test_round_ditto_personal_model_starts_the_next_round_from_memory(
     first = _run(recipe, tiny_data)
     second, _ = run_round(recipe, first, tiny_data, SerialRuntime(), model_fn=make_tiny_model)
     forgot, _ = run_round(
-        recipe, first.replace(memory={}), tiny_data, SerialRuntime(), model_fn=make_tiny_model
+        recipe,
+        first.replace(holdings=dataclasses.replace(first.holdings, memory={})),
+        tiny_data,
+        SerialRuntime(),
+        model_fn=make_tiny_model,
     )
     assert tree.equal(second.params, forgot.params)  # the global copy does not depend on v
-    assert not tree.equal(second.memory["c0"], forgot.memory["c0"])
+    assert not tree.equal(second.holdings.memory["c0"], forgot.holdings.memory["c0"])
 
 
 def test_round_ditto_with_huge_lam_keeps_the_personal_model_near_the_global(
@@ -333,7 +339,7 @@ def test_round_ditto_with_huge_lam_keeps_the_personal_model_near_the_global(
 
     def personal_distance(lam: float) -> float:
         state = _run(_recipe(Ditto(lam=lam, steps=20), Full(), local), tiny_data)
-        v = {k.removeprefix("v/"): t for k, t in state.memory["c0"].items()}
+        v = {k.removeprefix("v/"): t for k, t in state.holdings.memory["c0"].items()}
         return _distance(start, v)
 
     near, free = personal_distance(1e3), personal_distance(0.0)
@@ -374,9 +380,9 @@ def test_round_global_head_shares_only_the_head(tiny_data: FederatedDataset) -> 
     assert not tree.equal(state.params, tree.select(start, HEAD))
     body = set(start) - set(HEAD)
     for c in tiny_data.clients:
-        assert set(state.clients[c]) == body, c
-        assert not tree.equal(state.clients[c], tree.select(start, body)), c
-    assert not tree.equal(state.clients["c0"], state.clients["c1"])
+        assert set(state.holdings.local[c]) == body, c
+        assert not tree.equal(state.holdings.local[c], tree.select(start, body)), c
+    assert not tree.equal(state.holdings.local["c0"], state.holdings.local["c1"])
 
 
 def test_round_global_head_sends_only_head_bytes(tiny_data: FederatedDataset) -> None:

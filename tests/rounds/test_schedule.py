@@ -196,18 +196,18 @@ def test_begin_round_keeps_the_aggregated_head_when_fine_tuning_begins() -> None
     initial = ServerState.initial(recipe, make_tiny_model(), seed=0)
     assert not tree.equal(lp.params, initial.params)  # the probe moved the head
     _, ft = begin_round(recipe, lp, model_fn=make_tiny_model)
-    assert ft.stage == 1 and list(ft.params) == list(make_tiny_model().state_dict())
+    assert ft.distribution.stage == 1 and list(ft.params) == list(make_tiny_model().state_dict())
     assert tree.equal(tree.select(ft.params, HEAD), lp.params)
-    assert tree.equal(tree.select(ft.params, BODY), tree.select(initial.start, BODY))
-    assert tree.equal(ft.start, lp.weights_for())
+    assert tree.equal(tree.select(ft.params, BODY), tree.select(initial.distribution.start, BODY))
+    assert tree.equal(ft.distribution.start, lp.weights_for())
 
 
 def test_begin_round_stage_change_rehashes_the_starting_weights() -> None:
     data = make_tiny_data()
     lp = _run(_lp_ft(), data, 2)
     _, ft = begin_round(_lp_ft(), lp, model_fn=make_tiny_model)
-    assert ft.start_sha256 != lp.start_sha256
-    assert ft.start_sha256 == tree.sha256(ft.start)
+    assert ft.distribution.start_sha256 != lp.distribution.start_sha256
+    assert ft.distribution.start_sha256 == tree.sha256(ft.distribution.start)
 
 
 def test_begin_round_stage_change_restarts_server_state_for_the_new_shared_keys() -> None:
@@ -226,9 +226,9 @@ def test_begin_round_stage_change_restarts_server_state_for_the_new_shared_keys(
 def test_begin_round_stage_change_clears_client_memory() -> None:
     recipe = _lp_ft(objective=Scaffold())
     lp = _run(recipe, make_tiny_data(), 2)
-    assert set(lp.memory) == set(make_tiny_data().clients)  # SCAFFOLD's c_i per client
+    assert set(lp.holdings.memory) == set(make_tiny_data().clients)  # SCAFFOLD's c_i per client
     _, ft = begin_round(recipe, lp, model_fn=make_tiny_model)
-    assert ft.memory == {}
+    assert ft.holdings.memory == {}
 
 
 def test_begin_round_inside_a_stage_leaves_the_state_alone() -> None:
@@ -279,7 +279,7 @@ def test_round_handover_carries_the_aggregated_body() -> None:
     handed = Exact().decode(Payload.from_bytes(task.handover))
     assert list(handed) == list(BODY)
     assert tree.equal(handed, tree.select(states[2].params, BODY))
-    assert not tree.equal(handed, tree.select(states[0].start, BODY))
+    assert not tree.equal(handed, tree.select(states[0].distribution.start, BODY))
 
 
 def test_round_handover_goes_to_each_client_once_on_its_first_stage_participation() -> None:
@@ -287,19 +287,21 @@ def test_round_handover_goes_to_each_client_once_on_its_first_stage_participatio
     got = [{t.client for t in rt.tasks if t.handover is not None} for rt in runtimes]
     assert got == [set(), set(), {"c0"}, {"c1"}]  # c2 never returns; c3, c4 start in stage 1
     downlink = _nbytes(Float32(), states[3].params)
-    handover = _nbytes(Exact(), tree.select(states[3].start, BODY))
+    handover = _nbytes(Exact(), tree.select(states[3].distribution.start, BODY))
     assert reports[3].bytes_down == 4 * downlink + handover
-    assert states[4].synced == {c: 1 for c in ("c0", "c1", "c3", "c4")} | {"c2": 0}
+    assert states[4].distribution.synced == {c: 1 for c in ("c0", "c1", "c3", "c4")} | {"c2": 0}
 
 
 def test_round_client_new_in_a_later_stage_gets_the_setup_and_no_handover() -> None:
     states, reports, runtimes = _babu_rounds(4)
-    assert tree.equal(states[3].start, states[2].weights_for())  # stage-1 start: aggregated body
+    assert tree.equal(
+        states[3].distribution.start, states[2].weights_for()
+    )  # stage-1 start: aggregated body
     for r, client in ((3, "c3"), (4, "c4")):
         task = _task(runtimes[r - 1], client)
         assert task.handover is None and task.setup is not None
         start = Exact().decode(Payload.from_bytes(task.setup))
-        assert tree.equal(start, states[3].start)
+        assert tree.equal(start, states[3].distribution.start)
         assert tree.sha256(start) == task.start_sha256
         assert reports[r - 1].setup_bytes == len(task.setup)
 
@@ -337,8 +339,12 @@ def test_save_state_round_trips_stage_and_synced(tmp_path: Path) -> None:
     states, _, _ = _babu_rounds(3)
     save_state(states[3], tmp_path)
     back = load_state(tmp_path)
-    assert back.stage == 1 == states[3].stage
-    assert back.synced == states[3].synced == {"c0": 1, "c1": 0, "c2": 0, "c3": 1}
+    assert back.distribution.stage == 1 == states[3].distribution.stage
+    assert (
+        back.distribution.synced
+        == states[3].distribution.synced
+        == {"c0": 1, "c1": 0, "c2": 0, "c3": 1}
+    )
 
 
 @pytest.mark.parametrize("resume_after", [1, 2, 3])
@@ -351,8 +357,11 @@ def test_staged_run_resumed_from_a_checkpoint_is_bit_identical(
     save_state(_run(recipe, data, resume_after), tmp_path)
     resumed = _run(recipe, data, 4 - resume_after, state=load_state(tmp_path))
     assert tree.equal(resumed.params, straight.params)
-    assert tree.equal(resumed.start, straight.start)
-    assert resumed.ledger == straight.ledger and resumed.synced == straight.synced
+    assert tree.equal(resumed.distribution.start, straight.distribution.start)
+    assert (
+        resumed.ledger == straight.ledger
+        and resumed.distribution.synced == straight.distribution.synced
+    )
 
 
 # --- validation -----------------------------------------------------------------------------
@@ -414,11 +423,11 @@ def test_begin_round_drops_stored_local_keys_that_are_no_longer_local() -> None:
     stages = Stages((Stage(1, PersonalHead()), Stage(None, Full())))
     recipe = Recipe(policy=stages, local=LOCAL, sampler=AllClients())
     state = _run(recipe, make_tiny_data(), 1)
-    assert all(set(held) == set(HEAD) for held in state.clients.values())
+    assert all(set(held) == set(HEAD) for held in state.holdings.local.values())
     _, entered = begin_round(recipe, state, model_fn=make_tiny_model)
-    assert all(held == {} for held in entered.clients.values())
+    assert all(held == {} for held in entered.holdings.local.values())
     # every client now evaluates with the global head, not its old personal one
-    for c in entered.clients:
+    for c in entered.holdings.local:
         assert tree.equal(
             tree.select(entered.weights_for(c), HEAD), tree.select(entered.params, HEAD)
         )

@@ -68,7 +68,9 @@ def test_server_round_rejects_silent_clients_and_sets_them_up_again(
     )
     assert report.rejected == ((silent, f"client {silent}, round 1: {NO_REPLY}"),)
     assert silent not in report.accepted and len(report.accepted) == len(cohort) - 1
-    assert silent not in new.set_up and set(report.accepted) <= set(new.set_up)
+    assert silent not in new.distribution.set_up and set(report.accepted) <= set(
+        new.distribution.set_up
+    )
     assert report.cohort == tuple(cohort)
 
 
@@ -98,7 +100,7 @@ def test_server_round_drops_replies_from_outside_the_cohort(
     )
     assert stranger not in report.accepted and stranger not in report.cohort
     assert tree.sha256(new.params) == tree.sha256(honest.params)
-    assert stranger not in new.set_up
+    assert stranger not in new.distribution.set_up
 
 
 def test_answered_orders_by_cohort_and_keeps_a_reply_that_covers_it() -> None:
@@ -143,6 +145,6 @@ def test_a_secure_sum_is_one_reply_that_stands_for_the_cohort(
     )
     assert report.accepted == ("secure-sum",) and report.rejected == ()
     assert report.cohort == tuple(cohort) and report.bytes_up == 999
-    assert set(new.set_up) == set(cohort)
+    assert set(new.distribution.set_up) == set(cohort)
     for k in state.params:
         assert torch.equal(new.params[k], state.params[k] + step[k])

@@ -106,9 +106,12 @@ def assert_identical(a: ServerState, b: ServerState) -> None:
         assert torch.equal(a.params[k], b.params[k]), k
     assert a.ledger == b.ledger
     assert tree.equal(a.server, b.server)
-    assert a.clients.keys() == b.clients.keys() and a.memory.keys() == b.memory.keys()
-    assert all(tree.equal(a.clients[c], b.clients[c]) for c in a.clients)
-    assert all(tree.equal(a.memory[c], b.memory[c]) for c in a.memory)
+    assert (
+        a.holdings.local.keys() == b.holdings.local.keys()
+        and a.holdings.memory.keys() == b.holdings.memory.keys()
+    )
+    assert all(tree.equal(a.holdings.local[c], b.holdings.local[c]) for c in a.holdings.local)
+    assert all(tree.equal(a.holdings.memory[c], b.holdings.memory[c]) for c in a.holdings.memory)
 
 
 RECIPES = {
@@ -165,7 +168,9 @@ def test_five_rounds_are_bit_identical_to_serial(
     )
     assert_identical(result, reference)
     if name == "scaffold-localbn":
-        assert reference.clients and reference.memory  # local keys and memory round-tripped
+        assert (
+            reference.holdings.local and reference.holdings.memory
+        )  # local keys and memory round-tripped
 
 
 def test_big_inputs_travel_once_and_keep_their_identity_and_close_stops_workers(

@@ -127,12 +127,20 @@ def test_five_rounds_are_bit_identical_to_serial(
     assert all(torch.equal(result.params[k], reference.params[k]) for k in reference.params)
     assert result.ledger == reference.ledger
     assert tree.equal(result.server, reference.server)
-    assert result.clients.keys() == reference.clients.keys()
-    assert all(tree.equal(result.clients[c], reference.clients[c]) for c in reference.clients)
-    assert result.memory.keys() == reference.memory.keys()
-    assert all(tree.equal(result.memory[c], reference.memory[c]) for c in reference.memory)
+    assert result.holdings.local.keys() == reference.holdings.local.keys()
+    assert all(
+        tree.equal(result.holdings.local[c], reference.holdings.local[c])
+        for c in reference.holdings.local
+    )
+    assert result.holdings.memory.keys() == reference.holdings.memory.keys()
+    assert all(
+        tree.equal(result.holdings.memory[c], reference.holdings.memory[c])
+        for c in reference.holdings.memory
+    )
     if name == "scaffold-localbn":
-        assert reference.clients and reference.memory  # local keys and memory round-tripped
+        assert (
+            reference.holdings.local and reference.holdings.memory
+        )  # local keys and memory round-tripped
 
 
 def test_task_error_names_the_client(runtime: RayRuntime, tiny_data: FederatedDataset) -> None:

@@ -227,9 +227,9 @@ def assert_close_runs(
     got, reports = run(recipe, VectorizedRuntime(), model_fn)
     assert not tree.equal(ref.params, ServerState.initial(recipe, model_fn(), seed=3).params)
     assert max_diff(ref.params, got.params) <= TOL
-    assert ref.clients.keys() == got.clients.keys()
-    for c in ref.clients:
-        assert max_diff(ref.clients[c], got.clients[c]) <= TOL
+    assert ref.holdings.local.keys() == got.holdings.local.keys()
+    for c in ref.holdings.local:
+        assert max_diff(ref.holdings.local[c], got.holdings.local[c]) <= TOL
     for a, b in zip(ref_reports, reports, strict=True):
         assert (a.bytes_up, a.bytes_down, a.accepted, a.rejected) == (
             b.bytes_up,

@@ -27,6 +27,7 @@ from fedtransfer import (
     save_state,
     tree,
 )
+from fedtransfer.state import load_history
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -42,21 +43,23 @@ def trained(
         pipeline=ServerPipeline(post=(ServerAdam(lr=0.01),)),
     )
     state = ServerState.initial(recipe, tiny_model_fn(), seed=3)
-    state, report = run_round(recipe, state, tiny_data, SerialRuntime(), model_fn=tiny_model_fn)
-    history = ({"round": 1, "accepted": len(report.accepted), "client/steps": 10.0},)
-    return state.replace(history=history)
+    state, _ = run_round(recipe, state, tiny_data, SerialRuntime(), model_fn=tiny_model_fn)
+    return state
 
 
 def _assert_same_state(a: ServerState, b: ServerState) -> None:
-    assert (a.round, a.seed, a.start_sha256) == (b.round, b.seed, b.start_sha256)
+    assert (a.round, a.seed, a.distribution.start_sha256) == (
+        b.round,
+        b.seed,
+        b.distribution.start_sha256,
+    )
     assert tree.equal(a.params, b.params)
-    assert tree.equal(a.start, b.start)
+    assert tree.equal(a.distribution.start, b.distribution.start)
     assert tree.equal(a.server, b.server)
-    assert a.clients.keys() == b.clients.keys()
-    assert all(tree.equal(a.clients[c], b.clients[c]) for c in a.clients)
-    assert a.set_up == b.set_up
+    assert a.holdings.local.keys() == b.holdings.local.keys()
+    assert all(tree.equal(a.holdings.local[c], b.holdings.local[c]) for c in a.holdings.local)
+    assert a.distribution.set_up == b.distribution.set_up
     assert a.ledger == b.ledger
-    assert a.history == b.history
 
 
 def _pointer(root: Path) -> Path:
@@ -66,8 +69,22 @@ def _pointer(root: Path) -> Path:
 def test_save_state_load_state_roundtrip_is_exact(trained: ServerState, tmp_path: Path) -> None:
     save_state(trained, tmp_path)
     loaded = load_state(tmp_path)
-    assert trained.server and trained.clients and trained.ledger["up"] > 0  # non-trivial state
+    assert (
+        trained.server and trained.holdings.local and trained.ledger["up"] > 0
+    )  # non-trivial state
     _assert_same_state(loaded, trained)
+
+
+def test_save_state_keeps_the_callers_history_with_the_state(
+    trained: ServerState, tmp_path: Path
+) -> None:
+    history = [{"round": 0, "accuracy": 0.5}, {"round": 1, "accepted": 5, "client/steps": 10.0}]
+    save_state(trained, tmp_path, history=history)
+    assert load_history(tmp_path) == tuple(history)
+    save_state(trained.replace(round=2), tmp_path, history=[*history, {"round": 2}])
+    assert load_history(tmp_path)[-1] == {"round": 2}
+    save_state(trained.replace(round=3), tmp_path)
+    assert load_history(tmp_path) == ()
 
 
 def test_save_state_roundtrip_of_initial_state_is_exact(

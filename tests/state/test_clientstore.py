@@ -37,6 +37,7 @@ from fedtransfer import (
     tree,
 )
 from fedtransfer.client.drift import Scaffold
+from fedtransfer.state import ClientHoldings
 from fedtransfer.state.clientstore import emptied, mapped, merged
 from fedtransfer.transfer.schedule import Stage, Stages
 
@@ -60,7 +61,9 @@ def _start(
     if store is None:
         return state
     return state.replace(
-        clients=ClientStore.open(store, cache_size=cache_size), memory=ClientStore.open(store)
+        holdings=ClientHoldings(
+            ClientStore.open(store, cache_size=cache_size), ClientStore.open(store)
+        )
     )
 
 
@@ -86,10 +89,14 @@ def _same_per_client(
 
 
 def _assert_same(a: ServerState, b: ServerState) -> None:
-    assert a.round == b.round and a.set_up == b.set_up and a.ledger == b.ledger
+    assert (
+        a.round == b.round
+        and a.distribution.set_up == b.distribution.set_up
+        and a.ledger == b.ledger
+    )
     assert tree.equal(a.params, b.params) and tree.equal(a.server, b.server)
-    assert _same_per_client(a.clients, b.clients), "clients differ"
-    assert _same_per_client(a.memory, b.memory), "memory differs"
+    assert _same_per_client(a.holdings.local, b.holdings.local), "clients differ"
+    assert _same_per_client(a.holdings.memory, b.holdings.memory), "memory differs"
 
 
 def _objects(root: Path) -> set[str]:
@@ -184,9 +191,9 @@ def test_clientstore_rounds_keep_the_cache_within_its_bound(tmp_path: Path) -> N
     state = _start(recipe, tmp_path, cache_size=2)
     for _ in range(4):
         state = _rounds(recipe, state, 1)
-        assert isinstance(state.clients, ClientStore)
-        assert state.clients.cached() <= 2
-    assert len(state.clients) > 2  # more clients stored than the cache holds
+        assert isinstance(state.holdings.local, ClientStore)
+        assert state.holdings.local.cached() <= 2
+    assert len(state.holdings.local) > 2  # more clients stored than the cache holds
 
 
 # --- rounds: store == dicts -----------------------------------------------------------------
@@ -200,15 +207,21 @@ def test_rounds_with_clientstore_equal_rounds_with_dicts(
     recipe = RECIPES[name]()
     plain = _rounds(recipe, _start(recipe), 4)
     stored = _rounds(recipe, _start(recipe, tmp_path, cache_size=cache_size), 4)
-    assert isinstance(stored.clients, ClientStore) and isinstance(stored.memory, ClientStore)
-    assert len(stored.clients) > 0 and (name == "personal-head" or len(stored.memory) > 0)
+    assert isinstance(stored.holdings.local, ClientStore) and isinstance(
+        stored.holdings.memory, ClientStore
+    )
+    assert len(stored.holdings.local) > 0 and (
+        name == "personal-head" or len(stored.holdings.memory) > 0
+    )
     _assert_same(plain, stored)
 
 
 def test_initial_with_client_store_uses_stores(tmp_path: Path) -> None:
     recipe = RECIPES["personal-head"]()
     state = ServerState.initial(recipe, make_tiny_model(), seed=0, client_store=tmp_path / "cs")
-    assert isinstance(state.clients, ClientStore) and isinstance(state.memory, ClientStore)
+    assert isinstance(state.holdings.local, ClientStore) and isinstance(
+        state.holdings.memory, ClientStore
+    )
     assert (tmp_path / "cs" / "store.json").is_file()
     _assert_same(_rounds(recipe, state, 2), _rounds(recipe, _start(recipe), 2))
 
@@ -218,7 +231,7 @@ def test_staged_rounds_with_clientstore_equal_dicts(tmp_path: Path) -> None:
     recipe = Recipe(policy=stages, local=LOCAL, sampler=Uniform(3), objective=Scaffold())
     plain = _rounds(recipe, _start(recipe), 4)
     stored = _rounds(recipe, _start(recipe, tmp_path), 4)
-    assert isinstance(stored.clients, ClientStore) and stored.stage == 1
+    assert isinstance(stored.holdings.local, ClientStore) and stored.distribution.stage == 1
     _assert_same(plain, stored)
 
 
@@ -249,7 +262,10 @@ def test_save_state_with_clientstore_references_files_and_roundtrips(tmp_path: P
     flat = load_file(str(folder / "state.safetensors"))
     assert not any(k.startswith(("clients/", "memory/")) for k in flat)
     loaded = load_state(tmp_path / "ckpt")
-    assert isinstance(loaded.clients, ClientStore) and loaded.clients == state.clients
+    assert (
+        isinstance(loaded.holdings.local, ClientStore)
+        and loaded.holdings.local == state.holdings.local
+    )
     _assert_same(loaded, state)
 
 
@@ -270,9 +286,9 @@ def test_earlier_checkpoint_stays_intact_after_later_rounds_and_collection(
     store = tmp_path / "store"
     two = _rounds(recipe, _start(recipe, store), 2)
     save_state(two, tmp_path / "early")
-    expected = {c: tree.clone(two.clients[c]) for c in two.clients}
-    expected_memory = {c: tree.clone(two.memory[c]) for c in two.memory}
-    index = (two.clients.index, two.memory.index)  # type: ignore[attr-defined]
+    expected = {c: tree.clone(two.holdings.local[c]) for c in two.holdings.local}
+    expected_memory = {c: tree.clone(two.holdings.memory[c]) for c in two.holdings.memory}
+    index = (two.holdings.local.index, two.holdings.memory.index)  # type: ignore[attr-defined]
     del two  # only the checkpoint's pin keeps round 2's files now
     state = load_state(tmp_path / "early")
     for _ in range(4):  # clients are rewritten; each save collects the unreferenced files
@@ -280,9 +296,9 @@ def test_earlier_checkpoint_stays_intact_after_later_rounds_and_collection(
         save_state(state, tmp_path / "later", keep=1)
     del state
     early = load_state(tmp_path / "early")
-    assert (early.clients.index, early.memory.index) == index  # type: ignore[attr-defined]
-    assert _same_per_client(early.clients, expected)
-    assert _same_per_client(early.memory, expected_memory)
+    assert (early.holdings.local.index, early.holdings.memory.index) == index  # type: ignore[attr-defined]
+    assert _same_per_client(early.holdings.local, expected)
+    assert _same_per_client(early.holdings.memory, expected_memory)
 
 
 def test_save_state_prunes_pins_and_collects_unreferenced_files(tmp_path: Path) -> None:
@@ -298,7 +314,7 @@ def test_save_state_prunes_pins_and_collects_unreferenced_files(tmp_path: Path) 
     referenced = {
         d
         for s in kept
-        for group in (s.clients, s.memory)
+        for group in (s.holdings.local, s.holdings.memory)
         for d in group.index.values()  # type: ignore[attr-defined]
     }
     assert _objects(store) == referenced  # rounds 1-3's own files were deleted
@@ -349,4 +365,4 @@ def test_dict_checkpoints_keep_format_one(tmp_path: Path) -> None:
     folder = save_state(state, tmp_path)
     meta = json.loads((folder / "state.json").read_text())
     assert meta["format"] == state_module.FORMAT and "stores" not in meta
-    assert sorted(meta["clients"]) == sorted(state.clients)
+    assert sorted(meta["clients"]) == sorted(state.holdings.local)

@@ -71,7 +71,9 @@ def test_lora_ffa_round_averages_the_client_weight_deltas_exactly(
     assert all(k.endswith("lora_B") for k in new.params)
     for layer in LAYERS:
         a = new.weights_for(None)[f"{layer}.lora_A"]
-        assert torch.equal(a, old.start[f"{layer}.lora_A"])  # frozen, identical everywhere
+        assert torch.equal(
+            a, old.distribution.start[f"{layer}.lora_A"]
+        )  # frozen, identical everywhere
         bs = _client_factors(recipe, old, results, f"{layer}.lora_B")
         assert not torch.allclose(bs[0], bs[1])
         client_mean = _mean([s * b @ a for b in bs], results)
@@ -106,6 +108,8 @@ def test_lora_round_shares_factors_and_trained_head_and_keeps_the_rest(
     policy = Lora(rank=2, targets=("type:Linear",), train=("head",))
     _, old, new, _ = _one_round(policy, tiny_data)
     assert list(new.params) == ["body.1.lora_A", "body.1.lora_B", "head.weight", "head.bias"]
-    frozen = [k for k in old.start if k not in new.params]
-    assert tree.equal(tree.select(new.weights_for("c0"), frozen), tree.select(old.start, frozen))
+    frozen = [k for k in old.distribution.start if k not in new.params]
+    assert tree.equal(
+        tree.select(new.weights_for("c0"), frozen), tree.select(old.distribution.start, frozen)
+    )
     assert not tree.equal(new.params, old.params)

@@ -34,7 +34,7 @@ from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.finalize import RoundReport
 from fedtransfer.rounds.messages import Reply, Request, Send
 from fedtransfer.rounds.spine import open_round, server_round
-from fedtransfer.state import ServerState
+from fedtransfer.state import ClientHoldings, ServerState
 from fedtransfer.transfer.schedule import stage_recipe
 
 
@@ -59,7 +59,9 @@ def resumed(state: ServerState) -> ServerState:
     """A checkpointed server state, continued in a new deployment: the clients' holdings lived
     in the previous run's nodes, so every client is set up again (its starting weights sent
     and verified anew); local keys and objective memory restart from the starting weights."""
-    return state.replace(set_up=(), synced={}, clients={}, memory={})
+    return state.replace(
+        distribution=replace(state.distribution, set_up=(), synced={}), holdings=ClientHoldings()
+    )
 
 
 @dataclass(frozen=True, eq=False)

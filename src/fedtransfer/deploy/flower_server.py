@@ -176,17 +176,17 @@ def _evaluate(
 ) -> dict[str, Any]:
     current, _ = stage_recipe(recipe, state.round)  # the codec the clients decode with
     downlink = current.downlink.encode(state.params).to_bytes()
-    setup = SETUP_CODEC.encode(state.start).to_bytes()
+    setup = SETUP_CODEC.encode(state.distribution.start).to_bytes()
     msgs = [
         request_message(
             Request(
                 c,
                 state.round,
                 state.seed,
-                state.stage,
-                state.start_sha256,
+                state.distribution.stage,
+                state.distribution.start_sha256,
                 downlink,
-                setup=None if c in state.set_up else setup,
+                setup=None if c in state.distribution.set_up else setup,
             ),
             n,
             kind="evaluate",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ POOLED = "<pooled>"
 def weights_of(mode: str, state: ServerState, client: str) -> dict[str, Tensor]:
     """The model ``client`` is evaluated with in an arm of ``mode``."""
     if mode == "centralised":
-        return {**state.weights_for(), **state.clients.get(POOLED, {})}
+        return {**state.weights_for(), **state.holdings.local.get(POOLED, {})}
     return state.weights_for(client)
 
 
@@ -52,7 +52,7 @@ def train_isolated(
     the recipe's policy trains, with nothing sent anywhere (the ledger does not move).
 
     Local-only: each client continues its own model on its own training split (its trained keys
-    live in ``state.clients``). Centralised: one model on all training splits pooled.
+    live in ``state.holdings.local``). Centralised: one model on all training splits pooled.
     """
     began = time.perf_counter()
     r = state.round + 1
@@ -69,7 +69,7 @@ def train_isolated(
         params = tree.clone(tree.select(trained, plan.shared))
         clients = {POOLED: tree.clone(tree.select(trained, plan.local))}
     else:
-        params, clients = state.params, dict(state.clients)
+        params, clients = state.params, dict(state.holdings.local)
         for c in population.clients:
             model.load_state_dict(state.weights_for(c), strict=True)
             gen = generator(state.seed, "local-only", r, c)
@@ -77,7 +77,9 @@ def train_isolated(
             if metrics["steps"]:
                 losses.append(metrics["loss"])
             clients[c] = tree.clone(tree.select(model.state_dict(), kept))
-    new_state = state.replace(round=r, params=params, clients=clients)
+    new_state = state.replace(
+        round=r, params=params, holdings=replace(state.holdings, local=clients)
+    )
     loss = sum(losses) / len(losses) if losses else float("nan")
     return new_state, IsolatedRound(r, time.perf_counter() - began, {"client/train_loss": loss})
 

@@ -39,7 +39,7 @@ from fedtransfer.rounds.finalize import RoundReport
 from fedtransfer.rounds.spine import run_round
 from fedtransfer.runtime.serial import Runtime, SerialRuntime
 from fedtransfer.seeding import derive_seed, generator
-from fedtransfer.state import ServerState, load_state, save_state
+from fedtransfer.state import ServerState, load_history, load_state, save_state
 from fedtransfer.transfer.policy import ParamPlan
 from fedtransfer.transfer.pretrain import pretrain
 from fedtransfer.transfer.pretrained import Checkpoint, load_checkpoint, save_checkpoint
@@ -302,13 +302,12 @@ class _Run:
         recipe.validate(model_fn(), population=population.clients)
         folder = self.root / "checkpoints" / arm.name
         if (folder / "latest.json").exists():
-            state = load_state(folder)
+            state, history = load_state(folder), list(load_history(folder))
         else:
             state = ServerState.initial(recipe, self._start_model(arm, checkpoint), seed=cfg.seed)
-            record = self._evaluate(arm, recipe, state, population, None)
-            state = state.replace(history=(record,))
-            save_state(state, folder)
-        self._write_metrics({**done, arm.name: list(state.history)})
+            history = [self._evaluate(arm, recipe, state, population, None)]
+            save_state(state, folder, history=history)
+        self._write_metrics({**done, arm.name: history})
         self.observer(
             "arm_start",
             {"arm": arm.name, "round": state.round, "rounds": cfg.rounds, "arms": len(cfg.arms)},
@@ -333,12 +332,12 @@ class _Run:
                     recipe, state, population, self.runtime, model_fn=model_fn, threat=cfg.threat
                 )
             record = self._evaluate(arm, recipe, state, population, last)
-            state = state.replace(history=(*state.history, record))
-            save_state(state, folder)
+            history.append(record)
+            save_state(state, folder, history=history)
             with open(self.root / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
             self.observer("round", record)
-        return list(state.history)
+        return history
 
     def _evaluate(
         self,
@@ -416,7 +415,7 @@ class _Run:
         accs, sizes = {}, {}
         for c in population.clients:
             weights = recipe.objective.personal(
-                weights_of(arm.mode, state, c), state.memory.get(c, {})
+                weights_of(arm.mode, state, c), state.holdings.memory.get(c, {})
             )
             gen = generator(state.seed, "personalize", c)
             ev = personalized_accuracy(

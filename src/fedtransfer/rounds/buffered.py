@@ -34,7 +34,7 @@ from fedtransfer.rounds.messages import Send
 from fedtransfer.rounds.simulate import InProcess
 from fedtransfer.runtime.serial import Runtime
 from fedtransfer.seeding import generator
-from fedtransfer.state import Pending, ServerState
+from fedtransfer.state import InFlight, Pending, ServerState
 from fedtransfer.transfer.schedule import Stages
 
 
@@ -125,7 +125,7 @@ def run_buffered_step(
             f"{len(population.clients)} clients; hint: lower concurrency"
         )
     r = state.round + 1
-    busy = {p.result.client for p in state.pending}
+    busy = {p.result.client for p in state.inflight.pending}
     idle = [c for c in population.clients if c not in busy]
     order = torch.randperm(len(idle), generator=generator(state.seed, "dispatch", r)).tolist()
     chosen = [idle[i] for i in order[: fedbuff.concurrency - len(busy)]]
@@ -136,11 +136,12 @@ def run_buffered_step(
     if threat is not None:
         send = threat.around(clients, recipe, state, population=population, malicious=malicious)
     replies = send(out.requests)
-    pending = list(state.pending) + [
+    pending = list(state.inflight.pending) + [
         Pending(
             res,
             version=state.round,
-            arrival=state.clock + fedbuff.delays.duration(res.client, seed=state.seed, job=r),
+            arrival=state.inflight.clock
+            + fedbuff.delays.duration(res.client, seed=state.seed, job=r),
         )
         for res in answered(chosen, replies)
     ]
@@ -161,6 +162,5 @@ def run_buffered_step(
         set_up=out.set_up(state, answered=replies.keys()),
         synced=out.synced(recipe, state),
         began=began,
-        pending=tuple(still),
-        clock=arrived[-1].arrival,
+        inflight=InFlight(tuple(still), arrived[-1].arrival),
     )

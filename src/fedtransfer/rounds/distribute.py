@@ -51,14 +51,17 @@ class Outbound:
         answered (one that never answered may not hold the starting weights: it is sent them
         again the next time it is picked)."""
         new = {c for c in self.new_clients if c in answered}
-        return tuple(sorted(set(state.set_up) | new))
+        return tuple(sorted(set(state.distribution.set_up) | new))
 
     def synced(self, recipe: Recipe, state: ServerState) -> dict[str, int]:
         """For each set-up client of a staged schedule, the stage whose starting weights it
         holds (this round's clients now hold the current stage's)."""
         if not isinstance(recipe.policy, StagePolicy):
             return {}
-        return {**state.synced, **dict.fromkeys(self.clients, state.stage)}
+        return {
+            **state.distribution.synced,
+            **dict.fromkeys(self.clients, state.distribution.stage),
+        }
 
 
 def distribute(
@@ -73,20 +76,21 @@ def distribute(
     downlink = recipe.downlink.encode(state.params).to_bytes()
     told = recipe.objective.broadcast(_part(state.server, "objective/"))
     broadcast = recipe.downlink.encode(told).to_bytes() if told else None
-    set_up = set(state.set_up)
+    set_up = set(state.distribution.set_up)
     new_clients = tuple(c for c in clients if c not in set_up)
-    setup = SETUP_CODEC.encode(state.start).to_bytes() if new_clients else None
+    setup = SETUP_CODEC.encode(state.distribution.start).to_bytes() if new_clients else None
     lacking = handover_keys(recipe, state, clients, list(new_clients), model_fn=model_fn)
     handovers = {
-        c: SETUP_CODEC.encode(tree.select(state.start, k)).to_bytes() for c, k in lacking.items()
+        c: SETUP_CODEC.encode(tree.select(state.distribution.start, k)).to_bytes()
+        for c, k in lacking.items()
     }
     requests = tuple(
         Request(
             client=c,
             round=state.round + 1,
             seed=state.seed,
-            stage=state.stage,
-            start_sha256=state.start_sha256,
+            stage=state.distribution.stage,
+            start_sha256=state.distribution.start_sha256,
             downlink=downlink,
             broadcast=broadcast,
             setup=setup if c in new_clients else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
@@ -15,7 +15,7 @@ from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.collect import Collected
 from fedtransfer.rounds.distribute import Outbound
 from fedtransfer.rounds.messages import Reply
-from fedtransfer.state import Pending, ServerState
+from fedtransfer.state import ClientHoldings, InFlight, ServerState
 from fedtransfer.state.clientstore import merged
 from fedtransfer.types import Metrics, State
 
@@ -84,30 +84,29 @@ def finalize(
     set_up: tuple[str, ...],
     synced: dict[str, int],
     began: float,
-    pending: tuple[Pending, ...] | None = None,
-    clock: float | None = None,
+    inflight: InFlight | None = None,
 ) -> tuple[ServerState, RoundReport]:
     """The next state and its report: the ``step``'s parameters, what the accepted clients
     keep (through :func:`~fedtransfer.state.clientstore.merged`: a dict is copied, a
     :class:`~fedtransfer.state.clientstore.ClientStore` writes only theirs), the clients ``set_up``
     and ``synced`` after the round, the ledger (``got`` went up, ``out`` went down), and, for
-    asynchronous runs, the updates still in flight and the simulated clock."""
+    asynchronous runs, the updates still in flight and the simulated clock (``inflight``)."""
     kept = [a.reply for a in got.accepted]
     new_state = state.replace(
         round=state.round + 1,
         params=step.params,
         server=step.server,
-        clients=merged(state.clients, {rep.client: rep.local for rep in kept}),
-        memory=merged(state.memory, {rep.client: rep.memory for rep in kept if rep.memory}),
-        set_up=set_up,
-        synced=synced,
+        holdings=ClientHoldings(
+            merged(state.holdings.local, {rep.client: rep.local for rep in kept}),
+            merged(state.holdings.memory, {rep.client: rep.memory for rep in kept if rep.memory}),
+        ),
+        distribution=replace(state.distribution, set_up=set_up, synced=synced),
         ledger={
             "setup": state.ledger["setup"] + out.setup_bytes,
             "up": state.ledger["up"] + got.bytes_up,
             "down": state.ledger["down"] + out.bytes_down,
         },
-        pending=state.pending if pending is None else pending,
-        clock=state.clock if clock is None else clock,
+        inflight=state.inflight if inflight is None else inflight,
     )
     report = RoundReport(
         round=new_state.round,

@@ -50,7 +50,7 @@ class InProcess:
             **holdings(self.state, plan, c, lacks),
             start_sha256=request.start_sha256,
             setup=request.setup,
-            memory=self.state.memory.get(c, {}),
+            memory=self.state.holdings.memory.get(c, {}),
             broadcast=request.broadcast,
             handover=request.handover,
         )
@@ -65,10 +65,13 @@ def holdings(
     starting weights; a client behind a stage lacks its hand-over keys until it decodes them."""
     missing = set(lacks)
     local = set(plan.local)
-    held = {k: v for k, v in state.clients.get(client, {}).items() if k in local}
+    held = {k: v for k, v in state.holdings.local.get(client, {}).items() if k in local}
     return {
-        "frozen": {k: state.start[k] for k in plan.frozen if k not in missing},
-        "local": {**{k: state.start[k] for k in plan.local if k not in missing}, **held},
+        "frozen": {k: state.distribution.start[k] for k in plan.frozen if k not in missing},
+        "local": {
+            **{k: state.distribution.start[k] for k in plan.local if k not in missing},
+            **held,
+        },
     }
 
 

@@ -46,7 +46,7 @@ def server_round(
     replies = send(out.requests)
     got = collect(recipe, state, answered(cohort, replies), plan=out.plan)
     step = aggregate(recipe, state, got, population_size=population_size)
-    step.metrics["schedule/stage"] = float(state.stage)
+    step.metrics["schedule/stage"] = float(state.distribution.stage)
     return finalize(
         state,
         out,

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,43 +25,57 @@ from fedtransfer.state.clientstore import (
     restore,
     unpin,
 )
-from fedtransfer.state.server import Pending, ServerState
+from fedtransfer.state.server import ClientHoldings, Distribution, InFlight, Pending, ServerState
 
 FORMAT = "fedtransfer-state/1"
 FORMAT_STORES = "fedtransfer-state/2"
 """The format of checkpoints whose client states live in a :class:`ClientStore` (``stores`` in
 ``state.json`` names its directory and client ids, the tensor ``stores/<group>/digests`` their
 files); older readers refuse them instead of silently dropping the clients' states."""
-STORE_GROUPS = ("clients", "memory")
+STORE_GROUPS = {"clients": "local", "memory": "memory"}
+"""The checkpoint's name of each part of the clients' holdings, and the part's attribute."""
+
+
+def _group(state: ServerState, group: str) -> PerClient:
+    per_client: PerClient = getattr(state.holdings, STORE_GROUPS[group])
+    return per_client
 
 
 def _flatten(state: ServerState) -> dict[str, Tensor]:
     flat: dict[str, Tensor] = {}
     for prefix, part in (
         ("params/", state.params),
-        ("start/", state.start),
+        ("start/", state.distribution.start),
         ("server/", state.server),
     ):
         flat.update({prefix + k: v.detach().clone() for k, v in part.items()})
     for group in STORE_GROUPS:
-        per_client: PerClient = getattr(state, group)
+        per_client = _group(state, group)
         if isinstance(per_client, ClientStore):  # referenced by state.json, not copied
             continue
         for i, client in enumerate(sorted(per_client)):
             flat.update(
                 {f"{group}/{i}/{k}": v.detach().clone() for k, v in per_client[client].items()}
             )
-    for i, item in enumerate(state.pending):
+    for i, item in enumerate(state.inflight.pending):
         flat.update(item.tensors(f"pending/{i}/"))
     for group in STORE_GROUPS:
-        store = getattr(state, group)
+        store = _group(state, group)
         if isinstance(store, ClientStore):
             flat[f"stores/{group}/digests"] = digests(store)
     return flat
 
 
-def save_state(state: ServerState, directory: str | os.PathLike[str], *, keep: int = 2) -> Path:
-    """Write ``state`` to a new ``directory/round-NNNNN-<id>/`` and point ``latest.json`` at it.
+def save_state(
+    state: ServerState,
+    directory: str | os.PathLike[str],
+    *,
+    keep: int = 2,
+    history: Sequence[Mapping[str, Any]] = (),
+) -> Path:
+    """Write ``state`` to a new ``directory/round-NNNNN-<id>/`` and point ``latest.json`` at it;
+    ``history`` is the caller's JSON-safe record of the rounds so far, kept with it
+    (:func:`load_history`).
 
     The new folder is complete before ``latest.json`` is atomically replaced, and no folder is
     removed until then, so a crash at any moment leaves ``latest.json`` naming a complete
@@ -79,21 +94,22 @@ def save_state(state: ServerState, directory: str | os.PathLike[str], *, keep: i
     tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
     save_file(_flatten(state), str(tmp / "state.safetensors"))
-    pools = pools_of(*(getattr(state, group) for group in STORE_GROUPS))
+    pools = pools_of(*(_group(state, group) for group in STORE_GROUPS))
+    dist, flight = state.distribution, state.inflight
     meta = {
         "format": FORMAT_STORES if pools else FORMAT,
         "round": state.round,
         "seed": state.seed,
-        "start_sha256": state.start_sha256,
-        "clients": _flat_ids(state.clients),
-        "memory": _flat_ids(state.memory),
-        "set_up": list(state.set_up),
+        "start_sha256": dist.start_sha256,
+        "clients": _flat_ids(state.holdings.local),
+        "memory": _flat_ids(state.holdings.memory),
+        "set_up": list(dist.set_up),
         "ledger": state.ledger,
-        "history": list(state.history),
-        "pending": [item.meta() for item in state.pending],
-        "clock": state.clock,
-        "stage": state.stage,
-        "synced": state.synced,
+        "history": [dict(record) for record in history],
+        "pending": [item.meta() for item in flight.pending],
+        "clock": flight.clock,
+        "stage": dist.stage,
+        "synced": dist.synced,
     }
     if pools:
         meta["stores"] = _store_refs(state, root)
@@ -122,7 +138,7 @@ def _store_refs(state: ServerState, root: Path) -> dict[str, Any]:
     in order (their files' digests are the tensor ``stores/<group>/digests``)."""
     out: dict[str, Any] = {}
     for group in STORE_GROUPS:
-        store = getattr(state, group)
+        store = _group(state, group)
         if isinstance(store, ClientStore):
             out[group] = {"path": os.path.relpath(store.root, root.resolve()), "ids": list(store)}
     return out
@@ -147,9 +163,8 @@ def _remove_checkpoint(folder: Path, name: str) -> None:
         unpin(folder.parent / path, name)
 
 
-def load_state(directory: str | os.PathLike[str]) -> ServerState:
-    """Load the checkpoint ``latest.json`` points at, verifying the starting weights' hash."""
-    root = Path(directory)
+def _latest(root: Path) -> tuple[Path, dict[str, Any]]:
+    """The folder ``latest.json`` points at and its ``state.json``."""
     pointer = root / "latest.json"
     if not pointer.exists():
         raise CompatibilityError(f"no checkpoint in {root}: latest.json is missing")
@@ -159,6 +174,19 @@ def load_state(directory: str | os.PathLike[str]) -> ServerState:
         raise CompatibilityError(
             f"{folder}: format {meta.get('format')!r}, expected {FORMAT!r} or {FORMAT_STORES!r}"
         )
+    return folder, meta
+
+
+def load_history(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], ...]:
+    """The ``history`` saved with the latest checkpoint in ``directory``."""
+    _, meta = _latest(Path(directory))
+    return tuple(meta["history"])
+
+
+def load_state(directory: str | os.PathLike[str]) -> ServerState:
+    """Load the checkpoint ``latest.json`` points at, verifying the starting weights' hash."""
+    root = Path(directory)
+    folder, meta = _latest(root)
     flat = load_file(str(folder / "state.safetensors"))
 
     def part(prefix: str) -> dict[str, Tensor]:
@@ -183,20 +211,23 @@ def load_state(directory: str | os.PathLike[str]) -> ServerState:
         round=int(meta["round"]),
         seed=int(meta["seed"]),
         params=part("params/"),
-        start=start,
-        start_sha256=meta["start_sha256"],
-        server=part("server/"),
-        clients=groups["clients"],
-        memory=groups["memory"],
-        set_up=tuple(meta["set_up"]),
-        ledger={k: int(v) for k, v in meta["ledger"].items()},
-        history=tuple(meta["history"]),
-        pending=tuple(
-            Pending.load(m, part(f"pending/{i}/")) for i, m in enumerate(meta.get("pending", []))
+        distribution=Distribution(
+            start=start,
+            start_sha256=meta["start_sha256"],
+            set_up=tuple(meta["set_up"]),
+            stage=int(meta.get("stage", 0)),
+            synced={c: int(i) for c, i in meta.get("synced", {}).items()},
         ),
-        clock=float(meta.get("clock", 0.0)),
-        stage=int(meta.get("stage", 0)),
-        synced={c: int(i) for c, i in meta.get("synced", {}).items()},
+        server=part("server/"),
+        holdings=ClientHoldings(groups["clients"], groups["memory"]),
+        inflight=InFlight(
+            pending=tuple(
+                Pending.load(m, part(f"pending/{i}/"))
+                for i, m in enumerate(meta.get("pending", []))
+            ),
+            clock=float(meta.get("clock", 0.0)),
+        ),
+        ledger={k: int(v) for k, v in meta["ledger"].items()},
     )
 
 

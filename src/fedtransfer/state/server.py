@@ -18,44 +18,65 @@ from fedtransfer.types import State
 
 
 @dataclass(frozen=True, eq=False)
+class Distribution:
+    """What the server has given the clients: the full starting weights ``start`` (sent once,
+    losslessly, at set-up; hash ``start_sha256``), the clients ``set_up`` (they verified them),
+    and, in a staged schedule, the current ``stage`` and for each set-up client the stage
+    whose starting weights it holds (``synced``: it is sent a hand-over when it is behind)."""
+
+    start: dict[str, Tensor]
+    start_sha256: str
+    set_up: tuple[str, ...] = ()
+    stage: int = 0
+    synced: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class ClientHoldings:
+    """What the simulated clients keep between rounds, by client: their ``local`` keys and
+    their ``memory`` (objective and client-transform state). A deployed client keeps its own,
+    so a deployment's are empty.
+
+    Both are dicts, or, for large populations, :class:`~fedtransfer.state.clientstore.ClientStore`
+    mappings that keep each client's tensors on disk and a bounded cache in memory
+    (``ServerState.initial(..., client_store=directory)``); a round updates either without
+    materialising the population (:func:`~fedtransfer.state.clientstore.merged`)."""
+
+    local: PerClient = field(default_factory=dict)
+    memory: PerClient = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class InFlight:
+    """Asynchronous (FedBuff) runs: the client updates still in flight, and the simulated
+    clock (see :mod:`fedtransfer.rounds.buffered`)."""
+
+    pending: tuple[Pending, ...] = ()
+    clock: float = 0.0
+
+
+@dataclass(frozen=True, eq=False)
 class ServerState:
-    """Everything the server knows after ``round`` rounds.
+    """Everything the server knows after ``round`` rounds of a run seeded by ``seed``:
 
     * ``params`` — the global shared parameters θ;
-    * ``start`` — the full starting weights (set-up distribution), hash ``start_sha256``;
-    * ``server`` — the server pipeline's state;
-    * ``clients`` — each client's local keys, as the client keeps them (simulation);
-    * ``memory`` — each client's objective memory (control variates, personal models), as the
-      client keeps it;
+    * ``server`` — the server pipeline's state (its optimiser's, the objective's server half);
+    * ``distribution`` — the starting weights and who holds them (:class:`Distribution`);
+    * ``holdings`` — what the simulated clients keep (:class:`ClientHoldings`);
+    * ``inflight`` — asynchronous runs' updates in flight (:class:`InFlight`);
+    * ``ledger`` — cumulative bytes: ``setup``, ``up``, ``down``.
 
-      both are dicts, or, for large populations, :class:`~fedtransfer.state.clientstore.ClientStore`
-      mappings that keep each client's tensors on disk and a bounded cache in memory
-      (``initial(..., client_store=directory)``); a round updates either without
-      materialising the population (:func:`~fedtransfer.state.clientstore.merged`);
-    * ``set_up`` — clients that have received and verified the starting weights;
-    * ``ledger`` — cumulative bytes: ``setup``, ``up``, ``down``;
-    * ``history`` — one metrics record per finished round (JSON-safe);
-    * ``pending`` / ``clock`` — asynchronous runs only: updates still in flight and the
-      simulated time (see :mod:`fedtransfer.rounds.buffered`);
-    * ``stage`` / ``synced`` — staged schedules only (:mod:`fedtransfer.transfer.schedule`):
-      the current stage, and for each set-up client the stage whose starting weights it holds.
+    Checkpoints: :mod:`fedtransfer.state.checkpoint`.
     """
 
     round: int
     seed: int
     params: dict[str, Tensor]
-    start: dict[str, Tensor]
-    start_sha256: str
+    distribution: Distribution
     server: State = field(default_factory=dict)
-    clients: PerClient = field(default_factory=dict)
-    memory: PerClient = field(default_factory=dict)
-    set_up: tuple[str, ...] = ()
+    holdings: ClientHoldings = field(default_factory=ClientHoldings)
+    inflight: InFlight = field(default_factory=InFlight)
     ledger: dict[str, int] = field(default_factory=lambda: {"setup": 0, "up": 0, "down": 0})
-    history: tuple[dict[str, Any], ...] = ()
-    pending: tuple[Pending, ...] = ()
-    clock: float = 0.0
-    stage: int = 0
-    synced: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def initial(
@@ -68,8 +89,8 @@ class ServerState:
     ) -> ServerState:
         """Round-0 state from a (pre-trained or freshly initialised) model.
 
-        With ``client_store``, ``clients`` and ``memory`` are :class:`ClientStore` mappings over
-        that directory (created if needed): each client's local keys and objective memory live
+        With ``client_store``, the holdings' ``local`` and ``memory`` are :class:`ClientStore`
+        mappings over that directory (created if needed): each client's local keys and objective memory live
         on disk, so memory stays bounded by the cohort for populations of 10 000+ clients.
         Checkpoints (:func:`save_state`) then reference the store's files instead of copying
         them; keep the store directory next to the checkpoints (e.g. ``run/clients`` beside
@@ -83,31 +104,34 @@ class ServerState:
         server = recipe.pipeline.init(params)
         objective = recipe.objective.server_init(params, plan)
         server.update({f"objective/{k}": v.clone() for k, v in objective.items()})
-        clients: PerClient = {}
-        memory: PerClient = {}
+        holdings = ClientHoldings()
         if client_store is not None:
-            clients, memory = ClientStore.open(client_store), ClientStore.open(client_store)
+            holdings = ClientHoldings(
+                ClientStore.open(client_store), ClientStore.open(client_store)
+            )
         return cls(
             round=0,
             seed=seed,
             params=params,
-            start=start,
-            start_sha256=tree.sha256(start),
+            distribution=Distribution(start, tree.sha256(start)),
             server=server,
-            clients=clients,
-            memory=memory,
+            holdings=holdings,
         )
 
     def weights_for(self, client: str | None = None) -> dict[str, Tensor]:
         """Full state dict of the model a client holds: start ▸ global shared ▸ its local keys."""
-        out = dict(self.start)
+        out = dict(self.distribution.start)
         out.update(self.params)
         if client is not None:
-            out.update(self.clients.get(client, {}))
+            out.update(self.holdings.local.get(client, {}))
         return out
 
     def replace(self, **changes: Any) -> ServerState:
         return replace(self, **changes)
+
+    def distributed(self, **changes: Any) -> ServerState:
+        """This state with its :class:`Distribution`'s fields ``changes`` replaced."""
+        return replace(self, distribution=replace(self.distribution, **changes))
 
 
 @dataclass(frozen=True, eq=False)
