@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # the data directory the dataset loaders read (FEMNIST, MNIST, CIFAR-10, AG News, SST-2)
 export FEDTRANSFER_DATA ?= $(abspath ../shared/data)
 
-.PHONY: run test lint bench install clean
+.PHONY: run test test-fast lint bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest src tests
+
+# the unit tier (about 2 minutes on 2 cores): no integration tests, whole experiments, Ray or
+# worker pools (the `slow` marker, applied in tests/conftest.py); the slowest tests are listed
+test-fast: $(STAMP)
+	$(PY) -m pytest src tests -m "not slow" --durations=15
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
