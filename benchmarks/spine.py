@@ -61,7 +61,7 @@ class Workload:
     name: str
     cfg: Any
     data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-    population: ft.FederatedDataset
+    population: ft.data.FederatedDataset
     timings: dict[str, Timing] = dataclasses.field(
         default_factory=lambda: {i: Timing() for i in IMPLS}
     )
@@ -132,9 +132,9 @@ def make_workload(pb: ModuleType, model: str, per_round: int, rounds: int) -> Wo
     ids = [f"{i:0{width}d}" for i in range(cfg.num_clients)]
     # The pbench test set, cut into one slice per client (never used in timing).
     test_parts = torch.arange(len(Yt)).tensor_split(cfg.num_clients)
-    population = ft.FederatedDataset(
-        train={c: ft.TensorData(X[i], Y[i]) for i, c in enumerate(ids)},
-        test={c: ft.TensorData(Xt[p], Yt[p]) for c, p in zip(ids, test_parts, strict=True)},
+    population = ft.data.FederatedDataset(
+        train={c: ft.data.TensorData(X[i], Y[i]) for i, c in enumerate(ids)},
+        test={c: ft.data.TensorData(Xt[p], Yt[p]) for c, p in zip(ids, test_parts, strict=True)},
         num_classes=pb.NUM_CLASSES,
     )
     return Workload(f"{model}-{per_round}", cfg, (X, Y, Xt, Yt), population)
@@ -170,9 +170,9 @@ def run_fedtransfer(pb: ModuleType, w: Workload) -> nn.Module:
     model = pb.make_model(cfg)
     model_fn = type(model)  # pbench's SmallCNN / TinyMLP class
     local = ft.LocalTraining(lr=cfg.lr, epochs=cfg.local_epochs, batch_size=cfg.batch_size)
-    recipe = ft.fedavg(ft.Full(), local=local, clients_per_round=cfg.clients_per_round)
+    recipe = ft.fedavg(ft.transfer.Full(), local=local, clients_per_round=cfg.clients_per_round)
     state = ft.ServerState.initial(recipe, model, seed=cfg.seed)
-    runtime = ft.SerialRuntime()
+    runtime = ft.runtime.SerialRuntime()
     w.reports = []
     for _ in range(cfg.rounds):
         wall, cpu = time.perf_counter(), time.process_time()

@@ -17,18 +17,12 @@ import pytest
 import torch
 from torch import nn
 
-from fedtransfer import (
-    AllClients,
-    ClientTask,
-    FederatedDataset,
-    Full,
-    LocalTraining,
-    Recipe,
-    Reply,
-    SerialRuntime,
-    ServerState,
-    TensorData,
-)
+from fedtransfer import LocalTraining, Recipe, Reply, ServerState
+from fedtransfer.client import ClientTask
+from fedtransfer.data import FederatedDataset, TensorData
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.server import AllClients
+from fedtransfer.transfer import Full
 
 # the shared data folder beside the repository (as CI has it), unless the caller names one
 os.environ.setdefault(

@@ -14,24 +14,20 @@ from tests.conftest import RecordingRuntime, make_tiny_data, make_tiny_model
 from torch import Tensor
 
 from fedtransfer import (
-    ClientTask,
     CompatibilityError,
     ConfigError,
-    Float32,
-    Full,
     LocalTraining,
-    Payload,
     Recipe,
     ServerState,
-    client_update,
-    load_state,
     run_round,
-    save_state,
     tree,
 )
+from fedtransfer.client import ClientTask, client_update
 from fedtransfer.client.drift import Scaffold
 from fedtransfer.client.transforms import ClientTransform, ErrorFeedback
-from fedtransfer.codecs import TopK
+from fedtransfer.codecs import Float32, Payload, TopK
+from fedtransfer.state import load_state, save_state
+from fedtransfer.transfer import Full
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

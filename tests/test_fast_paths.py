@@ -6,11 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from fedtransfer import Exact, Float32, Full, HeadOnly, LocalTraining, Payload, TensorData
+from fedtransfer import LocalTraining
 from fedtransfer.client.train import _SGD, local_train
 from fedtransfer.client.update import load_weights
+from fedtransfer.codecs import Exact, Float32, Payload
+from fedtransfer.data import TensorData
 from fedtransfer.errors import UpdateRejected
 from fedtransfer.server.validate import validate_update
+from fedtransfer.transfer import Full, HeadOnly
 
 
 def _net(seed: int = 0) -> nn.Module:

@@ -13,24 +13,15 @@ import torch
 from tests.conftest import make_tiny_data, make_tiny_model
 from torch import nn
 
-from fedtransfer import (
-    AllClients,
-    FederatedDataset,
-    Full,
-    HeadOnly,
-    LocalTraining,
-    Lora,
-    Recipe,
-    SerialRuntime,
-    ServerState,
-    TensorData,
-    run_round,
-    tree,
-)
+from fedtransfer import LocalTraining, Recipe, ServerState, run_round, tree
 from fedtransfer.client import features
 from fedtransfer.client.features import head_path, no_feature_cache, train_head_cached
 from fedtransfer.client.train import local_train
+from fedtransfer.data import FederatedDataset, TensorData
+from fedtransfer.runtime import SerialRuntime
 from fedtransfer.seeding import generator
+from fedtransfer.server import AllClients
+from fedtransfer.transfer import Full, HeadOnly, Lora
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

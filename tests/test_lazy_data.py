@@ -14,20 +14,22 @@ from tests.conftest import make_tiny_data, make_tiny_model
 from fedtransfer import (
     CompatibilityError,
     ConfigError,
-    FederatedDataset,
-    LazySplit,
     LocalTraining,
-    PersonalHead,
-    SerialRuntime,
     ServerState,
-    TensorData,
     fedavg,
-    federate,
-    open_lazy_population,
     run_round,
     tree,
+)
+from fedtransfer.data import (
+    FederatedDataset,
+    LazySplit,
+    TensorData,
+    federate,
+    open_lazy_population,
     write_lazy_population,
 )
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.transfer import PersonalHead
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

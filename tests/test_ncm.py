@@ -12,26 +12,14 @@ import torch
 from tests.conftest import RecordingRuntime
 from torch import Tensor, nn
 
-from fedtransfer import (
-    CompatibilityError,
-    FederatedDataset,
-    Float32,
-    Full,
-    HeadOnly,
-    Recipe,
-    SerialRuntime,
-    ServerAdam,
-    ServerPipeline,
-    ServerSGD,
-    ServerState,
-    TensorData,
-    Uniform,
-    run_round,
-    tree,
-)
+from fedtransfer import CompatibilityError, Recipe, ServerState, run_round, tree
 from fedtransfer.client.ncm import NearestClassMean
-from fedtransfer.codecs import TopK
+from fedtransfer.codecs import Float32, TopK
+from fedtransfer.data import FederatedDataset, TensorData
 from fedtransfer.rounds.schedule import begin_round
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.server import ServerAdam, ServerPipeline, ServerSGD, Uniform
+from fedtransfer.transfer import Full, HeadOnly
 from fedtransfer.transfer.schedule import Stage, Stages, fedncm
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -8,9 +8,9 @@ import struct
 import pytest
 import torch
 
-from fedtransfer import Payload, PayloadError
-from fedtransfer.codecs import Entry
+from fedtransfer.codecs import Entry, Payload
 from fedtransfer.codecs.payload import DTYPES, MAGIC, VERSION
+from fedtransfer.errors import PayloadError
 
 
 def _payload() -> Payload:

@@ -12,19 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from fedtransfer import (
-    CompatibilityError,
-    FederatedDataset,
-    Recipe,
-    SerialRuntime,
-    ServerState,
-    load_checkpoint,
-    run_round,
-    save_checkpoint,
-    tree,
-)
+from fedtransfer import CompatibilityError, Recipe, ServerState, run_round, tree
 from fedtransfer.client import verify_start
 from fedtransfer.client.update import SETUP_CODEC
+from fedtransfer.data import FederatedDataset
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.transfer import load_checkpoint, save_checkpoint
 from fedtransfer.transfer.pretrained import PROVENANCE, WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("single_thread")

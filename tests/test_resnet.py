@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtransfer import HeadOnly, LocalTraining, tree
+from fedtransfer import LocalTraining, tree
 from fedtransfer.client.features import head_path, train_head_cached
 from fedtransfer.client.train import local_train
 from fedtransfer.data.sources import CifarJpeg
 from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.models.resnet import CifarResNet, CifarResNetFactory, load_cifar_resnet
 from fedtransfer.seeding import generator
+from fedtransfer.transfer import HeadOnly
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

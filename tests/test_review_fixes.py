@@ -13,21 +13,20 @@ import torch
 from torch import nn
 
 from fedtransfer import (
-    AllClients,
     CompatibilityError,
     ConfigError,
-    LocalBatchNorm,
     LocalTraining,
-    PayloadError,
     Recipe,
     Reply,
-    ServerPipeline,
     ServerState,
     run_round,
 )
 from fedtransfer.codecs import Payload
+from fedtransfer.errors import PayloadError
 from fedtransfer.experiment.report import write_report
 from fedtransfer.experiment.run import load_config, new_run_dir
+from fedtransfer.server import AllClients, ServerPipeline
+from fedtransfer.transfer import LocalBatchNorm
 
 from .conftest import make_tiny_data, make_tiny_model
 

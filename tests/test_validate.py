@@ -18,21 +18,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from fedtransfer import (
-    FederatedDataset,
-    Float32,
-    Payload,
-    Recipe,
-    Reply,
-    SerialRuntime,
-    ServerAdam,
-    ServerPipeline,
-    ServerState,
-    UpdateRejected,
-    run_round,
-    tree,
-)
-from fedtransfer.server import validate_update
+from fedtransfer import Recipe, Reply, ServerState, UpdateRejected, run_round, tree
+from fedtransfer.codecs import Float32, Payload
+from fedtransfer.data import FederatedDataset
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.server import ServerAdam, ServerPipeline, validate_update
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -196,7 +186,7 @@ def test_run_round_with_all_updates_rejected_leaves_params_and_server_unchanged(
 def test_run_round_rejected_client_keeps_no_local_state(
     tiny_data: FederatedDataset, tiny_model_fn: Callable[[], nn.Module], fedadam_recipe: Recipe
 ) -> None:
-    from fedtransfer import LocalBatchNorm
+    from fedtransfer.transfer import LocalBatchNorm
 
     recipe = dataclasses.replace(fedadam_recipe, policy=LocalBatchNorm())
     state = ServerState.initial(recipe, tiny_model_fn(), seed=0)

@@ -8,24 +8,12 @@ import pytest
 from tests.conftest import make_tiny_data, make_tiny_model
 from torch import nn
 
-from fedtransfer import (
-    AllClients,
-    Ditto,
-    Full,
-    HeadOnly,
-    LocalTraining,
-    Lora,
-    Objective,
-    Plain,
-    Recipe,
-    Rep,
-    Scaffold,
-    SerialRuntime,
-    ServerState,
-    run_round,
-    tree,
-)
+from fedtransfer import LocalTraining, Objective, Recipe, ServerState, run_round, tree
+from fedtransfer.client import Ditto, Plain, Rep, Scaffold
 from fedtransfer.client.update import worker_model
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.server import AllClients
+from fedtransfer.transfer import Full, HeadOnly, Lora
 from fedtransfer.transfer.policies import PersonalHead
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -48,37 +48,37 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 REPO = RESULTS.parent.parent
 
 
-def _pbench() -> tuple[ft.FederatedDataset, Callable[[], nn.Module], ft.Recipe, nn.Module]:
+def _pbench() -> tuple[ft.data.FederatedDataset, Callable[[], nn.Module], ft.Recipe, nn.Module]:
     pb = spine.import_pbench(spine.find_anchors(argparse.ArgumentParser(), None))
     w = spine.make_workload(pb, "cnn", 100, 1)
     cfg = w.cfg
     model = pb.make_model(cfg)
     local = ft.LocalTraining(lr=cfg.lr, epochs=cfg.local_epochs, batch_size=cfg.batch_size)
-    recipe = ft.fedavg(ft.HeadOnly(), local=local, clients_per_round=100)
+    recipe = ft.fedavg(ft.transfer.HeadOnly(), local=local, clients_per_round=100)
     return w.population, type(model), recipe, model
 
 
-def _digits() -> tuple[ft.FederatedDataset, Callable[[], nn.Module], ft.Recipe, nn.Module]:
+def _digits() -> tuple[ft.data.FederatedDataset, Callable[[], nn.Module], ft.Recipe, nn.Module]:
     from fedtransfer.experiment.run import build_population
     from fedtransfer.experiment.schema import ExperimentConfig
 
     cfg = ExperimentConfig()
-    recipe = ft.fedavg(ft.HeadOnly(), local=cfg.local, clients_per_round=10)
+    recipe = ft.fedavg(ft.transfer.HeadOnly(), local=cfg.local, clients_per_round=10)
     return build_population(cfg), cfg.model, recipe, cfg.model.init(0)
 
 
 def _resnet(data_dir: Path) -> Callable[[], tuple[Any, ...]]:
-    def make() -> tuple[ft.FederatedDataset, Callable[[], nn.Module], ft.Recipe, nn.Module]:
+    def make() -> tuple[ft.data.FederatedDataset, Callable[[], nn.Module], ft.Recipe, nn.Module]:
         from fedtransfer.data.sources import CifarJpeg
         from fedtransfer.models.resnet import CifarResNetFactory, load_cifar_resnet
 
         images = CifarJpeg(str(data_dir / "cifar10-jpg" / "test"), per_class=100).load()
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
         parts = [p.numpy() for p in order.tensor_split(20)]
-        population = ft.federate(images, parts, num_classes=10, test_fraction=0.2, seed=0)
+        population = ft.data.federate(images, parts, num_classes=10, test_fraction=0.2, seed=0)
         model = load_cifar_resnet(data_dir / "resnet-cifar10-weights" / "resnet20-12fca82f.th")
         local = ft.LocalTraining(lr=0.05, epochs=1, batch_size=32)
-        recipe = ft.fedavg(ft.HeadOnly(), local=local, clients_per_round=20)
+        recipe = ft.fedavg(ft.transfer.HeadOnly(), local=local, clients_per_round=20)
         return population, CifarResNetFactory(20), recipe, model
 
     return make
@@ -92,12 +92,12 @@ def _arm(workload: tuple[Any, ...], rounds: int, cached: bool) -> tuple[list[flo
         began = time.perf_counter()
         if cached:
             state, _ = ft.run_round(
-                recipe, state, population, ft.SerialRuntime(), model_fn=model_fn
+                recipe, state, population, ft.runtime.SerialRuntime(), model_fn=model_fn
             )
         else:
             with no_feature_cache():
                 state, _ = ft.run_round(
-                    recipe, state, population, ft.SerialRuntime(), model_fn=model_fn
+                    recipe, state, population, ft.runtime.SerialRuntime(), model_fn=model_fn
                 )
         seconds.append(time.perf_counter() - began)
     return seconds, ft.tree.sha256(state.weights_for())

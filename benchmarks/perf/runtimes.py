@@ -66,10 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_runtime(name: str, workers: int, threads: int) -> ft.Runtime:
     if name == "process":
-        return ft.ProcessRuntime(workers=workers, threads=threads)
+        return ft.runtime.ProcessRuntime(workers=workers, threads=threads)
     if name == "ray":
-        return ft.RayRuntime(num_actors=workers, threads=threads)
-    return ft.SerialRuntime()
+        return ft.runtime.RayRuntime(num_actors=workers, threads=threads)
+    return ft.runtime.SerialRuntime()
 
 
 def start(runtime: ft.Runtime, workers: int) -> float:
@@ -87,7 +87,7 @@ def traffic(runtime: ft.Runtime) -> tuple[int, int]:
 def recipe_of(w: spine.Workload) -> ft.Recipe:
     cfg = w.cfg
     local = ft.LocalTraining(lr=cfg.lr, epochs=cfg.local_epochs, batch_size=cfg.batch_size)
-    return ft.fedavg(ft.Full(), local=local, clients_per_round=cfg.clients_per_round)
+    return ft.fedavg(ft.transfer.Full(), local=local, clients_per_round=cfg.clients_per_round)
 
 
 def run_all(
@@ -188,9 +188,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         rows.append(row)
     for rt in runtimes.values():
-        if isinstance(rt, ft.ProcessRuntime):
+        if isinstance(rt, ft.runtime.ProcessRuntime):
             rt.close()
-        elif isinstance(rt, ft.RayRuntime):
+        elif isinstance(rt, ft.runtime.RayRuntime):
             rt.shutdown()
     result = {
         "benchmark": "runtimes",

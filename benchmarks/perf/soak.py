@@ -82,7 +82,10 @@ def _clients(num_clients: int, examples: int, seed: int) -> Iterator[tuple[str, 
         idx = order[starts[labels] + rng.integers(0, counts[labels])]
         noisy = images[idx] + rng.normal(0.0, 0.1, size=images[idx].shape).astype(np.float32)
         x, y = torch.from_numpy(noisy), torch.from_numpy(labels.astype(np.int64))
-        test, train = ft.TensorData(x[:n_test], y[:n_test]), ft.TensorData(x[n_test:], y[n_test:])
+        test, train = (
+            ft.data.TensorData(x[:n_test], y[:n_test]),
+            ft.data.TensorData(x[n_test:], y[n_test:]),
+        )
         yield f"{i:0{width}d}", train, test
 
 
@@ -122,17 +125,17 @@ def _trim() -> None:
 def run_arm(arm: str, population_dir: Path, rounds: int, cohort: int, work: Path) -> None:
     """One arm in this process; prints one JSON record per round on stdout."""
     torch.set_num_threads(1)
-    population = ft.open_lazy_population(population_dir, cache_size=cohort)
+    population = ft.data.open_lazy_population(population_dir, cache_size=cohort)
     local = ft.LocalTraining(lr=0.05, epochs=1, batch_size=32)
-    recipe = ft.scaffold(ft.PersonalHead(), local=local, clients_per_round=cohort)
+    recipe = ft.scaffold(ft.transfer.PersonalHead(), local=local, clients_per_round=cohort)
     torch.manual_seed(0)
     store = work / "clients" if arm == "store" else None
     state = ft.ServerState.initial(recipe, SoakMLP(), seed=0, client_store=store)
-    runtime = ft.SerialRuntime()
+    runtime = ft.runtime.SerialRuntime()
     for _ in range(rounds):
         began = time.perf_counter()
         state, report = ft.run_round(recipe, state, population, runtime, model_fn=SoakMLP)
-        ft.save_state(state, work / "checkpoints", keep=2)
+        ft.state.save_state(state, work / "checkpoints", keep=2)
         seconds = time.perf_counter() - began
         _trim()
         record = {
@@ -144,7 +147,7 @@ def run_arm(arm: str, population_dir: Path, rounds: int, cohort: int, work: Path
             "train_loss": report.metrics.get("client/train_loss"),
             "clients_stored": len(state.holdings.local),
             "cached": state.holdings.local.cached()
-            if isinstance(state.holdings.local, ft.ClientStore)
+            if isinstance(state.holdings.local, ft.state.clientstore.ClientStore)
             else None,
         }
         print(json.dumps(record), flush=True)
@@ -153,7 +156,9 @@ def run_arm(arm: str, population_dir: Path, rounds: int, cohort: int, work: Path
     model = SoakMLP()
     for c in sample:
         model.load_state_dict(state.weights_for(c))
-        correct += int(ft.evaluate(model, population.test[c])["accuracy"] * len(population.test[c]))
+        correct += int(
+            ft.client.evaluate(model, population.test[c])["accuracy"] * len(population.test[c])
+        )
         total += len(population.test[c])
     print(json.dumps({"final_accuracy": correct / total, "accuracy_clients": len(sample)}))
 
@@ -227,7 +232,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedtransfer-soak-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        ft.write_lazy_population(
+        ft.data.write_lazy_population(
             root / "population",
             _clients(args.clients, args.examples, seed=0),
             num_classes=NUM_CLASSES,

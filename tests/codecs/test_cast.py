@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from fedtransfer import Payload, PayloadError
-from fedtransfer.codecs import BFloat16, Float16
+from fedtransfer.codecs import BFloat16, Float16, Payload
+from fedtransfer.errors import PayloadError
 
 NARROW = [Float16(), BFloat16()]
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from fedtransfer import ConfigError, Payload, PayloadError
-from fedtransfer.codecs import Int8
+from fedtransfer import ConfigError
+from fedtransfer.codecs import Int8, Payload
+from fedtransfer.errors import PayloadError
 
 CONFIGS = [Int8(), Int8("channel"), Int8(stochastic=True), Int8("channel", stochastic=True)]
 

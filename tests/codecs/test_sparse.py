@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from fedtransfer import ConfigError, Payload, PayloadError
-from fedtransfer.codecs import TopK
+from fedtransfer import ConfigError
+from fedtransfer.codecs import Payload, TopK
+from fedtransfer.errors import PayloadError
 
 
 def _roundtrip(codec: TopK, params: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from fedtransfer import Codec, Float32, Payload, PayloadError, tree
-from fedtransfer.codecs import BFloat16, Entry, Exact, Float16, Int8, TopK
+from fedtransfer import Codec, tree
+from fedtransfer.codecs import BFloat16, Entry, Exact, Float16, Float32, Int8, Payload, TopK
+from fedtransfer.errors import PayloadError
 
 CODECS: list[Codec] = [
     Float32(),

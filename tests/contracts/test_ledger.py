@@ -6,24 +6,10 @@ from __future__ import annotations
 import pytest
 from tests.conftest import RecordingRuntime, make_tiny_data, make_tiny_model
 
-from fedtransfer import (
-    AllClients,
-    BFloat16,
-    Float16,
-    Float32,
-    Full,
-    HeadOnly,
-    Int8,
-    LocalBatchNorm,
-    LocalTraining,
-    Lora,
-    Payload,
-    Recipe,
-    ServerState,
-    TopK,
-    run_round,
-)
-from fedtransfer.codecs import Codec, Exact
+from fedtransfer import LocalTraining, Recipe, ServerState, run_round
+from fedtransfer.codecs import BFloat16, Codec, Exact, Float16, Float32, Int8, Payload, TopK
+from fedtransfer.server import AllClients
+from fedtransfer.transfer import Full, HeadOnly, LocalBatchNorm, Lora
 from fedtransfer.transfer.policy import TransferPolicy
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -13,16 +13,10 @@ import yaml
 from tests.conftest import make_tiny_model
 
 from fedtransfer import (
-    AllClients,
     CompatibilityError,
-    FederatedDataset,
-    Full,
-    HeadOnly,
     LocalTraining,
-    PersonalHead,
     Recipe,
     RoundReport,
-    SerialRuntime,
     ServerState,
     TransferPolicy,
     run_round,
@@ -30,9 +24,13 @@ from fedtransfer import (
 from fedtransfer.client.ncm import NearestClassMean
 from fedtransfer.client.objectives import ClientContext, ClientOut, Objective
 from fedtransfer.client.personalization import Rep
+from fedtransfer.data import FederatedDataset
 from fedtransfer.experiment import config as cfgio
 from fedtransfer.experiment.registry import GROUPS
 from fedtransfer.experiment.schema import ArmConfig, ExperimentConfig
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.server import AllClients
+from fedtransfer.transfer import Full, HeadOnly, PersonalHead
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

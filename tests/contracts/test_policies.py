@@ -7,17 +7,10 @@ from collections.abc import Callable
 import pytest
 from torch import nn
 
-from fedtransfer import (
-    CNN,
-    Full,
-    HeadOnly,
-    LastK,
-    LocalBatchNorm,
-    PersonalHead,
-    PlanError,
-    Rules,
-    TransferPolicy,
-)
+from fedtransfer import TransferPolicy
+from fedtransfer.errors import PlanError
+from fedtransfer.models import CNN
+from fedtransfer.transfer import Full, HeadOnly, LastK, LocalBatchNorm, PersonalHead, Rules
 
 
 def _seq_bn() -> nn.Module:

@@ -8,17 +8,9 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from fedtransfer import (
-    FederatedDataset,
-    ProcessRuntime,
-    RayRuntime,
-    Recipe,
-    Runtime,
-    SerialRuntime,
-    ServerState,
-    run_round,
-    tree,
-)
+from fedtransfer import Recipe, Runtime, ServerState, run_round, tree
+from fedtransfer.data import FederatedDataset
+from fedtransfer.runtime import ProcessRuntime, RayRuntime, SerialRuntime
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

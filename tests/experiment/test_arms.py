@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from fedtransfer import load_state, tree
+from fedtransfer import tree
 from fedtransfer.experiment.run import final_weights, load_config, resume, run_experiment
+from fedtransfer.state import load_state
 
 ARMS = "arms=[{name: fed, init: scratch}, {name: alone, init: scratch, mode: local-only}, " + (
     "{name: pooled, init: scratch, mode: centralised}]"

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedtransfer import AutoRuntime, SerialRuntime, VectorizedRuntime
 from fedtransfer.cli import _parser, _runtime, main
 from fedtransfer.client import vectorized
 from fedtransfer.errors import ConfigError
+from fedtransfer.runtime import AutoRuntime, SerialRuntime, VectorizedRuntime
 
 
 @pytest.mark.parametrize(

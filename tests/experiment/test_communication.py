@@ -95,7 +95,7 @@ def test_communication_topk_uplink_is_sparse_downlink_is_not(
 def test_communication_error_feedback_residual_is_kept_by_clients(
     comm_run: tuple[Path, dict[str, Any]],
 ) -> None:
-    from fedtransfer import load_state
+    from fedtransfer.state import load_state
 
     state = load_state(comm_run[0] / "checkpoints" / "topk")
     assert state.holdings.memory and all(

@@ -8,19 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from fedtransfer import (
-    AllClients,
-    FederatedDataset,
-    Full,
-    LocalTraining,
-    Recipe,
-    SerialRuntime,
-    ServerState,
-    TensorData,
-    run_round,
-)
+from fedtransfer import LocalTraining, Recipe, ServerState, run_round
 from fedtransfer.client.drift import Dyn, Nova, Scaffold
 from fedtransfer.client.objectives import Objective, Plain, Prox
+from fedtransfer.data import FederatedDataset, TensorData
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.server import AllClients
+from fedtransfer.transfer import Full
 
 DIM, CLIENTS, PER_CLIENT = 3, 4, 16
 

@@ -17,24 +17,18 @@ import torch
 from safetensors.torch import load, save
 from torch import Tensor, nn
 
-from fedtransfer import (
+from fedtransfer import ConfigError, LocalTraining, Recipe, ServerState, run_round, tree
+from fedtransfer.data import FederatedDataset, TensorData
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.server import (
     AllClients,
-    ConfigError,
-    FederatedDataset,
-    Full,
-    LocalTraining,
-    Recipe,
-    SerialRuntime,
     ServerAdagrad,
     ServerAdam,
     ServerPipeline,
     ServerSGD,
-    ServerState,
     ServerYogi,
-    TensorData,
-    run_round,
-    tree,
 )
+from fedtransfer.transfer import Full
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -15,21 +15,13 @@ import torch
 from tests.conftest import make_tiny_model
 from torch import Tensor
 
-from fedtransfer import (
-    FederatedDataset,
-    Float32,
-    Payload,
-    Recipe,
-    Reply,
-    ServerState,
-    TensorData,
-    Uniform,
-    run_round,
-    tree,
-)
+from fedtransfer import Recipe, Reply, ServerState, run_round, tree
+from fedtransfer.codecs import Float32, Payload
+from fedtransfer.data import FederatedDataset, TensorData
 from fedtransfer.robustness.attacks import GaussianAttack, LabelFlip, SignFlip
 from fedtransfer.robustness.threat import Threat
 from fedtransfer.rounds.finalize import RoundReport
+from fedtransfer.server import Uniform
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

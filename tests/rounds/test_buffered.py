@@ -8,10 +8,13 @@ import pytest
 import torch
 from tests.conftest import NUM_CLIENTS, make_tiny_model
 
-from fedtransfer import AllClients, FederatedDataset, Recipe, SerialRuntime, ServerState, run_round
+from fedtransfer import Recipe, ServerState, run_round
 from fedtransfer.codecs import Payload
+from fedtransfer.data import FederatedDataset
 from fedtransfer.errors import ConfigError
 from fedtransfer.rounds.buffered import ClientDelays, FedBuff, run_buffered_step
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.server import AllClients
 from fedtransfer.state import load_state, save_state
 
 
@@ -155,7 +158,7 @@ def test_client_delays_are_seeded_per_client_and_job() -> None:
 def test_fedbuff_reports_malicious_clients_among_the_arrivals(
     tiny_recipe: Recipe, tiny_state: ServerState, tiny_data: FederatedDataset
 ) -> None:
-    from fedtransfer import SignFlip, Threat
+    from fedtransfer.robustness import SignFlip, Threat
 
     _, report = run_buffered_step(
         tiny_recipe,

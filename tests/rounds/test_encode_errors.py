@@ -6,20 +6,11 @@ from __future__ import annotations
 import pytest
 from tests.conftest import make_tiny_data, make_tiny_model
 
-from fedtransfer import (
-    AllClients,
-    Float16,
-    Int8,
-    LocalTraining,
-    Recipe,
-    SerialRuntime,
-    ServerState,
-    TopK,
-    run_round,
-    tree,
-)
+from fedtransfer import LocalTraining, Recipe, ServerState, run_round, tree
 from fedtransfer.client.update import Reply
-from fedtransfer.codecs import Codec
+from fedtransfer.codecs import Codec, Float16, Int8, TopK
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.server import AllClients
 from fedtransfer.state import Pending
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -13,21 +13,12 @@ import torch
 from tests.conftest import NUM_CLASSES, make_tiny_model
 from torch import Tensor
 
-from fedtransfer import (
-    AllClients,
-    FederatedDataset,
-    Float32,
-    HeadOnly,
-    LocalTraining,
-    Payload,
-    Recipe,
-    Reply,
-    SerialRuntime,
-    ServerState,
-    TensorData,
-    run_round,
-    tree,
-)
+from fedtransfer import LocalTraining, Recipe, Reply, ServerState, run_round, tree
+from fedtransfer.codecs import Float32, Payload
+from fedtransfer.data import FederatedDataset, TensorData
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.server import AllClients
+from fedtransfer.transfer import HeadOnly
 from fedtransfer.transfer.lora import Lora
 from fedtransfer.transfer.schedule import Stage, Stages
 

@@ -14,27 +14,17 @@ import torch
 from tests.conftest import make_tiny_model
 from torch import Tensor
 
-from fedtransfer import (
-    AllClients,
-    FederatedDataset,
-    Float32,
-    Full,
-    LocalTraining,
-    Payload,
-    PersonalHead,
-    Recipe,
-    Reply,
-    Rules,
-    SerialRuntime,
-    ServerState,
-    run_round,
-    tree,
-)
+from fedtransfer import LocalTraining, Recipe, Reply, ServerState, run_round, tree
 from fedtransfer.client.drift import Scaffold
 from fedtransfer.client.objectives import Objective, Plain
 from fedtransfer.client.personalization import Ditto, Personalization, Rep, personalize
 from fedtransfer.client.train import local_train
+from fedtransfer.codecs import Float32, Payload
+from fedtransfer.data import FederatedDataset
+from fedtransfer.runtime import SerialRuntime
 from fedtransfer.seeding import generator
+from fedtransfer.server import AllClients
+from fedtransfer.transfer import Full, PersonalHead, Rules
 from fedtransfer.transfer.policies import FrozenHead, GlobalHead
 from fedtransfer.transfer.policy import TransferPolicy
 

@@ -15,34 +15,24 @@ from tests.conftest import RecordingRuntime, make_tiny_data, make_tiny_model
 from torch import Tensor
 
 from fedtransfer import (
-    AllClients,
-    ClientTask,
     CompatibilityError,
     ConfigError,
-    FederatedDataset,
-    Float32,
-    FrozenHead,
-    Full,
-    HeadOnly,
     LocalTraining,
-    Payload,
-    PersonalHead,
     Recipe,
-    Rules,
-    SerialRuntime,
-    ServerAdam,
-    ServerPipeline,
     ServerState,
-    client_update,
-    load_state,
     run_round,
-    save_state,
     tree,
 )
+from fedtransfer.client import ClientTask, client_update
 from fedtransfer.client.drift import Scaffold
-from fedtransfer.codecs import Exact
+from fedtransfer.codecs import Exact, Float32, Payload
+from fedtransfer.data import FederatedDataset
 from fedtransfer.rounds.buffered import FedBuff, run_buffered_step
 from fedtransfer.rounds.schedule import begin_round
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.server import AllClients, ServerAdam, ServerPipeline
+from fedtransfer.state import load_state, save_state
+from fedtransfer.transfer import FrozenHead, Full, HeadOnly, PersonalHead, Rules
 from fedtransfer.transfer.schedule import Stage, StagePolicy, Stages, stage_recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -434,7 +424,8 @@ def test_begin_round_drops_stored_local_keys_that_are_no_longer_local() -> None:
 
 
 def test_recipe_validate_refuses_lora_stages_of_different_ranks() -> None:
-    from fedtransfer import Lora, PlanError
+    from fedtransfer.errors import PlanError
+    from fedtransfer.transfer import Lora
 
     stages = Stages((Stage(1, Lora(rank=2)), Stage(None, Lora(rank=4))))
     with pytest.raises(PlanError, match="already has a LoRA adapter of rank 2"):

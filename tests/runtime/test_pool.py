@@ -18,24 +18,20 @@ from torch import nn
 
 from fedtransfer import (
     ConfigError,
-    FederatedDataset,
-    Full,
-    LocalBatchNorm,
     LocalTraining,
-    ProcessRuntime,
     Recipe,
     Runtime,
-    SerialRuntime,
     ServerState,
-    TensorData,
     fedavg,
     run_round,
     scaffold,
     tree,
 )
 from fedtransfer.cli import main
+from fedtransfer.data import FederatedDataset, TensorData
 from fedtransfer.experiment.run import final_weights
-from fedtransfer.runtime import WorkerLost, transport
+from fedtransfer.runtime import ProcessRuntime, SerialRuntime, WorkerLost, transport
+from fedtransfer.transfer import Full, LocalBatchNorm
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 5
@@ -306,7 +302,7 @@ def test_cli_runs_on_worker_processes_with_the_serial_results(tmp_path: Path) ->
 def test_workers_stop_when_the_interpreter_exits() -> None:
     code = (
         "import os\n"
-        "from fedtransfer import ProcessRuntime\n"
+        "from fedtransfer.runtime import ProcessRuntime\n"
         "rt = ProcessRuntime(workers=2, threads=1)\n"
         "rt.map(abs, [1, 2])\n"
         "print(*(p.pid for p in rt._state.pool.procs))\n"  # exits without close()

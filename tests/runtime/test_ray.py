@@ -15,22 +15,18 @@ import torch
 from tests.conftest import make_tiny_data, make_tiny_model
 
 from fedtransfer import (
-    FederatedDataset,
-    Full,
-    LocalBatchNorm,
     LocalTraining,
-    RayRuntime,
     Recipe,
     Runtime,
-    SerialRuntime,
     ServerState,
-    TensorData,
     fedavg,
     run_round,
     scaffold,
     tree,
 )
-from fedtransfer.runtime import WorkerLost
+from fedtransfer.data import FederatedDataset, TensorData
+from fedtransfer.runtime import RayRuntime, SerialRuntime, WorkerLost
+from fedtransfer.transfer import Full, LocalBatchNorm
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 5
@@ -90,7 +86,7 @@ def test_import_fedtransfer_does_not_import_ray() -> None:
     code = (
         "import sys; sys.modules['ray'] = None\n"
         "import fedtransfer\n"
-        "from fedtransfer import RayRuntime\n"
+        "from fedtransfer.runtime import RayRuntime\n"
         "try:\n"
         "    RayRuntime()\n"
         "except ImportError as exc:\n"

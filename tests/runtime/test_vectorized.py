@@ -15,33 +15,23 @@ from torch import nn
 import fedtransfer.client.update as update_module
 import fedtransfer.client.vectorized as vectorized_module
 from fedtransfer import (
-    AllClients,
-    AutoRuntime,
-    ClientTask,
-    ClientUpdate,
     ConfigError,
-    ErrorFeedback,
-    FederatedDataset,
-    Float16,
-    HeadOnly,
-    LastK,
     LocalTraining,
-    Lora,
-    PersonalHead,
-    Prox,
     Recipe,
     Reply,
     Runtime,
-    SerialRuntime,
     ServerState,
-    TensorData,
-    VectorizedRuntime,
     run_round,
     tree,
 )
+from fedtransfer.client import ClientTask, ClientUpdate, ErrorFeedback, Prox
 from fedtransfer.client.features import no_feature_cache
-from fedtransfer.codecs import Payload
+from fedtransfer.codecs import Float16, Payload
+from fedtransfer.data import FederatedDataset, TensorData
+from fedtransfer.runtime import AutoRuntime, SerialRuntime, VectorizedRuntime
 from fedtransfer.runtime.vectorized import batched_map
+from fedtransfer.server import AllClients
+from fedtransfer.transfer import HeadOnly, LastK, Lora, PersonalHead
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

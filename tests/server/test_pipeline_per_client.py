@@ -13,20 +13,12 @@ import torch
 from tests.conftest import make_tiny_data, make_tiny_model
 from torch import Tensor
 
-from fedtransfer import (
-    AllClients,
-    Full,
-    LocalTraining,
-    Recipe,
-    SerialRuntime,
-    ServerState,
-    load_state,
-    run_round,
-    save_state,
-    tree,
-)
-from fedtransfer.server import Mean, ServerPipeline, ServerSGD
+from fedtransfer import LocalTraining, Recipe, ServerState, run_round, tree
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.server import AllClients, Mean, ServerPipeline, ServerSGD
 from fedtransfer.server.optimizers import UpdateTransform
+from fedtransfer.state import load_state, save_state
+from fedtransfer.transfer import Full
 from fedtransfer.types import Out, Params, State
 
 

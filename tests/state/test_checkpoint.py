@@ -13,21 +13,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fedtransfer.state.checkpoint as state_module
-from fedtransfer import (
-    CompatibilityError,
-    FederatedDataset,
-    LocalBatchNorm,
-    Recipe,
-    SerialRuntime,
-    ServerAdam,
-    ServerPipeline,
-    ServerState,
-    load_state,
-    run_round,
-    save_state,
-    tree,
-)
-from fedtransfer.state import load_history
+from fedtransfer import CompatibilityError, Recipe, ServerState, run_round, tree
+from fedtransfer.data import FederatedDataset
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.server import ServerAdam, ServerPipeline
+from fedtransfer.state import load_history, load_state, save_state
+from fedtransfer.transfer import LocalBatchNorm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -15,30 +15,24 @@ from torch import Tensor
 
 import fedtransfer.state.checkpoint as state_module
 from fedtransfer import (
-    ClientStore,
     CompatibilityError,
     ConfigError,
-    FedBuff,
-    Full,
-    LocalBatchNorm,
     LocalTraining,
-    PersonalHead,
     Recipe,
-    SerialRuntime,
     ServerState,
-    Uniform,
     ditto,
     fedavg,
-    load_state,
-    run_buffered_step,
     run_round,
-    save_state,
     scaffold,
     tree,
 )
 from fedtransfer.client.drift import Scaffold
-from fedtransfer.state import ClientHoldings
-from fedtransfer.state.clientstore import emptied, mapped, merged
+from fedtransfer.rounds.buffered import FedBuff, run_buffered_step
+from fedtransfer.runtime import SerialRuntime
+from fedtransfer.server import Uniform
+from fedtransfer.state import ClientHoldings, load_state, save_state
+from fedtransfer.state.clientstore import ClientStore, emptied, mapped, merged
+from fedtransfer.transfer import Full, LocalBatchNorm, PersonalHead
 from fedtransfer.transfer.schedule import Stage, Stages
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from fedtransfer import CNN, PlanError, TransferPolicy, tree
+from fedtransfer import TransferPolicy, tree
+from fedtransfer.errors import PlanError
+from fedtransfer.models import CNN
 from fedtransfer.transfer.lora import Lora
 from fedtransfer.transfer.lora_modules import (
     LoRAConv2d,

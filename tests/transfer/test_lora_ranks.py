@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from fedtransfer import CNN, LocalTraining, TensorData, UpdateRejected, tree
+from fedtransfer import LocalTraining, UpdateRejected, tree
 from fedtransfer.client.train import local_train
+from fedtransfer.data import TensorData
+from fedtransfer.models import CNN
 from fedtransfer.seeding import generator
 from fedtransfer.transfer.lora import Lora
 from fedtransfer.transfer.policy import PerClientRank

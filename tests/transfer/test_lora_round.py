@@ -8,17 +8,9 @@ import torch
 from tests.conftest import RecordingRuntime, make_tiny_model
 from torch import Tensor
 
-from fedtransfer import (
-    FederatedDataset,
-    LocalTraining,
-    Payload,
-    Recipe,
-    Reply,
-    ServerState,
-    fedavg,
-    run_round,
-    tree,
-)
+from fedtransfer import LocalTraining, Recipe, Reply, ServerState, fedavg, run_round, tree
+from fedtransfer.codecs import Payload
+from fedtransfer.data import FederatedDataset
 from fedtransfer.transfer.lora import Lora
 
 pytestmark = pytest.mark.usefixtures("single_thread")

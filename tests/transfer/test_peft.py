@@ -12,20 +12,13 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from fedtransfer import (
-    CompatibilityError,
-    FederatedDataset,
-    Float32,
-    LocalTraining,
-    PlanError,
-    SerialRuntime,
-    ServerState,
-    TensorData,
-    fedavg,
-    run_round,
-)
+from fedtransfer import CompatibilityError, LocalTraining, ServerState, fedavg, run_round
 from fedtransfer.client.train import local_train
+from fedtransfer.codecs import Float32
+from fedtransfer.data import FederatedDataset, TensorData
+from fedtransfer.errors import PlanError
 from fedtransfer.models.hf import HFClassifier
+from fedtransfer.runtime import SerialRuntime
 from fedtransfer.seeding import generator
 from fedtransfer.transfer.peft import PeftAdapters
 
