@@ -56,13 +56,7 @@ class SecureAggregation:
         checked here, before round 1."""
         from fedtransfer.transfer.policy import per_client_rank
 
-        pipeline = recipe.pipeline
-        c = norm_bound(recipe)
-        if pipeline.per_client:
-            raise ConfigError(
-                f"secure aggregation: per-client server transforms {pipeline.per_client!r} "
-                "need individual updates, which the server never sees"
-            )
+        c = norm_bound(recipe)  # the per-client steps are checked there
         if recipe.objective.extras_like(params, plan) or per_client_rank(recipe.policy):
             raise ConfigError(
                 f"secure aggregation: {recipe.objective!r} / {recipe.policy!r} send more than "
@@ -93,18 +87,29 @@ class SecureAggregation:
 
 
 def norm_bound(recipe: Recipe) -> float:
-    """The recipe's update-norm bound ``c`` (its ``norm_bound`` aggregator), which each client
-    applies itself under secure aggregation."""
-    from fedtransfer.server.clipping import NormBound
+    """The recipe's update-norm bound ``c``, which each client applies itself under secure
+    aggregation: a ``ClipNorm(c)`` per-client step before a linear aggregator, or the
+    ``norm_bound`` aggregator (the same thing as one aggregator)."""
+    from fedtransfer.server.clipping import ClipNorm, NormBound
 
-    aggregator = recipe.pipeline.aggregator
-    if not isinstance(aggregator, NormBound):
+    pipeline = recipe.pipeline
+    aggregator = pipeline.aggregator
+    if isinstance(aggregator, NormBound) and not pipeline.per_client:
+        return float(aggregator.c)
+    clip = pipeline.per_client
+    if len(clip) == 1 and isinstance(clip[0], ClipNorm) and aggregator.linear:
+        return float(clip[0].c)
+    if pipeline.per_client:
         raise ConfigError(
-            f"secure aggregation: the aggregator is {aggregator!r}; expected norm_bound (the "
-            "update-norm bound sets the clipping range); hint: --set "
-            "'aggregator={kind: norm_bound, c: 1.0}'"
+            f"secure aggregation: per-client server steps {pipeline.per_client!r} need "
+            "individual updates, which the server never sees; only one ClipNorm (which the "
+            "clients apply themselves) before a linear aggregator can be secured"
         )
-    return float(aggregator.c)
+    raise ConfigError(
+        f"secure aggregation: the aggregator is {aggregator!r}; expected norm_bound (the "
+        "update-norm bound sets the clipping range); hint: --set "
+        "'aggregator={kind: norm_bound, c: 1.0}'"
+    )
 
 
 def bounded(update: Params, c: float) -> dict[str, Tensor]:

@@ -1,7 +1,7 @@
 """The server side: update validation, aggregators, server optimisers and their pipeline."""
 
 from fedtransfer.server.aggregate import Aggregator, Mean
-from fedtransfer.server.clipping import CenteredClipping, NormBound
+from fedtransfer.server.clipping import CenteredClipping, ClipNorm, NormBound
 from fedtransfer.server.optimizers import (
     ServerAdagrad,
     ServerAdam,
@@ -19,6 +19,7 @@ __all__ = [
     "AllClients",
     "Bulyan",
     "CenteredClipping",
+    "ClipNorm",
     "Krum",
     "Mean",
     "Median",

@@ -1,4 +1,6 @@
-"""Clipping aggregators: centred clipping and norm bounding (conventions as in :mod:`.robust`)."""
+"""Clipping: each client's update clipped to a norm (``ClipNorm``, a per-client pipeline
+step), norm bounding (``NormBound`` = ``ClipNorm`` then the mean) and centred clipping
+(conventions as in :mod:`.robust`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from torch import Tensor
 
 from fedtransfer import tree
+from fedtransfer.server.aggregate import Mean
 from fedtransfer.server.robust import (
     _assemble,
     _check_count,
@@ -75,11 +78,45 @@ class CenteredClipping:
 
 
 @dataclass(frozen=True)
+class ClipNorm:
+    """One client's update scaled to global L2 norm at most ``c``: ``Δ · min(1, c/‖Δ‖)`` over
+    its floating tensors, in float64 (integer tensors pass through). A per-client step of the
+    :class:`~fedtransfer.server.pipeline.ServerPipeline` (``per_client=(ClipNorm(c),)``), so
+    the clip radius is a setting of the pipeline that secure aggregation and differential
+    privacy read, not a property of an aggregator. The ``clipped`` metric is 1 for a clipped
+    update.
+
+    >>> import torch
+    >>> ClipNorm(c=1.0).apply({"w": torch.tensor([3.0, 4.0])}, {}, {}).value
+    {'w': tensor([0.6000, 0.8000], dtype=torch.float64)}
+    """
+
+    c: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_radius("ClipNorm", "c", self.c)
+
+    def init(self, params: Params) -> State:
+        return {}
+
+    def apply(self, update: Params, state: State, params: Params) -> Out[dict[str, Tensor]]:
+        norm = tree.global_norm(update)
+        scale = 1.0 if norm <= self.c else self.c / norm
+        value = {
+            k: v.detach().double() * scale if v.dtype.is_floating_point else v
+            for k, v in update.items()
+        }
+        return Out(value, state, {"clipped": float(not norm <= self.c)})
+
+
+@dataclass(frozen=True)
 class NormBound:
     """Norm bounding (Sun et al. 2019, arXiv 1911.07963): updates scaled to ‖Δ_i‖ ≤ c, then FedAvg.
 
-    Each update is scaled by ``min(1, c/‖Δ_i‖)`` (global L2 norm of its floating tensors); the
-    result is their sample-weighted mean, so its norm is at most ``c`` too.
+    Each update is scaled by ``min(1, c/‖Δ_i‖)`` (global L2 norm of its floating tensors:
+    :class:`ClipNorm`); the result is their sample-weighted mean (:class:`Mean`), so its norm
+    is at most ``c`` too. The same as ``ServerPipeline(per_client=(ClipNorm(c),))``, as one
+    aggregator for configurations that name it.
 
     >>> import torch
     >>> ups = [{"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([0.5, 0.0])}]
@@ -101,11 +138,11 @@ class NormBound:
     ) -> Out[dict[str, Tensor]]:
         ups, ws = _participants(repr(self), updates, weights)
         keys = _floating(ups[0])
-        norms = [tree.global_norm(u) for u in ups]
-        scaled = [
-            {k: u[k].detach().double() * (1.0 if nrm <= self.c else self.c / nrm) for k in keys}
-            for u, nrm in zip(ups, norms, strict=True)
-        ]
-        clipped = sum(1 for nrm in norms if not nrm <= self.c)
-        value = _assemble(ups, ws, tree.weighted_mean(scaled, ws))
-        return Out(value, state, {"clients": float(len(ups)), "clipped": float(clipped)})
+        clip = ClipNorm(self.c)
+        clipped = [clip.apply(tree.select(u, keys), {}, {}) for u in ups]
+        mean = Mean().aggregate([c.value for c in clipped], ws, {}).value
+        metrics = {
+            "clients": float(len(ups)),
+            "clipped": float(sum(c.metrics["clipped"] for c in clipped)),
+        }
+        return Out(_assemble(ups, ws, mean), state, metrics)

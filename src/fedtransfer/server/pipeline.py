@@ -1,4 +1,5 @@
-"""``ServerPipeline``: per-client transforms ▸ aggregator ▸ objective ▸ post (server optimiser)."""
+"""``ServerPipeline``: per-client steps (``ClipNorm``) ▸ aggregator ▸ objective ▸ post (server
+optimiser)."""
 
 from __future__ import annotations
 
@@ -67,14 +68,22 @@ class ServerPipeline:
         prepared: list[Params] = list(updates)
         for i, t in enumerate(self.per_client):
             sub = _sub(state, f"per_client/{i}/")
+            summed: Metrics = {}
             for j, u in enumerate(prepared):
                 out = t.apply(u, sub, params)
                 prepared[j], sub = out.value, out.state
+                for k, v in out.metrics.items():
+                    summed[k] = summed.get(k, 0.0) + v
             _put(new_state, f"per_client/{i}/", sub)
+            metrics.update({f"per_client/{i}/{k}": v for k, v in summed.items()})
         agg = self.aggregator.aggregate(prepared, weights, _sub(state, "aggregator/"))
         _put(new_state, "aggregator/", agg.state)
         metrics.update({f"aggregator/{k}": v for k, v in agg.metrics.items()})
-        step: dict[str, Tensor] = agg.value
+        # per-client steps may widen dtypes (ClipNorm works in float64): the step is the model's
+        step: dict[str, Tensor] = {
+            k: v.to(params[k].dtype) if k in params and v.dtype != params[k].dtype else v
+            for k, v in agg.value.items()
+        }
         if objective is not None:
             adjusted = objective.server_apply(
                 step,
