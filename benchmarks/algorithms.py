@@ -29,8 +29,8 @@ from fedtransfer.client.objectives import Objective, Prox
 from fedtransfer.client.personalization import Ditto, Rep
 from fedtransfer.experiment.schema import ArmConfig, ExperimentConfig
 from fedtransfer.server.optimizers import ServerAdam, UpdateTransform
+from fedtransfer.transfer.plan import TransferPolicy
 from fedtransfer.transfer.policies import FrozenHead, PersonalHead
-from fedtransfer.transfer.policy import TransferPolicy
 
 ALGORITHMS: dict[str, dict[str, Any]] = {
     "FedAvg": {},

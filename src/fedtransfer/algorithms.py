@@ -16,8 +16,8 @@ from fedtransfer.server.optimizers import (
 )
 from fedtransfer.server.pipeline import ServerPipeline
 from fedtransfer.server.sample import Uniform
+from fedtransfer.transfer.plan import TransferPolicy
 from fedtransfer.transfer.policies import FrozenHead, Full, GlobalHead, PersonalHead
-from fedtransfer.transfer.policy import TransferPolicy
 
 
 def fedavg(

@@ -373,7 +373,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _deploy(args: argparse.Namespace) -> int:
     from fedtransfer.deploy.commands import client_process, run_server
-    from fedtransfer.deploy.launch import Credentials, make_credentials
+    from fedtransfer.deploy.provision import Credentials, make_credentials
     from fedtransfer.deploy.secure import SecureAggregation
 
     if args.deploy_command == "certs":

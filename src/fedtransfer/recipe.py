@@ -18,8 +18,8 @@ from fedtransfer.server.aggregate import Aggregator
 from fedtransfer.server.optimizers import ServerSGD, UpdateTransform
 from fedtransfer.server.pipeline import ServerPipeline
 from fedtransfer.server.sample import Sampler, Uniform
+from fedtransfer.transfer.plan import ParamPlan, TransferPolicy
 from fedtransfer.transfer.policies import Full
-from fedtransfer.transfer.policy import ParamPlan, TransferPolicy
 from fedtransfer.transfer.schedule import StagePolicy, Stages, stage_recipe
 
 

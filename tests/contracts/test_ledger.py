@@ -10,7 +10,7 @@ from fedtransfer import LocalTraining, Recipe, ServerState, run_round
 from fedtransfer.codecs import BFloat16, Codec, Exact, Float16, Float32, Int8, Payload, TopK
 from fedtransfer.server import AllClients
 from fedtransfer.transfer import Full, HeadOnly, LocalBatchNorm, Lora
-from fedtransfer.transfer.policy import TransferPolicy
+from fedtransfer.transfer.plan import TransferPolicy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

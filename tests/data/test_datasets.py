@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fedtransfer.data import files
+from fedtransfer.data.bundled import MNIST_MEAN, MNIST_STD
 from fedtransfer.data.datasets import (
     AgNews,
     Cifar10,
@@ -25,7 +26,6 @@ from fedtransfer.data.datasets import (
     _SafeUnpickler,
 )
 from fedtransfer.data.files import DATA_ENV, Remote, data_root, fetch, manifest, verify
-from fedtransfer.data.sources import MNIST_MEAN, MNIST_STD
 from fedtransfer.errors import ChecksumError, DataMissing, FedTransferError
 
 SHARED = Path(os.environ.get(DATA_ENV) or Path(__file__).parents[3] / "shared" / "data")

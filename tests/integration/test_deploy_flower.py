@@ -17,7 +17,7 @@ import torch
 
 from fedtransfer import tree
 from fedtransfer.deploy.commands import Deployment, client_process, free_port, run_loopback
-from fedtransfer.deploy.launch import Credentials, make_credentials
+from fedtransfer.deploy.provision import Credentials, make_credentials
 from fedtransfer.deploy.secure import SecureAggregation
 from fedtransfer.experiment.run import load_config, run_experiment
 from fedtransfer.state import load_state

@@ -25,8 +25,8 @@ from fedtransfer.runtime import SerialRuntime
 from fedtransfer.seeding import generator
 from fedtransfer.server import AllClients
 from fedtransfer.transfer import Full, PersonalHead, Rules
+from fedtransfer.transfer.plan import TransferPolicy
 from fedtransfer.transfer.policies import FrozenHead, GlobalHead
-from fedtransfer.transfer.policy import TransferPolicy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

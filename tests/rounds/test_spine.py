@@ -4,8 +4,9 @@ replies it may or may not get back, and what the spine makes of them."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+import pytest
 import torch
 from torch import nn
 
@@ -13,32 +14,58 @@ from fedtransfer import tree
 from fedtransfer.data.federated import FederatedDataset
 from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.collect import answered, heard
-from fedtransfer.rounds.messages import NO_REPLY, Reply, Request
+from fedtransfer.rounds.messages import NO_REPLY, Reply, Request, Send
 from fedtransfer.rounds.simulate import InProcess
 from fedtransfer.rounds.spine import open_round, run_round, server_round
 from fedtransfer.runtime.serial import SerialRuntime
 from fedtransfer.state import ServerState
 
 
-def _in_process(
-    recipe: Recipe, state: ServerState, data: FederatedDataset, model_fn: Callable[[], nn.Module]
-) -> InProcess:
-    return InProcess(recipe, state, data.train.__getitem__, SerialRuntime(), model_fn)
+@dataclass(frozen=True)
+class Opened:
+    """Round 1 of the tiny recipe, opened: its recipe, state and cohort, and the in-process
+    clients (``send``)."""
+
+    recipe: Recipe
+    state: ServerState
+    cohort: list[str]
+    send: InProcess
+    model_fn: Callable[[], nn.Module]
+
+    def round(self, send: Send, cohort: Sequence[str] | None = None):  # type: ignore[no-untyped-def]
+        return server_round(
+            self.recipe,
+            self.state,
+            self.cohort if cohort is None else cohort,
+            send,
+            model_fn=self.model_fn,
+            population_size=5,
+        )
+
+
+@pytest.fixture
+def opened(
+    tiny_recipe: Recipe,
+    tiny_state: ServerState,
+    tiny_data: FederatedDataset,
+    tiny_model_fn: Callable[[], nn.Module],
+) -> Opened:
+    recipe, state, cohort = open_round(
+        tiny_recipe, tiny_state, tiny_data.clients, model_fn=tiny_model_fn
+    )
+    send = InProcess(recipe, state, tiny_data.train.__getitem__, SerialRuntime(), tiny_model_fn)
+    return Opened(recipe, state, cohort, send, tiny_model_fn)
 
 
 def test_server_round_over_the_in_process_send_is_run_round(
+    opened: Opened,
     tiny_recipe: Recipe,
     tiny_state: ServerState,
     tiny_data: FederatedDataset,
     tiny_model_fn: Callable[[], nn.Module],
 ) -> None:
-    recipe, state, cohort = open_round(
-        tiny_recipe, tiny_state, tiny_data.clients, model_fn=tiny_model_fn
-    )
-    send = _in_process(recipe, state, tiny_data, tiny_model_fn)
-    by_hand, report = server_round(
-        recipe, state, cohort, send, model_fn=tiny_model_fn, population_size=5
-    )
+    cohort = opened.cohort
+    by_hand, report = opened.round(opened.send)
     simulated, _ = run_round(
         tiny_recipe, tiny_state, tiny_data, SerialRuntime(), model_fn=tiny_model_fn
     )
@@ -48,24 +75,13 @@ def test_server_round_over_the_in_process_send_is_run_round(
     assert report.cohort == tuple(cohort) and report.accepted == tuple(cohort)
 
 
-def test_server_round_rejects_silent_clients_and_sets_them_up_again(
-    tiny_recipe: Recipe,
-    tiny_state: ServerState,
-    tiny_data: FederatedDataset,
-    tiny_model_fn: Callable[[], nn.Module],
-) -> None:
-    recipe, state, cohort = open_round(
-        tiny_recipe, tiny_state, tiny_data.clients, model_fn=tiny_model_fn
-    )
-    clients = _in_process(recipe, state, tiny_data, tiny_model_fn)
-    silent = cohort[0]
+def test_server_round_rejects_silent_clients_and_sets_them_up_again(opened: Opened) -> None:
+    cohort, silent = opened.cohort, opened.cohort[0]
 
     def lossy(requests: Sequence[Request]) -> Mapping[str, Reply]:
-        return clients([q for q in requests if q.client != silent])
+        return opened.send([q for q in requests if q.client != silent])
 
-    new, report = server_round(
-        recipe, state, cohort, lossy, model_fn=tiny_model_fn, population_size=5
-    )
+    new, report = opened.round(lossy)
     assert report.rejected == ((silent, f"client {silent}, round 1: {NO_REPLY}"),)
     assert silent not in report.accepted and len(report.accepted) == len(cohort) - 1
     assert silent not in new.distribution.set_up and set(report.accepted) <= set(
@@ -75,15 +91,9 @@ def test_server_round_rejects_silent_clients_and_sets_them_up_again(
 
 
 def test_server_round_drops_replies_from_outside_the_cohort(
-    tiny_recipe: Recipe,
-    tiny_state: ServerState,
-    tiny_data: FederatedDataset,
-    tiny_model_fn: Callable[[], nn.Module],
+    opened: Opened, tiny_data: FederatedDataset
 ) -> None:
-    recipe, state, _ = open_round(
-        tiny_recipe, tiny_state, tiny_data.clients, model_fn=tiny_model_fn
-    )
-    clients = _in_process(recipe, state, tiny_data, tiny_model_fn)
+    clients = opened.send
     cohort = list(tiny_data.clients[:3])
     stranger = tiny_data.clients[4]
 
@@ -92,12 +102,8 @@ def test_server_round_drops_replies_from_outside_the_cohort(
         forged = clients([replace(requests[0], client=stranger)])[stranger]
         return {**replies, stranger: forged}
 
-    honest, _ = server_round(
-        recipe, state, cohort, clients, model_fn=tiny_model_fn, population_size=5
-    )
-    new, report = server_round(
-        recipe, state, cohort, with_stranger, model_fn=tiny_model_fn, population_size=5
-    )
+    honest, _ = opened.round(clients, cohort)
+    new, report = opened.round(with_stranger, cohort)
     assert stranger not in report.accepted and stranger not in report.cohort
     assert tree.sha256(new.params) == tree.sha256(honest.params)
     assert stranger not in new.distribution.set_up
@@ -123,26 +129,17 @@ def test_reply_nbytes_is_its_payloads_unless_the_wire_says_otherwise() -> None:
     assert Reply("a", b"abc", 1, wire_bytes=1234).nbytes == 1234
 
 
-def test_a_secure_sum_is_one_reply_that_stands_for_the_cohort(
-    tiny_recipe: Recipe,
-    tiny_state: ServerState,
-    tiny_data: FederatedDataset,
-    tiny_model_fn: Callable[[], nn.Module],
-) -> None:
+def test_a_secure_sum_is_one_reply_that_stands_for_the_cohort(opened: Opened) -> None:
     from fedtransfer.deploy.secure import secure_sum
 
-    recipe, state, cohort = open_round(
-        tiny_recipe, tiny_state, tiny_data.clients, model_fn=tiny_model_fn
-    )
+    state, cohort = opened.state, opened.cohort
     step = {k: torch.full_like(v, 0.01) for k, v in state.params.items()}
 
     def protocol(requests: Sequence[Request]) -> tuple[dict[str, torch.Tensor], float, int]:
         return {k: v.double() for k, v in step.items()}, 40.0, 999
 
-    send = secure_sum(protocol, uplink=recipe.uplink, params=state.params)
-    new, report = server_round(
-        recipe, state, cohort, send, model_fn=tiny_model_fn, population_size=5
-    )
+    send = secure_sum(protocol, uplink=opened.recipe.uplink, params=state.params)
+    new, report = opened.round(send)
     assert report.accepted == ("secure-sum",) and report.rejected == ()
     assert report.cohort == tuple(cohort) and report.bytes_up == 999
     assert set(new.distribution.set_up) == set(cohort)

@@ -14,7 +14,7 @@ from fedtransfer.data import TensorData
 from fedtransfer.models import CNN
 from fedtransfer.seeding import generator
 from fedtransfer.transfer.lora import Lora
-from fedtransfer.transfer.policy import PerClientRank
+from fedtransfer.transfer.plan import PerClientRank
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

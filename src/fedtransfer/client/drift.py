@@ -22,7 +22,7 @@ from fedtransfer.client.objectives import (
 from fedtransfer.client.train import local_train
 from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import ConfigError
-from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.transfer.plan import ParamPlan
 from fedtransfer.types import Out, Params, State
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from fedtransfer import tree
 from fedtransfer.client.train import LocalTraining, local_train, set_modes
 from fedtransfer.data.federated import TensorData
-from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.transfer.plan import ParamPlan
 from fedtransfer.types import Metrics
 
 BUDGET_BYTES = 512 * 1024 * 1024

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from fedtransfer.client.objectives import ClientContext, ClientOut, _Base
 from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import CompatibilityError
-from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.transfer.plan import ParamPlan
 from fedtransfer.types import Out, Params, State
 
 

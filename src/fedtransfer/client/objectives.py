@@ -24,7 +24,7 @@ from fedtransfer.client.features import train_head_cached
 from fedtransfer.client.train import LocalTraining, local_train
 from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import ConfigError
-from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.transfer.plan import ParamPlan
 from fedtransfer.types import Metrics, Out, Params, State
 
 

@@ -21,8 +21,8 @@ from fedtransfer.client.objectives import (
 from fedtransfer.client.train import LocalTraining, local_train
 from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import CompatibilityError, ConfigError
+from fedtransfer.transfer.plan import ParamPlan
 from fedtransfer.transfer.policies import Rules
-from fedtransfer.transfer.policy import ParamPlan
 from fedtransfer.types import Metrics, Params, State
 
 

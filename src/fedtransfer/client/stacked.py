@@ -14,7 +14,7 @@ from torch.func import functional_call, vmap
 
 from fedtransfer.client.train import LocalTraining, set_modes
 from fedtransfer.data.federated import TensorData
-from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.transfer.plan import ParamPlan
 from fedtransfer.types import Metrics
 
 

@@ -18,7 +18,7 @@ from fedtransfer.errors import ConfigError
 from fedtransfer.types import Metrics
 
 if TYPE_CHECKING:
-    from fedtransfer.transfer.policy import ParamPlan
+    from fedtransfer.transfer.plan import ParamPlan
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from fedtransfer.errors import CompatibilityError, FedTransferError, PayloadErro
 from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.messages import Reply
 from fedtransfer.seeding import derive_seed, generator, global_cpu_seed
-from fedtransfer.transfer.policy import ParamPlan, TransferPolicy, per_client_rank
+from fedtransfer.transfer.plan import ParamPlan, TransferPolicy, per_client_rank
 from fedtransfer.types import Metrics, Params
 
 log = logging.getLogger(__name__)

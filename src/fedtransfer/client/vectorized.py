@@ -47,7 +47,7 @@ from fedtransfer.client.update import (
 )
 from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.messages import Reply
-from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.transfer.plan import ParamPlan
 from fedtransfer.types import Metrics
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,6 @@
 """Federated data: sources, seeded partitioners, per-client splits and partition statistics."""
 
+from fedtransfer.data.bundled import Digits, MNIST5k
 from fedtransfer.data.federated import FederatedDataset, TensorData, federate
 from fedtransfer.data.lazy import LazySplit, open_lazy_population, write_lazy_population
 from fedtransfer.data.partition import (
@@ -12,7 +13,6 @@ from fedtransfer.data.partition import (
     quantity_skew,
     shards,
 )
-from fedtransfer.data.sources import Digits, MNIST5k
 
 __all__ = [
     "IID",

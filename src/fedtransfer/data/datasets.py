@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from fedtransfer.data._checksums import FEMNIST_LEAF
+from fedtransfer.data.bundled import CIFAR10_CLASSES, _normalise
 from fedtransfer.data.federated import FederatedDataset, TensorData
 from fedtransfer.data.files import Remote, data_root, fetch, manifest
-from fedtransfer.data.sources import CIFAR10_CLASSES, _normalise
 from fedtransfer.errors import ChecksumError, DataMissing, FedTransferError
 
 # --- FEMNIST ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtransfer.deploy.launch import (
+from fedtransfer.deploy.provision import (
     CONNECTION,
     Credentials,
     flower_env,
@@ -189,7 +189,7 @@ def run_loopback(
     one SuperNode per client, each its own process, TLS and node authentication on; all are
     stopped at the end. ``while_up(address, credentials)`` runs once the clients are started
     (e.g. to try a node the server must refuse). Results are under ``root / "dep"``."""
-    from fedtransfer.deploy.launch import make_credentials
+    from fedtransfer.deploy.provision import make_credentials
 
     folder = Path(root)
     n = config.data.num_clients

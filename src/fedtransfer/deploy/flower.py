@@ -6,7 +6,7 @@ Flower's words; this module holds the two apps, :mod:`.flower_server` the server
 Payloads travel in our wire format, as raw byte arrays inside Flower records; only shared keys
 (and, once, the starting weights) go out. A client's starting weights, local keys and memory
 stay in its node's ``context.state`` between rounds. Both apps read the same experiment file,
-bundled in the Flower app (:func:`fedtransfer.deploy.launch.write_app`).
+bundled in the Flower app (:func:`fedtransfer.deploy.provision.write_app`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from fedtransfer.codecs import Codec
 from fedtransfer.errors import ConfigError
 from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.messages import Reply, Request, Send
-from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.transfer.plan import ParamPlan
 from fedtransfer.types import Params
 
 
@@ -54,7 +54,7 @@ class SecureAggregation:
     ) -> float:
         """The clipping range derived from the recipe's update-norm bound; every setting is
         checked here, before round 1."""
-        from fedtransfer.transfer.policy import per_client_rank
+        from fedtransfer.transfer.plan import per_client_rank
 
         c = norm_bound(recipe)  # the per-client steps are checked there
         if recipe.objective.extras_like(params, plan) or per_client_rank(recipe.policy):

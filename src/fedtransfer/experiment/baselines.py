@@ -17,7 +17,7 @@ from fedtransfer.data.federated import FederatedDataset, TensorData
 from fedtransfer.recipe import Recipe
 from fedtransfer.seeding import generator
 from fedtransfer.state import ServerState
-from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.transfer.plan import ParamPlan
 from fedtransfer.types import Metrics
 
 POOLED = "<pooled>"

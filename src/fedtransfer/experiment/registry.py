@@ -10,6 +10,7 @@ from fedtransfer.client.objectives import Objective, Plain, Prox
 from fedtransfer.client.personalization import Ditto, Rep
 from fedtransfer.client.transforms import ClientTransform, ErrorFeedback
 from fedtransfer.codecs import BFloat16, Codec, Exact, Float16, Float32, Int8, TopK
+from fedtransfer.data.bundled import Digits, MNIST5k, Source
 from fedtransfer.data.datasets import (
     AgNews,
     Cifar10,
@@ -20,9 +21,8 @@ from fedtransfer.data.datasets import (
     TextSource,
 )
 from fedtransfer.data.partition import IID, Dirichlet, Natural, Partitioner, QuantitySkew, Shards
-from fedtransfer.data.sources import Digits, MNIST5k, Source
 from fedtransfer.models import CNN, LeafCNN, ModelFactory
-from fedtransfer.models.hub import HFSequenceClassifier, TimmModel, TorchvisionModel
+from fedtransfer.models.external import HFSequenceClassifier, TimmModel, TorchvisionModel
 from fedtransfer.models.resnet import CifarResNetFactory
 from fedtransfer.models.text import MiniLM, Tokenized
 from fedtransfer.robustness.attacks import (
@@ -47,6 +47,7 @@ from fedtransfer.server.robust import Bulyan, Krum, Median, MultiKrum, TrimmedMe
 from fedtransfer.server.sample import AllClients, Sampler, Uniform
 from fedtransfer.transfer.lora import Lora
 from fedtransfer.transfer.peft import PeftAdapters
+from fedtransfer.transfer.plan import TransferPolicy
 from fedtransfer.transfer.policies import (
     FrozenHead,
     Full,
@@ -57,7 +58,6 @@ from fedtransfer.transfer.policies import (
     PersonalHead,
     Rules,
 )
-from fedtransfer.transfer.policy import TransferPolicy
 from fedtransfer.transfer.schedule import Stages
 
 GROUPS: dict[Any, dict[str, type]] = {

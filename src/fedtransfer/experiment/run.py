@@ -40,9 +40,9 @@ from fedtransfer.rounds.spine import run_round
 from fedtransfer.runtime.serial import Runtime, SerialRuntime
 from fedtransfer.seeding import derive_seed, generator
 from fedtransfer.state import ServerState, load_history, load_state, save_state
-from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.transfer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedtransfer.transfer.plan import ParamPlan
 from fedtransfer.transfer.pretrain import pretrain
-from fedtransfer.transfer.pretrained import Checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from fedtransfer.client.train import LocalTraining
 from fedtransfer.client.transforms import ClientTransform
 from fedtransfer.codecs import Codec, Float32
 from fedtransfer.data.augment import RandomAffine
+from fedtransfer.data.bundled import Digits, MNIST5k, Source
 from fedtransfer.data.partition import Dirichlet, Partitioner
-from fedtransfer.data.sources import Digits, MNIST5k, Source
 from fedtransfer.errors import ConfigError
 from fedtransfer.experiment.config import dump
 from fedtransfer.models import CNN, ModelFactory
@@ -23,8 +23,8 @@ from fedtransfer.server.aggregate import Aggregator, Mean
 from fedtransfer.server.optimizers import ServerSGD, UpdateTransform
 from fedtransfer.server.pipeline import ServerPipeline
 from fedtransfer.server.sample import Sampler, Uniform
+from fedtransfer.transfer.plan import TransferPolicy
 from fedtransfer.transfer.policies import Full, HeadOnly
-from fedtransfer.transfer.policy import TransferPolicy
 from fedtransfer.transfer.pretrain import PretrainSpec
 from fedtransfer.transfer.schedule import Stages
 

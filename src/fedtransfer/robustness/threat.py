@@ -21,7 +21,7 @@ from fedtransfer.rounds.messages import Reply, Request, Send
 from fedtransfer.rounds.simulate import InProcess
 from fedtransfer.seeding import generator as seeded_generator
 from fedtransfer.state import ServerState
-from fedtransfer.transfer.policy import per_client_rank
+from fedtransfer.transfer.plan import per_client_rank
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.messages import NO_REPLY, Reply
 from fedtransfer.server.validate import validate_update
 from fedtransfer.state import ServerState
-from fedtransfer.transfer.policy import ParamPlan, per_client_rank
+from fedtransfer.transfer.plan import ParamPlan, per_client_rank
 from fedtransfer.types import State
 
 log = logging.getLogger(__name__)

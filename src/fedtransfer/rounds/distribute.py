@@ -14,7 +14,7 @@ from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.messages import Request
 from fedtransfer.rounds.schedule import handover_keys
 from fedtransfer.state import ServerState
-from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.transfer.plan import ParamPlan
 from fedtransfer.transfer.schedule import StagePolicy
 from fedtransfer.types import State
 

@@ -17,7 +17,7 @@ from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.messages import Reply, Request
 from fedtransfer.runtime.serial import Runtime
 from fedtransfer.state import ServerState
-from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.transfer.plan import ParamPlan
 
 
 @dataclass(frozen=True, eq=False)

@@ -4,8 +4,10 @@ Staged schedules live in :mod:`fedtransfer.transfer.schedule` (exported from ``f
 not imported here, because they depend on the client objectives, which depend on this package).
 """
 
+from fedtransfer.transfer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtransfer.transfer.lora import Lora, LoRAConv2d, LoRALinear, merge
 from fedtransfer.transfer.peft import PeftAdapters
+from fedtransfer.transfer.plan import ParamPlan, PerClientRank, TransferPolicy
 from fedtransfer.transfer.policies import (
     FrozenHead,
     Full,
@@ -16,9 +18,7 @@ from fedtransfer.transfer.policies import (
     PersonalHead,
     Rules,
 )
-from fedtransfer.transfer.policy import ParamPlan, PerClientRank, TransferPolicy
 from fedtransfer.transfer.pretrain import PretrainSpec, pretrain
-from fedtransfer.transfer.pretrained import Checkpoint, load_checkpoint, save_checkpoint
 from fedtransfer.transfer.select import blocks, select
 
 __all__ = [

@@ -22,7 +22,7 @@ from fedtransfer.transfer.lora_modules import (
     unwrapped_view,
     wrap,
 )
-from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.transfer.plan import ParamPlan
 from fedtransfer.transfer.select import module_keys, select
 from fedtransfer.types import Label
 

@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from fedtransfer.errors import CompatibilityError, PlanError
-from fedtransfer.transfer.policy import ParamPlan
+from fedtransfer.transfer.plan import ParamPlan
 from fedtransfer.types import Label
 
 INSTALL_HINT = "pip install 'fedtransfer[peft]'"

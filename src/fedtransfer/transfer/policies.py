@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from fedtransfer.errors import PlanError
-from fedtransfer.transfer.policy import LABELS, ParamPlan
+from fedtransfer.transfer.plan import LABELS, ParamPlan
 from fedtransfer.transfer.select import select
 from fedtransfer.types import Label
 

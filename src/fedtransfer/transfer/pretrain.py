@@ -18,8 +18,8 @@ from fedtransfer.client.train import LocalTraining, local_train
 from fedtransfer.data.augment import RandomAffine
 from fedtransfer.data.federated import TensorData
 from fedtransfer.seeding import derive_seed, generator, global_cpu_seed
+from fedtransfer.transfer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtransfer.transfer.policies import Full
-from fedtransfer.transfer.pretrained import Checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 

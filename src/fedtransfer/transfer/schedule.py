@@ -26,8 +26,8 @@ from fedtransfer.client.objectives import Objective
 from fedtransfer.client.train import LocalTraining
 from fedtransfer.codecs import Codec, Float32
 from fedtransfer.errors import ConfigError
+from fedtransfer.transfer.plan import ParamPlan, PerClientRank, TransferPolicy
 from fedtransfer.transfer.policies import FrozenHead, Full, HeadOnly, LastK
-from fedtransfer.transfer.policy import ParamPlan, PerClientRank, TransferPolicy
 
 if TYPE_CHECKING:
     from fedtransfer.recipe import Recipe

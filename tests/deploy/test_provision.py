@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from fedtransfer.cli import main
-from fedtransfer.deploy.launch import (
+from fedtransfer.deploy.provision import (
     Credentials,
     make_credentials,
     split_address,

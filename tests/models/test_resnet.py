@@ -13,7 +13,7 @@ import torch
 from fedtransfer import LocalTraining, tree
 from fedtransfer.client.features import head_path, train_head_cached
 from fedtransfer.client.train import local_train
-from fedtransfer.data.sources import CifarJpeg
+from fedtransfer.data.bundled import CifarJpeg
 from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.models.resnet import CifarResNet, CifarResNetFactory, load_cifar_resnet
 from fedtransfer.seeding import generator
@@ -21,7 +21,7 @@ from fedtransfer.transfer import HeadOnly
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DATA = Path(os.environ.get("FEDTRANSFER_DATA", Path(__file__).parents[2] / "shared" / "data"))
+DATA = Path(os.environ.get("FEDTRANSFER_DATA", Path(__file__).parents[3] / "shared" / "data"))
 WEIGHTS = DATA / "resnet-cifar10-weights"
 
 

@@ -17,7 +17,7 @@ from fedtransfer import tree
 from fedtransfer.errors import ChecksumError, DataMissing, FedTransferError
 from fedtransfer.experiment.registry import kind_of, kinds
 from fedtransfer.models.base import ModelFactory
-from fedtransfer.models.hub import HFSequenceClassifier, TimmModel, TorchvisionModel
+from fedtransfer.models.external import HFSequenceClassifier, TimmModel, TorchvisionModel
 from fedtransfer.models.resnet import PUBLISHED, CifarResNetFactory, load_cifar_resnet
 from fedtransfer.transfer.policies import HeadOnly
 

@@ -18,7 +18,7 @@ from fedtransfer.client.update import SETUP_CODEC
 from fedtransfer.data import FederatedDataset
 from fedtransfer.runtime import SerialRuntime
 from fedtransfer.transfer import load_checkpoint, save_checkpoint
-from fedtransfer.transfer.pretrained import PROVENANCE, WEIGHTS
+from fedtransfer.transfer.checkpoint import PROVENANCE, WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedtransfer.data import Digits, MNIST5k
-from fedtransfer.data.sources import MNIST_MEAN, MNIST_STD
+from fedtransfer.data.bundled import MNIST_MEAN, MNIST_STD
 
 
 def test_digits_loads_all_1797_images_as_28x28():
