@@ -27,17 +27,23 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit, ``-dirty`` when its sources differ from it. The benchmarks'
+    own results (``benchmarks/results/``) do not count: a suite that writes several of them
+    would otherwise record its later benchmarks as run on a dirty tree."""
     if not (REPO / ".git").exists():
         return "unknown"
     try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        head = _git("rev-parse", "--short", "HEAD")
+        changed = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{head}-dirty" if changed else head
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(
+        ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True
+    )
     return out.stdout.strip()
 
 
