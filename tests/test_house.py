@@ -17,7 +17,7 @@ SRC = Path(ft.__file__).resolve().parent
 TOP_LEVEL = {"__init__", "types", "tree", "errors", "seeding", "recipe", "algorithms", "cli"}
 
 # what the redesign (issue 15) has still to take apart: each entry may only shrink or go
-PENDING_CYCLES = [{"fedtransfer.client.update", "fedtransfer.client.vectorized"}]
+PENDING_CYCLES: list[set[str]] = []
 PENDING_LONG = {
     "cli.py": 439,
     "runtime/transport.py": 554,

@@ -245,7 +245,7 @@ class SweepCNN(nn.Module):
 PARTS: tuple[tuple[str, str, str], ...] = (
     # (label, file suffix, function): cumulative time of these calls, per round
     ("whole round (`run_round`)", "fedtransfer/rounds/spine.py", "run_round"),
-    ("clients (`ClientUpdate.batch`)", "fedtransfer/client/update.py", "batch"),
+    ("clients (`ClientUpdate.batch`)", "fedtransfer/client/job.py", "batch"),
     ("clients ▸ start (verify, weights, context)", "fedtransfer/client/update.py", "start_client"),
     ("clients ▸ training loop", "fedtransfer/client/stacked.py", "train_stacked"),
     ("clients ▸ training loop ▸ minibatch gathering", "fedtransfer/client/stacked.py", "__call__"),

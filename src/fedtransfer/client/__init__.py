@@ -2,6 +2,7 @@
 
 from fedtransfer.client.drift import Dyn, Nova, Scaffold
 from fedtransfer.client.evaluate import evaluate
+from fedtransfer.client.job import ClientUpdate
 from fedtransfer.client.ncm import NearestClassMean
 from fedtransfer.client.objectives import ClientContext, ClientOut, Objective, Plain, Prox
 from fedtransfer.client.personalization import Ditto, Personalization, Rep, personalize
@@ -9,7 +10,6 @@ from fedtransfer.client.train import LocalTraining, local_train
 from fedtransfer.client.transforms import ClientTransform, ErrorFeedback
 from fedtransfer.client.update import (
     ClientTask,
-    ClientUpdate,
     client_update,
     verify_start,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -89,40 +89,6 @@ def client_update(task: ClientTask, *, recipe: Recipe, model_fn: Callable[[], nn
         raise
     except Exception as exc:
         raise RuntimeError(f"client {task.client}, round {task.round} failed: {exc!r}") from exc
-
-
-@dataclass(frozen=True, eq=False)
-class ClientUpdate:
-    """:func:`client_update` bound to a recipe and a model factory: the function a round maps
-    over its tasks with a :class:`~fedtransfer.runtime.Runtime` (it pickles, for process and
-    Ray runtimes, when ``model_fn`` does: a class or a module-level function)."""
-
-    recipe: Recipe
-    model_fn: Callable[[], nn.Module]
-
-    def __call__(self, task: ClientTask) -> Reply:
-        return client_update(task, recipe=self.recipe, model_fn=self.model_fn)
-
-    def batch(
-        self,
-        tasks: Sequence[ClientTask],
-        *,
-        max_params: int | None = None,
-        convolutions: bool = True,
-    ) -> list[Reply] | None:
-        """Every task's result at once, trained together on stacked parameters, or ``None``
-        when the cohort cannot be (or, past ``max_params`` trainable scalars or with a
-        training convolution and ``convolutions=False``, should not be) vectorised: then map
-        the tasks one by one (see :func:`~fedtransfer.client.vectorized.vectorized_update`)."""
-        from fedtransfer.client.vectorized import vectorized_update  # it imports this module
-
-        return vectorized_update(
-            tasks,
-            recipe=self.recipe,
-            model_fn=self.model_fn,
-            max_params=max_params,
-            convolutions=convolutions,
-        )
 
 
 def _client_update(task: ClientTask, recipe: Recipe, model_fn: Callable[[], nn.Module]) -> Reply:

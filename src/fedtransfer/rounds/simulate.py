@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from fedtransfer.client.update import ClientTask, ClientUpdate, worker_model
+from fedtransfer.client.job import ClientUpdate
+from fedtransfer.client.update import ClientTask, worker_model
 from fedtransfer.codecs import Payload
 from fedtransfer.data.federated import TensorData
 from fedtransfer.recipe import Recipe

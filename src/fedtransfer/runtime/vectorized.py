@@ -19,7 +19,7 @@ MAX_PARAMS = 64_000
 @dataclass(frozen=True)
 class VectorizedRuntime:
     """Runs tasks in batches through ``fn.batch(tasks)`` when ``fn`` has one (a round's
-    :class:`~fedtransfer.client.update.ClientUpdate` does: the whole cohort trains at once on
+    :class:`~fedtransfer.client.job.ClientUpdate` does: the whole cohort trains at once on
     stacked parameters with ``torch.func``), ``chunk`` tasks at a time (all at once when
     ``None``), and only when there are at least ``min_tasks``. Where ``fn`` has no ``batch``
     or it returns ``None`` (it declines: an unsupported objective or model …), the tasks run
