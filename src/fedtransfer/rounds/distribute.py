@@ -29,8 +29,6 @@ class Outbound:
     plan: ParamPlan
     requests: tuple[Request, ...]
     new_clients: tuple[str, ...]
-    handovers: dict[str, tuple[str, ...]]
-    """client → the keys it lacks (their current values travel in its request's hand-over)."""
 
     @property
     def clients(self) -> tuple[str, ...]:
@@ -98,7 +96,7 @@ def distribute(
         )
         for c in clients
     )
-    return Outbound(plan, requests, new_clients, dict(lacking))
+    return Outbound(plan, requests, new_clients)
 
 
 def _part(state: State, prefix: str) -> State:
