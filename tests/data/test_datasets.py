@@ -16,15 +16,8 @@ import torch
 
 from fedtransfer.data import files
 from fedtransfer.data.bundled import MNIST_MEAN, MNIST_STD
-from fedtransfer.data.datasets import (
-    AgNews,
-    Cifar10,
-    Femnist,
-    HFDataset,
-    MnistIdx,
-    Sst2,
-    _SafeUnpickler,
-)
+from fedtransfer.data.cifar import _SafeUnpickler
+from fedtransfer.data.datasets import AgNews, Cifar10, Femnist, HFDataset, MnistIdx, Sst2
 from fedtransfer.data.files import DATA_ENV, Remote, data_root, fetch, manifest, verify
 from fedtransfer.errors import ChecksumError, DataMissing, FedTransferError
 
@@ -303,7 +296,7 @@ def test_untar_extracts_plain_files_and_refuses_links_and_escapes(tmp_path: Path
     import io as _io
     import tarfile
 
-    from fedtransfer.data.datasets import _untar
+    from fedtransfer.data.cifar import _untar
 
     def archive(name: str, members: list[tarfile.TarInfo]) -> Path:
         path = tmp_path / name

@@ -18,17 +18,9 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from fedtransfer.errors import ConfigError
-from fedtransfer.runtime.transport import (
-    Encoder,
-    Fatal,
-    Traffic,
-    Worker,
-    _Lost,
-    prepare_worker,
-    run_map,
-    usable_cpus,
-    worker_settings,
-)
+from fedtransfer.runtime.failures import Fatal, _Lost
+from fedtransfer.runtime.transport import Encoder, Traffic, run_map
+from fedtransfer.runtime.worker import Worker, prepare_worker, usable_cpus, worker_settings
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -60,7 +52,7 @@ class ProcessRuntime:
     each such input it has received while the caller keeps it (at most the whole population's
     data per worker). A task's exception is
     re-raised here with its message (its remote traceback as the cause); a worker that dies
-    raises :class:`~fedtransfer.runtime.transport.WorkerLost` and the next map starts afresh.
+    raises :class:`~fedtransfer.runtime.failures.WorkerLost` and the next map starts afresh.
 
     The default start method is ``spawn``: robust with torch's thread pools (``fork`` after
     torch has started threads can deadlock); a script that uses it must start its runs under

@@ -21,17 +21,9 @@ from typing import Any, TypeVar
 import torch
 
 from fedtransfer.errors import ConfigError
-from fedtransfer.runtime.transport import (
-    Encoder,
-    Fatal,
-    Traffic,
-    Worker,
-    _Lost,
-    prepare_worker,
-    run_map,
-    usable_cpus,
-    worker_settings,
-)
+from fedtransfer.runtime.failures import Fatal, _Lost
+from fedtransfer.runtime.transport import Encoder, Traffic, run_map
+from fedtransfer.runtime.worker import Worker, prepare_worker, usable_cpus, worker_settings
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -70,7 +62,7 @@ class RayRuntime:
     :class:`SerialRuntime` at the same thread count. Tasks travel as in
     :class:`~fedtransfer.runtime.pool.ProcessRuntime` (big inputs once per actor), pickled with
     Ray's cloudpickle, so lambdas work too. A task's exception is re-raised here with its
-    message; an actor that dies raises :class:`~fedtransfer.runtime.transport.WorkerLost` and
+    message; an actor that dies raises :class:`~fedtransfer.runtime.failures.WorkerLost` and
     the next map starts new actors.
     """
 
@@ -266,7 +258,7 @@ class _Actors:
 
 
 class _Actor:
-    """One Ray actor: a :class:`~fedtransfer.runtime.transport.Worker` in its own process."""
+    """One Ray actor: a :class:`~fedtransfer.runtime.worker.Worker` in its own process."""
 
     def __init__(self, threads: int, settings: dict[str, Any]) -> None:
         from ray import cloudpickle

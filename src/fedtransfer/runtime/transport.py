@@ -14,146 +14,68 @@ Shared by :class:`~fedtransfer.runtime.pool.ProcessRuntime` and
   worker and map.
 * Tasks go out in chunks (guided self-scheduling: big chunks first, single tasks at the end),
   at most :data:`DEPTH` chunks in flight per worker so that a worker never waits for the next.
+
+This module is the caller's side (:class:`Encoder`, :func:`run_map`); tensors as raw bytes are
+:mod:`.pickling`, the worker's side :mod:`.worker`, the errors a map raises :mod:`.failures`
+(their names are importable from here too).
 """
 
 from __future__ import annotations
 
-import copyreg
 import io
 import itertools
 import math
-import os
 import pickle
-import traceback
 import weakref
-from collections import ChainMap
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-import torch
 from torch import Tensor
 
 from fedtransfer.errors import ConfigError
+from fedtransfer.runtime.failures import (
+    Fatal,
+    RemoteTraceback,
+    WorkerLost,
+    _describe,
+    _Lost,
+    _lost_error,
+)
+from fedtransfer.runtime.pickling import PROTOCOL, _picklers, _plain, dumps
+from fedtransfer.runtime.pickling import _dense as _dense
+from fedtransfer.runtime.worker import (
+    Reply,
+    Worker,
+    prepare_worker,
+    usable_cpus,
+    worker_settings,
+)
+
+__all__ = [
+    "DEPTH",
+    "PROTOCOL",
+    "SHARED_MIN_BYTES",
+    "Channel",
+    "Encoder",
+    "Fatal",
+    "RemoteTraceback",
+    "Reply",
+    "Traffic",
+    "Worker",
+    "WorkerLost",
+    "dumps",
+    "prepare_worker",
+    "run_map",
+    "usable_cpus",
+    "worker_settings",
+]
 
 SHARED_MIN_BYTES = 16 * 1024
 """Inputs at least this big (tensors, and bytes shared within a map) are sent once per worker."""
 
 DEPTH = 2
 """Chunks in flight per worker: one running, one waiting."""
-
-PROTOCOL = 5
-
-
-class WorkerLost(RuntimeError):
-    """A worker process or actor died while tasks were in flight; the runtime stops its workers
-    and starts new ones on the next map."""
-
-
-class _Lost(Exception):
-    """Raised by a channel: ``worker`` is gone, ``why`` says how (``detail``: more of it)."""
-
-    def __init__(self, worker: int, why: str, detail: str = "") -> None:
-        super().__init__(why)
-        self.worker = worker
-        self.why = why
-        self.detail = detail
-
-
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker (set as the re-raised exception's cause)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.text}"""'
-
-
-# --- tensors as raw bytes ---------------------------------------------------------------------
-
-
-def _plain(t: Tensor) -> bool:
-    """A dense, detached, ordinary CPU tensor (the kind pickled as its raw bytes)."""
-    return (
-        type(t) is Tensor
-        and t.layout == torch.strided
-        and t.device.type == "cpu"
-        and not t.requires_grad
-        and not t.is_quantized
-        and not t.is_conj()
-        and not t.is_neg()
-    )
-
-
-def _dense(t: Tensor) -> bool:
-    """The elements fill a storage span without gaps or overlap (a permuted contiguous layout)."""
-    expected = 1
-    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride(), strict=True) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _reduce_tensor(t: Tensor) -> Any:
-    if not _plain(t):
-        return t.__reduce_ex__(PROTOCOL)
-    stride: tuple[int, ...] | None = None
-    if t.is_contiguous():
-        flat = t.reshape(-1)
-    elif _dense(t):  # keep the memory format (e.g. channels-last): kernels may depend on it
-        flat = t.as_strided((t.numel(),), (1,), t.storage_offset())
-        stride = tuple(t.stride())
-    else:
-        flat = t.contiguous().reshape(-1)
-    raw = pickle.PickleBuffer(cast(Any, flat.view(torch.uint8).numpy()))
-    return _rebuild_tensor, (t.dtype, tuple(t.shape), stride, raw)
-
-
-def _rebuild_tensor(
-    dtype: torch.dtype, shape: tuple[int, ...], stride: tuple[int, ...] | None, raw: Any
-) -> Tensor:
-    if len(raw) == 0:
-        if stride is None:
-            return torch.empty(shape, dtype=dtype)
-        return torch.empty_strided(shape, stride, dtype=dtype)
-    if not isinstance(raw, bytearray):
-        raw = bytearray(raw)
-    flat = torch.frombuffer(raw, dtype=torch.uint8).view(dtype)
-    return flat.view(shape) if stride is None else flat.as_strided(shape, stride)
-
-
-def _picklers(base: type[pickle.Pickler]) -> tuple[type[Any], type[Any]]:
-    """Two picklers over ``base``: by value, and with a ``persistent`` hook (inputs by token)."""
-    inherited = getattr(base, "dispatch_table", None)  # C pickler: a descriptor, not a table
-    if not isinstance(inherited, MutableMapping):
-        inherited = copyreg.dispatch_table
-    table: ChainMap[Any, Any] = ChainMap({Tensor: _reduce_tensor}, inherited)
-
-    class ByValue(base):  # type: ignore[valid-type,misc]
-        dispatch_table = table
-
-    class WithTokens(base):  # type: ignore[valid-type,misc]
-        dispatch_table = table
-
-        def __init__(self, file: io.BytesIO, persistent: Callable[[Any], Any]) -> None:
-            super().__init__(file, protocol=PROTOCOL)
-            self._persistent = persistent
-
-        def persistent_id(self, obj: Any) -> Any:
-            return self._persistent(obj)
-
-    return ByValue, WithTokens
-
-
-def dumps(obj: Any, base: type[pickle.Pickler] = pickle.Pickler) -> bytes:
-    """``obj`` pickled with tensors as raw bytes."""
-    buf = io.BytesIO()
-    _picklers(base)[0](buf, protocol=PROTOCOL).dump(obj)
-    return buf.getvalue()
-
 
 # --- the caller's side ------------------------------------------------------------------------
 
@@ -317,136 +239,6 @@ def _gone() -> None:
     return None
 
 
-# --- the worker's side ------------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    chunk_id: int
-    results: list[tuple[int, Any]]
-    failed: int | None = None
-    error: bytes = b""
-    remote_traceback: str = ""
-    fatal: str = ""
-    """The worker could not read the message or the function: its state is no longer known."""
-
-
-class Worker:
-    """Runs the messages an :class:`Encoder` builds and replies with the results."""
-
-    def __init__(self, base: type[pickle.Pickler] = pickle.Pickler) -> None:
-        self.base = base
-        self._by_value = _picklers(base)[0]
-        self._held: dict[int, tuple[Any, int]] = {}
-        self._fn: Callable[[Any], Any] | None = None
-        self._seq = 0
-
-    def handle(self, message: bytes) -> bytes:
-        chunk_id = -1
-        try:
-            (seq, chunk_id, evict, fn_blob), chunk = _Unpickler(io.BytesIO(message), self).load()
-            if seq != self._seq:
-                raise RuntimeError(f"message {seq} arrived when {self._seq} was expected")
-            self._seq += 1
-            for token in evict:
-                self._held.pop(token, None)
-            if fn_blob is not None:
-                self._fn = None
-                self._fn = pickle.loads(fn_blob)
-        except Exception as exc:
-            return self._dump(Reply(chunk_id, [], fatal=_describe(exc)))
-        fn = self._fn
-        assert fn is not None, "the first message to a worker carries the function"
-        results: list[tuple[int, Any]] = []
-        for index, task in chunk:
-            try:
-                results.append((index, fn(task)))
-            except Exception as exc:
-                blob, tb = _exception(exc)
-                return self._dump(Reply(chunk_id, results, index, blob, tb))
-        return self._dump(Reply(chunk_id, results))
-
-    def _dump(self, reply: Reply) -> bytes:
-        buf = io.BytesIO()
-        try:
-            self._by_value(buf, protocol=PROTOCOL).dump(reply)
-        except Exception as exc:  # a result that does not pickle: name the task
-            for i, (index, result) in enumerate(reply.results):
-                try:
-                    self._by_value(io.BytesIO(), protocol=PROTOCOL).dump(result)
-                except Exception:
-                    why = TypeError(f"the result of task {index} does not pickle: {exc}")
-                    blob, tb = _exception(why)
-                    return self._dump(Reply(reply.chunk_id, reply.results[:i], index, blob, tb))
-            raise
-        return buf.getvalue()
-
-    def load(self, pid: Any) -> Any:
-        if pid[0] == "new":
-            obj = pid[2]
-            self._held[pid[1]] = (obj, obj._version if isinstance(obj, Tensor) else 0)
-            return obj
-        obj, version = self._held[pid[1]]
-        if isinstance(obj, Tensor) and obj._version != version:
-            raise RuntimeError(
-                "a task modified one of its input tensors in place; inputs are shared between "
-                "the tasks a worker runs, as they are between rounds in the caller, so a task "
-                "must not write to them"
-            )
-        return obj
-
-
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, worker: Worker) -> None:
-        super().__init__(file)
-        self._worker = worker
-
-    def persistent_load(self, pid: Any) -> Any:
-        return self._worker.load(pid)
-
-
-def _describe(exc: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
-
-
-def _exception(exc: BaseException) -> tuple[bytes, str]:
-    """``exc`` pickled (or, if it does not survive pickling, a RuntimeError with its text) and
-    its formatted traceback."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        blob = pickle.dumps(exc, protocol=PROTOCOL)
-        pickle.loads(blob)
-    except Exception:
-        blob = pickle.dumps(RuntimeError(_describe(exc)), protocol=PROTOCOL)
-    return blob, tb
-
-
-def worker_settings() -> dict[str, Any]:
-    """The caller's torch settings that change numerics, for its workers to copy."""
-    return {
-        "default_dtype": torch.get_default_dtype(),
-        "deterministic": torch.are_deterministic_algorithms_enabled(),
-        "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-    }
-
-
-def prepare_worker(threads: int, settings: dict[str, Any]) -> None:
-    """Set a worker's torch threads and copy the caller's numerics settings."""
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(settings["default_dtype"])
-    torch.use_deterministic_algorithms(
-        settings["deterministic"], warn_only=settings["deterministic_warn_only"]
-    )
-    torch.set_float32_matmul_precision(settings["float32_matmul_precision"])
-
-
-def usable_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 # --- scheduling -------------------------------------------------------------------------------
 
 
@@ -460,10 +252,6 @@ class Channel(Protocol):
 
     def receive(self) -> tuple[int, bytes]:
         """The next reply of any worker with work in flight; raise :class:`_Lost` if one died."""
-
-
-class Fatal(Exception):
-    """A worker could not read its message; its state is unknown, so the workers must go."""
 
 
 def run_map(
@@ -537,18 +325,3 @@ def _unpicklable(tasks: Sequence[Any], chunk: range, base: type[pickle.Pickler])
         except Exception:
             return i
     return chunk.start
-
-
-def _lost_error(
-    lost: _Lost, inflight: dict[int, tuple[int, range]], extra: range = range(0)
-) -> WorkerLost:
-    held = sorted(
-        {i for w, chunk in inflight.values() if w == lost.worker for i in chunk} | set(extra)
-    )
-    shown = ", ".join(map(str, held[:10])) + (f" … ({len(held)} in all)" if len(held) > 10 else "")
-    doing = f" while it held the tasks at indices {shown} of this map" if held else ""
-    detail = f"\n{lost.detail}" if lost.detail else ""
-    return WorkerLost(
-        f"{lost.why}{doing}. The runtime's workers were stopped; the next map starts new "
-        f"ones.{detail}"
-    )
