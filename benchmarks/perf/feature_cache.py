@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 import fedtransfer as ft
-from fedtransfer.client.features import no_feature_cache
+from fedtransfer.client.fast.features import no_feature_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import spine

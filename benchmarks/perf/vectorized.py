@@ -247,8 +247,12 @@ PARTS: tuple[tuple[str, str, str], ...] = (
     ("whole round (`run_round`)", "fedtransfer/rounds/spine.py", "run_round"),
     ("clients (`ClientUpdate.batch`)", "fedtransfer/client/job.py", "batch"),
     ("clients ▸ start (verify, weights, context)", "fedtransfer/client/update.py", "start_client"),
-    ("clients ▸ training loop", "fedtransfer/client/stacked.py", "train_stacked"),
-    ("clients ▸ training loop ▸ minibatch gathering", "fedtransfer/client/stacked.py", "__call__"),
+    ("clients ▸ training loop", "fedtransfer/client/fast/stacked.py", "train_stacked"),
+    (
+        "clients ▸ training loop ▸ minibatch gathering",
+        "fedtransfer/client/fast/stacked.py",
+        "__call__",
+    ),
     (
         "clients ▸ training loop ▸ backward passes",
         "~",

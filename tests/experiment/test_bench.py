@@ -256,7 +256,7 @@ def test_runner_evaluates_a_frozen_trunk_through_the_feature_cache(
     """Head-only arms evaluate every client from the cached trunk features (the whole model
     is never run at evaluation); full fine-tuning evaluates the whole model; same accuracies
     as evaluating the whole model."""
-    from fedtransfer.client import features
+    from fedtransfer.client.fast import features
     from fedtransfer.experiment import baselines
     from fedtransfer.experiment import run as run_module
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedtransfer.cli import _parser, _runtime, main
-from fedtransfer.client import vectorized
+from fedtransfer.client.fast import vectorized
 from fedtransfer.errors import ConfigError
 from fedtransfer.runtime import AutoRuntime, SerialRuntime, VectorizedRuntime
 

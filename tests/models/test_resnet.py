@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedtransfer import LocalTraining, tree
-from fedtransfer.client.features import head_path, train_head_cached
+from fedtransfer.client.fast.features import head_path, train_head_cached
 from fedtransfer.client.train import local_train
 from fedtransfer.data.bundled import CifarJpeg
 from fedtransfer.errors import CompatibilityError, ConfigError

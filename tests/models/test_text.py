@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtransfer.client.features import head_path
+from fedtransfer.client.fast.features import head_path
 from fedtransfer.data.datasets import TextData
 from fedtransfer.errors import ChecksumError, FedTransferError
 from fedtransfer.models.text import MiniLM, Tokenized, minilm_path, tokenize

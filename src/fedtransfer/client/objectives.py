@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from fedtransfer.client.features import train_head_cached
+from fedtransfer.client.fast.features import train_head_cached
 from fedtransfer.client.train import LocalTraining, local_train
 from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import ConfigError

@@ -1,13 +1,18 @@
-"""The one local training loop: minibatch SGD or Adam on exactly the plan's trainable keys."""
+"""The one local training loop: minibatch SGD or Adam on exactly the plan's trainable keys.
+
+Its definition — the options of :class:`LocalTraining`, the optimisers' constants, the
+minibatches drawn (:func:`minibatches`) — is the one the fast path
+(:mod:`fedtransfer.client.fast`) follows too: it reads the same options from the same
+``LocalTraining``, and declines an option (or value) it does not know, with a log line."""
 
 from __future__ import annotations
 
 import math
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +25,14 @@ from fedtransfer.types import Metrics
 if TYPE_CHECKING:
     from fedtransfer.transfer.plan import ParamPlan
 
+Optimizer = Literal["sgd", "adam"]
+Loss = Literal["cross_entropy", "mse"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+LOSSES: tuple[str, ...] = get_args(Loss)
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+"""Adam's constants (``torch.optim.Adam``'s defaults), for every loop that implements it."""
+
 
 @dataclass(frozen=True)
 class LocalTraining:
@@ -30,14 +43,14 @@ class LocalTraining:
     squared error on real targets (regression, and the closed-form golden tests).
     """
 
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Optimizer = "sgd"
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
     epochs: int = 1
     steps: int | None = None
     batch_size: int = 32
-    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    loss: Loss = "cross_entropy"
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or self.epochs < 1:
@@ -46,10 +59,12 @@ class LocalTraining:
             raise ConfigError(
                 f"LocalTraining: steps must be >= 1 or null (train by epochs), got {self.steps!r}"
             )
-        if self.loss not in ("cross_entropy", "mse"):
-            raise ConfigError(f"LocalTraining: loss {self.loss!r} not in ['cross_entropy', 'mse']")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"LocalTraining: optimizer {self.optimizer!r} not in ['sgd', 'adam']")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"LocalTraining: loss {self.loss!r} not in {list(LOSSES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"LocalTraining: optimizer {self.optimizer!r} not in {list(OPTIMIZERS)}"
+            )
         for name in ("lr", "momentum", "weight_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -75,6 +90,25 @@ class LocalTraining:
         if self.steps is not None:
             return self.steps
         return self.epochs * math.ceil(num_examples / self.batch_size)
+
+
+def minibatches(
+    num_examples: int, spec: LocalTraining, generator: torch.Generator
+) -> Iterator[Tensor]:
+    """The example indices of each minibatch the loop takes on ``num_examples`` examples, in
+    order: ``spec.num_steps`` minibatches of ``batch_size`` (the last of an epoch shorter), from
+    one ``randperm`` of ``generator`` per epoch, drawn when the epoch starts (so draws made
+    between minibatches, such as augmentation's, interleave with them as they always have)."""
+    total = spec.num_steps(num_examples) if num_examples else 0
+    size = min(spec.batch_size, num_examples)
+    step = 0
+    while step < total:
+        order = torch.randperm(num_examples, generator=generator)
+        for start in range(0, num_examples, size):
+            if step == total:
+                return
+            yield order[start : start + size]
+            step += 1
 
 
 class _SGD:
@@ -116,7 +150,9 @@ class _SGD:
 
 def _optimizer(spec: LocalTraining, params: list[nn.Parameter]) -> torch.optim.Optimizer | _SGD:
     if spec.optimizer == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        return torch.optim.Adam(
+            params, lr=spec.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=spec.weight_decay
+        )
     return _SGD(spec, params)
 
 
@@ -239,26 +275,20 @@ def local_train(
         return {"loss": float("nan"), "steps": 0.0, "examples": 0.0}
     opt = _optimizer(spec, trainable)
     _set_modes(model, layout)
-    n, bs = len(data), min(spec.batch_size, len(data))
     loss_sum, seen, step = 0.0, 0, 0
-    while step < total_steps:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, bs):
-            if step == total_steps:
-                break
-            idx = order[start : start + bs]
-            x, y = data.x[idx], data.y[idx]
-            if augment is not None:
-                x = augment(x, generator)
-            opt.zero_grad(set_to_none=True)
-            loss = _loss(spec, model(x), y)
-            (loss + penalty(by_key) if penalty is not None else loss).backward()
-            if correct is not None:
-                correct(by_key)
-            opt.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            seen += len(idx)
-            step += 1
+    for idx in minibatches(len(data), spec, generator):
+        x, y = data.x[idx], data.y[idx]
+        if augment is not None:
+            x = augment(x, generator)
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(spec, model(x), y)
+        (loss + penalty(by_key) if penalty is not None else loss).backward()
+        if correct is not None:
+            correct(by_key)
+        opt.step()
+        loss_sum += float(loss.detach()) * len(idx)
+        seen += len(idx)
+        step += 1
     _eval(model, layout)
     for p in named.values():
         if not p.requires_grad:

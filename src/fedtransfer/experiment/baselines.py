@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from fedtransfer import tree
-from fedtransfer.client.features import train_head_cached
+from fedtransfer.client.fast.features import train_head_cached
 from fedtransfer.client.train import local_train
 from fedtransfer.data.federated import FederatedDataset, TensorData
 from fedtransfer.recipe import Recipe

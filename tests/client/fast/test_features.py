@@ -14,8 +14,8 @@ from tests.conftest import make_tiny_data, make_tiny_model
 from torch import nn
 
 from fedtransfer import LocalTraining, Recipe, ServerState, run_round, tree
-from fedtransfer.client import features
-from fedtransfer.client.features import head_path, no_feature_cache, train_head_cached
+from fedtransfer.client.fast import features
+from fedtransfer.client.fast.features import head_path, no_feature_cache, train_head_cached
 from fedtransfer.client.train import local_train
 from fedtransfer.data import FederatedDataset, TensorData
 from fedtransfer.runtime import SerialRuntime
@@ -217,7 +217,7 @@ def test_round_cache_follows_a_stage_that_retrains_the_trunk() -> None:
 
 def test_evaluate_cached_equals_evaluate_and_reuses_the_trunk_features() -> None:
     from fedtransfer.client.evaluate import evaluate
-    from fedtransfer.client.features import evaluate_cached
+    from fedtransfer.client.fast.features import evaluate_cached
 
     data = make_tiny_data().test["c0"]
     model = make_tiny_model()

@@ -1,5 +1,10 @@
 """Training on stacked parameters: a group of clients' minibatch schedule, the ``vmap``-ped
-loop over it, and SGD / Adam on the stacked tensors (see :mod:`.vectorized`)."""
+loop over it, and SGD / Adam on the stacked tensors (see :mod:`.vectorized`).
+
+It follows the one definition of the local loop (:mod:`fedtransfer.client.train`): the same
+:class:`~fedtransfer.client.train.LocalTraining` options, the same minibatches
+(:func:`~fedtransfer.client.train.minibatches`), the same optimiser constants; an option or
+value it does not implement raises here, and :func:`~.support.supports` declines it first."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from fedtransfer.client.train import LocalTraining, set_modes
+from fedtransfer.client.train import ADAM_BETAS, ADAM_EPS, LocalTraining, minibatches, set_modes
 from fedtransfer.data.federated import TensorData
 from fedtransfer.transfer.plan import ParamPlan
 from fedtransfer.types import Metrics
@@ -21,20 +26,13 @@ from fedtransfer.types import Metrics
 def batches(
     num_examples: int, spec: LocalTraining, generator: torch.Generator
 ) -> list[Tensor] | Tensor:
-    """The minibatch indices :func:`~fedtransfer.client.train.local_train` draws, in order: a
-    ``(steps, size)`` tensor when every minibatch is full, else a list of index tensors."""
-    total = spec.num_steps(num_examples) if num_examples else 0
-    size = min(spec.batch_size, num_examples)
-    if total and num_examples % size == 0:  # full minibatches: whole permutations, reshaped
-        per = num_examples // size
-        perms = [torch.randperm(num_examples, generator=generator) for _ in range(-(-total // per))]
-        flat = perms[0] if len(perms) == 1 else torch.cat(perms)
-        return flat.view(-1, size)[:total]
-    out: list[Tensor] = []
-    while len(out) < total:
-        order = torch.randperm(num_examples, generator=generator)
-        out += list(order.split(size))[: total - len(out)]
-    return out
+    """The minibatch indices :func:`~fedtransfer.client.train.local_train` draws, in order
+    (:func:`~fedtransfer.client.train.minibatches`): a ``(steps, size)`` tensor when every
+    minibatch is full, else a list of index tensors."""
+    drawn = list(minibatches(num_examples, spec, generator))
+    if drawn and num_examples % len(drawn[0]) == 0:  # every minibatch full: one tensor
+        return torch.stack(drawn)
+    return drawn
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,6 +93,8 @@ def _losses(spec: LocalTraining, out: Tensor, y: Tensor, mask: Tensor, count: Te
     clients, width = out.shape[:2]
     if spec.loss == "mse":
         per = (out - y.reshape(out.shape).to(out.dtype)).pow(2)
+    elif spec.loss != "cross_entropy":
+        raise ValueError(f"the stacked loop has no loss {spec.loss!r}")
     elif out.dim() == 3 and y.dim() == 2 and not y.dtype.is_floating_point:
         per = _class_cross_entropy(out.flatten(0, 1), y.flatten(0, 1)).view(clients, width)
     else:
@@ -245,11 +245,7 @@ def train_stacked(
         return functional_call(model, (own, fixed), (args[-1],), tie_weights=False)
 
     forward = vmap(run)
-    opt = (
-        StackedAdam(spec, [stacked[k] for k in keys])
-        if spec.optimizer == "adam"
-        else (StackedSGD(spec, [stacked[k] for k in keys]))
-    )
+    opt = _optimizer(spec, [stacked[k] for k in keys])
     losses: list[list[float]] = []
     gather = _Gather(data)
     set_modes(model, plan)
@@ -284,6 +280,14 @@ def client_metrics(sched: Schedule, j: int, losses: list[list[float]]) -> Metric
         total += losses[t][j] * size
         seen += size
     return {"loss": total / max(seen, 1), "steps": float(sched.steps[j]), "examples": float(seen)}
+
+
+def _optimizer(spec: LocalTraining, params: list[Tensor]) -> StackedSGD | StackedAdam:
+    if spec.optimizer == "adam":
+        return StackedAdam(spec, params)
+    if spec.optimizer == "sgd":
+        return StackedSGD(spec, params)
+    raise ValueError(f"the stacked loop has no optimizer {spec.optimizer!r}")
 
 
 class StackedSGD:
@@ -324,7 +328,7 @@ class StackedAdam:
 
     def __init__(self, spec: LocalTraining, params: list[Tensor]) -> None:
         self.params, self.lr, self.weight_decay = params, spec.lr, spec.weight_decay
-        self.beta1, self.beta2, self.eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
+        (self.beta1, self.beta2), self.eps = ADAM_BETAS, ADAM_EPS  # local_train's Adam
         self.state: list[tuple[list[int], Tensor, Tensor] | None] = [None] * len(params)
 
     @torch.no_grad()
