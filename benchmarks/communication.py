@@ -24,10 +24,10 @@ from sweep import RESULTS, fmt, header, mean_sd, run_seeds, write
 
 from fedtransfer.client.transforms import ErrorFeedback
 from fedtransfer.codecs import Int8, TopK
+from fedtransfer.experiment.schedules import FedNcm, LpFt
 from fedtransfer.experiment.schema import ArmConfig, ExperimentConfig
 from fedtransfer.transfer.lora import Lora
 from fedtransfer.transfer.policies import Full, HeadOnly
-from fedtransfer.transfer.schedule import fedncm, lp_ft
 
 BASELINE = "scratch-full-fp32"
 REFERENCE = "full-fp32"
@@ -45,9 +45,9 @@ def _arms() -> tuple[ArmConfig, ...]:
         ArmConfig(name="head-fp32", policy=HeadOnly()),
         ArmConfig(name="head-int8", policy=HeadOnly(), **int8),
         ArmConfig(name="lora-r4", policy=lora),
-        ArmConfig(name="lp-ft", policy=lp_ft(10)),
-        ArmConfig(name="lp-ft-int8", policy=lp_ft(10), **int8),
-        ArmConfig(name="fedncm-ft", policy=fedncm()),
+        ArmConfig(name="lp-ft", schedule=LpFt(10)),
+        ArmConfig(name="lp-ft-int8", schedule=LpFt(10), **int8),
+        ArmConfig(name="fedncm-ft", schedule=FedNcm()),
         ArmConfig(
             name="topk1-ef",
             policy=Full(),
@@ -55,8 +55,8 @@ def _arms() -> tuple[ArmConfig, ...]:
             client_transforms=(ErrorFeedback(),),
         ),
         ArmConfig(name="topk1-no-ef", policy=Full(), uplink=TopK(0.01)),
-        ArmConfig(name="fedncm-lora-int8", policy=fedncm(then=lora), **int8),
-        ArmConfig(name="fedncm-full-int8", policy=fedncm(), **int8),
+        ArmConfig(name="fedncm-lora-int8", schedule=FedNcm(then=lora), **int8),
+        ArmConfig(name="fedncm-full-int8", schedule=FedNcm(), **int8),
     )
 
 

@@ -26,6 +26,7 @@ from fedtransfer import (  # noqa: F401  (the subpackages, as attributes: fedtra
     transfer,
 )
 from fedtransfer.algorithms import (
+    babu_then_head,
     ditto,
     fedadagrad,
     fedadam,
@@ -33,11 +34,14 @@ from fedtransfer.algorithms import (
     fedavgm,
     fedbabu,
     feddyn,
+    fedncm,
     fednova,
     fedprox,
     fedrep,
     fedyogi,
     lg_fedavg,
+    lp_ft,
+    progressive,
     scaffold,
 )
 from fedtransfer.client import ClientTransform, LocalTraining, Objective
@@ -46,13 +50,13 @@ from fedtransfer.errors import CompatibilityError, ConfigError, FedTransferError
 from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.finalize import RoundReport
 from fedtransfer.rounds.messages import Reply, Request, Send
+from fedtransfer.rounds.schedule import Schedule
 from fedtransfer.rounds.spine import run_round, server_round
 from fedtransfer.runtime import Runtime
 from fedtransfer.server import Aggregator, UpdateTransform
 from fedtransfer.server.sample import Sampler
 from fedtransfer.state import ServerState
 from fedtransfer.transfer import ParamPlan, TransferPolicy
-from fedtransfer.transfer.schedule import babu_then_head, fedncm, lp_ft, progressive
 
 __version__ = "0.1.0"
 
@@ -72,6 +76,7 @@ __all__ = [
     "RoundReport",
     "Runtime",
     "Sampler",
+    "Schedule",
     "Send",
     "ServerState",
     "TransferPolicy",
@@ -169,8 +174,6 @@ _MOVED = {
     "Shards": "fedtransfer.data",
     "SignFlip": "fedtransfer.robustness",
     "SmallCNN": "fedtransfer.models",
-    "Stage": "fedtransfer.transfer.schedule",
-    "Stages": "fedtransfer.transfer.schedule",
     "TensorData": "fedtransfer.data",
     "Threat": "fedtransfer.robustness",
     "TopK": "fedtransfer.codecs",

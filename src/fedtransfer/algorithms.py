@@ -1,12 +1,20 @@
-"""Recipe factories for named algorithms: compositions of components, never subclasses."""
+"""Recipe and schedule factories for named algorithms: compositions of components, never
+subclasses. A schedule factory (``lp_ft``, ``fedncm``, ``babu_then_head``, ``progressive``)
+takes the recipe its stages start from and changes what each stage changes."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fedtransfer.client.drift import Dyn, Nova, Scaffold
+from fedtransfer.client.ncm import NearestClassMean
 from fedtransfer.client.objectives import Objective, Plain, Prox
 from fedtransfer.client.personalization import Ditto, Rep
 from fedtransfer.client.train import LocalTraining
+from fedtransfer.codecs import Float32
+from fedtransfer.errors import ConfigError
 from fedtransfer.recipe import Recipe
+from fedtransfer.rounds.schedule import Schedule
 from fedtransfer.server.optimizers import (
     ServerAdagrad,
     ServerAdam,
@@ -17,7 +25,14 @@ from fedtransfer.server.optimizers import (
 from fedtransfer.server.pipeline import ServerPipeline
 from fedtransfer.server.sample import Uniform
 from fedtransfer.transfer.plan import TransferPolicy
-from fedtransfer.transfer.policies import FrozenHead, Full, GlobalHead, PersonalHead
+from fedtransfer.transfer.policies import (
+    FrozenHead,
+    Full,
+    GlobalHead,
+    HeadOnly,
+    LastK,
+    PersonalHead,
+)
 
 
 def fedavg(
@@ -193,4 +208,72 @@ def _recipe(
         objective=objective or Plain(),
         pipeline=ServerPipeline(post=(server_step,)),
         sampler=Uniform(clients_per_round),
+    )
+
+
+def lp_ft(
+    head_rounds: int,
+    recipe: Recipe | None = None,
+    *,
+    then: TransferPolicy | None = None,
+    head: str = "head",
+) -> Schedule:
+    """Linear probing, then fine-tuning (LP-FT, Kumar et al., arXiv 2202.10054): ``recipe``
+    (default ``Recipe()``) on the head alone for ``head_rounds`` rounds, then under ``then``
+    (default: the whole model; ``Lora(...)`` for LoRA).
+
+    >>> lp_ft(3).recipe_at(4).policy
+    Full()
+    """
+    base = Recipe() if recipe is None else recipe
+    return Schedule(
+        (
+            (head_rounds, replace(base, policy=HeadOnly(head))),
+            (None, replace(base, policy=Full() if then is None else then)),
+        )
+    )
+
+
+def fedncm(
+    recipe: Recipe | None = None, *, then: TransferPolicy | None = None, head: str = "head"
+) -> Schedule:
+    """FedNCM then fine-tuning (Legate et al., arXiv 2306.03937): one round sets the head to the
+    nearest-class-mean classifier of the frozen features, then ``recipe`` under ``then``
+    (default: whole model). The FedNCM round sends its class sums and counts losslessly
+    (``Float32``), whatever the recipe's codecs."""
+    base = Recipe() if recipe is None else recipe
+    ncm = replace(base, policy=HeadOnly(head), objective=NearestClassMean(), uplink=Float32())
+    return Schedule(((1, ncm), (None, replace(base, policy=Full() if then is None else then))))
+
+
+def babu_then_head(
+    body_rounds: int, recipe: Recipe | None = None, *, head: str = "head"
+) -> Schedule:
+    """FedBABU as a schedule (Oh et al., arXiv 2106.06042): the body is federated under the
+    frozen head for ``body_rounds`` rounds, then the head alone is federated on the learnt
+    body (the body reaches clients that missed its last rounds as a hand-over)."""
+    base = Recipe() if recipe is None else recipe
+    return Schedule(
+        (
+            (body_rounds, replace(base, policy=FrozenHead(head))),
+            (None, replace(base, policy=HeadOnly(head))),
+        )
+    )
+
+
+def progressive(blocks: int, every: int, recipe: Recipe | None = None) -> Schedule:
+    """Progressive unfreezing (Howard & Ruder, arXiv 1801.06146): the last block (the head)
+    first, one more block every ``every`` rounds, until the last ``blocks`` blocks train.
+
+    >>> [r.policy.k for _, r in progressive(3, every=2).stages]
+    [1, 2, 3]
+    """
+    if blocks < 1 or every < 1:
+        raise ConfigError(f"progressive: blocks and every must be >= 1, got {blocks}, {every}")
+    base = Recipe() if recipe is None else recipe
+    return Schedule(
+        tuple(
+            (every if k < blocks else None, replace(base, policy=LastK(k)))
+            for k in range(1, blocks + 1)
+        )
     )

@@ -20,7 +20,6 @@ from fedtransfer.server.pipeline import ServerPipeline
 from fedtransfer.server.sample import Sampler, Uniform
 from fedtransfer.transfer.plan import ParamPlan, TransferPolicy
 from fedtransfer.transfer.policies import Full
-from fedtransfer.transfer.schedule import StagePolicy, Stages, stage_recipe
 
 
 @dataclass(frozen=True)
@@ -29,8 +28,8 @@ class Recipe:
     sampler: one federated algorithm.
 
     ``client_transforms`` act on each client's update before the uplink codec (error feedback);
-    ``downlink`` encodes the global model, ``uplink`` the updates. A :class:`Stages` policy
-    makes the recipe staged (see :func:`~fedtransfer.transfer.schedule.stage_recipe`).
+    ``downlink`` encodes the global model, ``uplink`` the updates. Recipes that hold in turn
+    are a :class:`~fedtransfer.rounds.schedule.Schedule`.
 
     >>> from fedtransfer.models import CNN
     >>> plan = Recipe().validate(CNN()(), population=[str(i) for i in range(10)])
@@ -62,12 +61,8 @@ class Recipe:
                 "the downlink"
             )
         prepared = self.policy.prepare(model)
-        if isinstance(self.policy, Stages):
-            plans = [self._check_stage(prepared, i) for i in range(len(self.policy.stages))]
-            plan = plans[0]
-        else:
-            plan = self.policy.plan(prepared)
-            self._check_plan(prepared, plan)
+        plan = self.policy.plan(prepared)
+        self._check_plan(prepared, plan)
         if population is not None:
             self.sampler.sample(list(population), seed=0, round=1)
         return plan
@@ -141,23 +136,12 @@ class Recipe:
             raise CompatibilityError(
                 f"Recipe: {name} computes parameters from the statistics clients send, which "
                 f"the lossy uplink {self.uplink!r} would distort; hint: give this stage a "
-                "lossless uplink, e.g. Stage(1, HeadOnly(), objective=NearestClassMean(), "
-                "uplink=Float32()) — fedncm() does"
+                "lossless uplink, e.g. uplink=Float32() in its stage's recipe — "
+                "fedncm() does"
             )
-
-    def _check_stage(self, prepared: nn.Module, index: int) -> ParamPlan:
-        assert isinstance(self.policy, Stages)  # the caller checks
-        first = 1 + sum(s.rounds or 0 for s in self.policy.stages[:index])
-        recipe, _ = stage_recipe(self, first)
-        try:
-            return recipe.validate(prepared)
-        except (CompatibilityError, ConfigError) as exc:
-            raise type(exc)(f"Stages.stages[{index}]: {exc}") from None
 
 
 def _client_ranks(policy: TransferPolicy) -> tuple[int, ...]:
-    """The heterogeneous LoRA ranks of ``policy`` (of its stage's policy in a schedule)."""
-    if isinstance(policy, StagePolicy):
-        policy = policy.stages.stages[policy.index].policy
+    """The heterogeneous LoRA ranks of ``policy``."""
     ranks: tuple[int, ...] = getattr(policy, "ranks", ())
     return ranks

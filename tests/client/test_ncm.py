@@ -13,14 +13,14 @@ from tests.conftest import RecordingRuntime
 from torch import Tensor, nn
 
 from fedtransfer import CompatibilityError, Recipe, ServerState, run_round, tree
+from fedtransfer.algorithms import fedncm
 from fedtransfer.client.ncm import NearestClassMean
 from fedtransfer.codecs import Float32, TopK
 from fedtransfer.data import FederatedDataset, TensorData
-from fedtransfer.rounds.schedule import begin_round
+from fedtransfer.rounds.schedule import Schedule, begin_round
 from fedtransfer.runtime import SerialRuntime
 from fedtransfer.server import ServerAdam, ServerPipeline, ServerSGD, Uniform
 from fedtransfer.transfer import Full, HeadOnly
-from fedtransfer.transfer.schedule import Stage, Stages, fedncm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -212,22 +212,23 @@ def test_recipe_validate_accepts_ncm_with_plain_server_sgd() -> None:
 
 
 def test_recipe_validate_names_the_stage_where_ncm_meets_a_full_policy() -> None:
-    ok = Stages((Stage(1, HeadOnly(), objective=NearestClassMean()), Stage(None, Full())))
-    Recipe(policy=ok).validate(make_model())
-    bad = Stages((Stage(1, HeadOnly()), Stage(None, Full(), objective=NearestClassMean())))
-    with pytest.raises(CompatibilityError, match=r"Stages\.stages\[1\]: NearestClassMean"):
-        Recipe(policy=bad).validate(make_model())
+    ncm = Recipe(policy=HeadOnly(), objective=NearestClassMean())
+    ok = Schedule(((1, ncm), (None, Recipe(policy=Full()))))
+    ok.validate(make_model())
+    bad = Schedule(((1, Recipe(policy=HeadOnly())), (None, replace(ncm, policy=Full()))))
+    with pytest.raises(CompatibilityError, match=r"Schedule\.stages\[1\]: NearestClassMean"):
+        bad.validate(make_model())
 
 
 def test_ncm_fedncm_schedule_fine_tunes_from_the_ncm_head() -> None:
     data = _population(range(NUM_CLASSES))
-    recipe = Recipe(policy=fedncm(), sampler=Uniform(COHORT))
+    recipe = fedncm(Recipe(sampler=Uniform(COHORT)))
     recipe.validate(make_model(), population=data.clients)
-    state = ServerState.initial(recipe, make_model(), seed=0)
+    state = recipe.start(make_model(), seed=0)
     ncm, _ = run_round(recipe, state, data, SerialRuntime(), model_fn=make_model)
     _, old, _, _ = _ncm_round(data)  # the same round without a schedule
     assert tree.equal(ncm.params, old.params)
-    _, ft = begin_round(recipe, ncm, model_fn=make_model)
+    _, ft = begin_round(recipe, ncm, model_fn=recipe.prepared(make_model))
     assert ft.distribution.stage == 1 and set(ft.params) == set(make_model().state_dict())
     assert tree.equal(tree.select(ft.params, HEAD), ncm.params)
 

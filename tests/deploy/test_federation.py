@@ -62,7 +62,7 @@ def _deployed(cfg, root: Path, arm: str):  # type: ignore[no-untyped-def]
         (["objective={kind: scaffold}"], "pretrained-full"),
         (
             [
-                "arms.pretrained-head.policy={kind: stages, stages: [{rounds: 1, policy: "
+                "arms.pretrained-head.schedule={kind: stages, stages: [{rounds: 1, policy: "
                 "{kind: head_only}}, {rounds: null, policy: {kind: local_batchnorm}}]}"
             ],
             "pretrained-head",

@@ -258,7 +258,7 @@ def test_runner_evaluates_a_frozen_trunk_through_the_feature_cache(
     as evaluating the whole model."""
     from fedtransfer.client.fast import features
     from fedtransfer.experiment import baselines
-    from fedtransfer.experiment import run as run_module
+    from fedtransfer.experiment import evaluation as run_module
 
     whole: list[str] = []
     trained: list[str] = []

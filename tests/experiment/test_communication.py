@@ -27,8 +27,7 @@ SMALL = [
 ARMS = (
     "arms=[{name: scratch, init: scratch}, "
     "{name: int8, downlink: {kind: int8}, uplink: {kind: int8}}, "
-    "{name: lpft, policy: {kind: stages, stages: [{rounds: 1, policy: {kind: head_only}}, "
-    "{rounds: null, policy: {kind: full}}]}}, "
+    "{name: lpft, schedule: {kind: lp_ft, head_rounds: 1}}, "
     "{name: topk, uplink: {kind: topk, ratio: 0.01}, client_transforms: [{kind: error_feedback}]}]"
 )
 
@@ -53,7 +52,7 @@ def test_configs_every_arm_recipe_validates(path: Path) -> None:
     for cfg in configs:
         population = build_population(cfg)
         for arm in cfg.arms:
-            plan = cfg.recipe(arm).validate(cfg.model(), population=population.clients)
+            plan = cfg.schedule_of(arm).validate(cfg.model(), population=population.clients)
             assert plan.shared, arm.name
 
 

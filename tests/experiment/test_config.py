@@ -109,6 +109,9 @@ REQUIRED = {
     "hf_classifier": {"path": "a-saved-model"},
     "timm": {"name": "resnet18"},
     "torchvision": {"name": "resnet18"},
+    "lp_ft": {"head_rounds": 5},
+    "babu_then_head": {"body_rounds": 3},
+    "progressive": {"blocks": 2, "every": 3},
 }
 """Kinds without a sensible default for every field: the arguments a config must give."""
 
@@ -129,3 +132,28 @@ def test_recipe_of_arm_applies_overrides():
     head = cfg.recipe(cfg.arms[2])
     assert type(head.policy).__name__ == "HeadOnly"
     assert head.local == cfg.local
+
+
+def test_config_arm_partial_local_keeps_experiment_settings():
+    cfg = load_config(None, ["arms.scratch.local.lr=0.05"])
+    local = cfg.recipe(cfg.arms[0]).local
+    assert local.lr == 0.05 and local.momentum == cfg.local.momentum == 0.9
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("local=null", r"^local: expected a mapping for LocalTraining"),
+        ("name=..", r"^name: '\.\.' is not a valid run name"),
+        ("pretrain.sha256=abc", r"^pretrain: sha256: only checks a given checkpoint"),
+        ("pretrain.holdout_fraction=1.0", r"^pretrain: holdout_fraction: must be in \[0, 1\)"),
+        ("data.num_clients=0", r"^data: num_clients: must be >= 1"),
+        ("data.partition.alpha=-1", r"^data\.partition: Dirichlet: alpha must be > 0"),
+        ("local.lr=.inf", r"^local: LocalTraining: lr must be finite"),
+        ("server_optimizer.lr=.inf", r"^server_optimizer: ServerSGD: lr must be finite"),
+        ("name=[oops", r"^--set name: value '\[oops' is not valid YAML"),
+    ],
+)
+def test_config_rejects_bad_values_with_their_path(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

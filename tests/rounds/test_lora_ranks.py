@@ -16,11 +16,11 @@ from torch import Tensor
 from fedtransfer import LocalTraining, Recipe, Reply, ServerState, run_round, tree
 from fedtransfer.codecs import Float32, Payload
 from fedtransfer.data import FederatedDataset, TensorData
+from fedtransfer.rounds.schedule import Schedule
 from fedtransfer.runtime import SerialRuntime
 from fedtransfer.server import AllClients
 from fedtransfer.transfer import HeadOnly
 from fedtransfer.transfer.lora import Lora
-from fedtransfer.transfer.schedule import Stage, Stages
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -159,11 +159,15 @@ def test_round_lora_ranks_rejected_update_leaves_the_global_model_as_without_it(
 
 
 def test_round_staged_lora_ranks_trim_per_client_in_the_lora_stage() -> None:
-    """A ``Stages`` schedule passes ``truncate``/``trim``/``pad`` to its LoRA stage."""
-    recipe = Recipe(
-        policy=Stages((Stage(1, HeadOnly()), Stage(None, HET))), local=LOCAL, sampler=AllClients()
+    """A schedule's LoRA stage is a plain recipe: its ranks trim and pad per client."""
+    base = Recipe(local=LOCAL, sampler=AllClients())
+    recipe = Schedule(
+        (
+            (1, dataclasses.replace(base, policy=HeadOnly())),
+            (None, dataclasses.replace(base, policy=HET)),
+        )
     )
-    state = ServerState.initial(recipe, make_tiny_model(), seed=0)
+    state = recipe.start(make_tiny_model(), seed=0)
     data = _population()
     state, _ = run_round(recipe, state, data, SerialRuntime(), model_fn=make_tiny_model)
     runtime = RecordingRuntime()

@@ -1,6 +1,6 @@
-"""Staged schedules (``Stages``): stage arithmetic, validation, hand-over keys, and staged runs
-through ``run_round``: bytes per stage, the rebase at a stage boundary, the hand-over of keys
-that stopped being shared, and resume across the boundary."""
+"""Schedules of recipes (``Schedule``): stage arithmetic, validation, hand-over keys, and staged
+runs through ``run_round``: bytes per stage, the rebase at a stage boundary, the hand-over of
+keys that stopped being shared, and resume across the boundary."""
 
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ from fedtransfer.client.drift import Scaffold
 from fedtransfer.codecs import Exact, Float32, Payload
 from fedtransfer.data import FederatedDataset
 from fedtransfer.rounds.buffered import FedBuff, run_buffered_step
-from fedtransfer.rounds.schedule import begin_round
+from fedtransfer.rounds.schedule import Schedule, begin_round
 from fedtransfer.runtime import SerialRuntime
 from fedtransfer.server import AllClients, ServerAdam, ServerPipeline
 from fedtransfer.state import load_state, save_state
 from fedtransfer.transfer import FrozenHead, Full, HeadOnly, PersonalHead, Rules
-from fedtransfer.transfer.schedule import Stage, StagePolicy, Stages, stage_recipe
+from fedtransfer.transfer.plan import TransferPolicy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -57,24 +57,44 @@ class Scripted:
 BABU_COHORTS = (("c0", "c1", "c2"), ("c0", "c1"), ("c0", "c3"), ("c0", "c1", "c3", "c4"))
 
 
-def _babu(cohorts: tuple[tuple[str, ...], ...] = BABU_COHORTS) -> Recipe:
-    stages = Stages((Stage(2, FrozenHead()), Stage(None, HeadOnly())))
-    return Recipe(policy=stages, local=LOCAL, sampler=Scripted(cohorts))
+def _staged(base: Recipe, *stages: tuple[int | None, TransferPolicy]) -> Schedule:
+    """``base`` under each policy in turn."""
+    return Schedule(tuple((rounds, replace(base, policy=p)) for rounds, p in stages))
 
 
-def _lp_ft(**changes: Any) -> Recipe:
-    stages = Stages((Stage(2, HeadOnly()), Stage(None, Full())))
-    return Recipe(**{"policy": stages, "local": LOCAL, "sampler": AllClients(), **changes})
+def _babu(cohorts: tuple[tuple[str, ...], ...] = BABU_COHORTS, **changes: Any) -> Schedule:
+    base = Recipe(**{"local": LOCAL, "sampler": Scripted(cohorts), **changes})
+    return _staged(base, (2, FrozenHead()), (None, HeadOnly()))
+
+
+def _lp_ft(**changes: Any) -> Schedule:
+    base = Recipe(**{"local": LOCAL, "sampler": AllClients(), **changes})
+    return _staged(base, (2, HeadOnly()), (None, Full()))
+
+
+def _start(schedule: Schedule) -> ServerState:
+    return schedule.start(make_tiny_model(), seed=0)
+
+
+def _begin(schedule: Schedule, state: ServerState) -> tuple[Recipe, ServerState]:
+    return begin_round(schedule, state, model_fn=schedule.prepared(make_tiny_model))
+
+
+def _handover(schedule: Schedule, since: int, now: int) -> tuple[str, ...]:
+    """The keys a set-up client holding stage ``since``'s start lacks in stage ``now``."""
+    state = _start(schedule).distributed(stage=now, set_up=("c",), synced={"c": since})
+    lacking = schedule.handover(state, ["c"], model_fn=schedule.prepared(make_tiny_model))
+    return lacking.get("c", ())
 
 
 def _run(
-    recipe: Recipe,
+    recipe: Schedule,
     data: FederatedDataset,
     rounds: int,
     state: ServerState | None = None,
     runtime: Any = None,
 ) -> ServerState:
-    state = state or ServerState.initial(recipe, make_tiny_model(), seed=0)
+    state = state or _start(recipe)
     for _ in range(rounds):
         state, _ = run_round(
             recipe, state, data, runtime or SerialRuntime(), model_fn=make_tiny_model
@@ -86,77 +106,101 @@ def _nbytes(codec: Any, params: dict[str, Tensor]) -> int:
     return len(codec.encode(params).to_bytes())
 
 
-# --- Stage / Stages ------------------------------------------------------------------------
+# --- Schedule -----------------------------------------------------------------------------
 
 
-def test_stages_index_at_maps_rounds_to_stages() -> None:
-    stages = Stages((Stage(2, HeadOnly()), Stage(3, Full()), Stage(None, FrozenHead())))
-    assert [stages.index_at(r) for r in range(1, 8)] == [0, 0, 1, 1, 1, 2, 2]
-    assert stages.index_at(1000) == 2
+def test_schedule_index_at_maps_rounds_to_stages() -> None:
+    schedule = _staged(Recipe(), (2, HeadOnly()), (3, Full()), (None, FrozenHead()))
+    assert [schedule.index_at(r) for r in range(1, 8)] == [0, 0, 1, 1, 1, 2, 2]
+    assert schedule.index_at(1000) == 2
+    assert [schedule.first_round(i) for i in range(3)] == [1, 3, 6]
 
 
-def test_stages_index_at_after_the_last_finite_stage_stays_in_it() -> None:
-    stages = Stages((Stage(1, HeadOnly()), Stage(2, Full())))
-    assert [stages.index_at(r) for r in (1, 2, 3, 4, 9)] == [0, 1, 1, 1, 1]
+def test_schedule_index_at_after_the_last_finite_stage_stays_in_it() -> None:
+    schedule = _staged(Recipe(), (1, HeadOnly()), (2, Full()))
+    assert [schedule.index_at(r) for r in (1, 2, 3, 4, 9)] == [0, 1, 1, 1, 1]
+
+
+def test_schedule_recipe_at_is_the_stage_recipe_itself() -> None:
+    head, full = Recipe(policy=HeadOnly(), objective=Scaffold()), Recipe(local=LOCAL)
+    schedule = Schedule(((1, head), (None, full)))
+    assert schedule.recipe_at(1) is head and schedule.recipe_at(2) is full
 
 
 @pytest.mark.parametrize("rounds", [0, -1, True, 1.5, "3"])
-def test_stage_rejects_rounds_that_are_not_a_positive_integer(rounds: Any) -> None:
-    with pytest.raises(ConfigError, match=r"Stage\.rounds"):
-        Stage(rounds, Full())
+def test_schedule_rejects_rounds_that_are_not_a_positive_integer(rounds: Any) -> None:
+    with pytest.raises(ConfigError, match=r"Schedule\.stages\[0\]: rounds must be"):
+        Schedule(((rounds, Recipe()), (None, Recipe())))
 
 
-def test_stages_rejects_an_open_ended_stage_before_the_last() -> None:
-    with pytest.raises(ConfigError, match=r"Stages\.stages\[0\]: only the last stage"):
-        Stages((Stage(None, HeadOnly()), Stage(None, Full())))
+def test_schedule_rejects_an_open_ended_stage_before_the_last() -> None:
+    with pytest.raises(ConfigError, match=r"Schedule\.stages\[0\]: only the last stage"):
+        Schedule(((None, Recipe()), (None, Recipe())))
 
 
-def test_stages_rejects_nested_stages() -> None:
-    inner = Stages((Stage(None, Full()),))
-    with pytest.raises(ConfigError, match=r"Stages\.stages\[1\]: stages cannot be nested"):
-        Stages((Stage(1, HeadOnly()), Stage(None, inner)))
+def test_schedule_rejects_a_nested_schedule() -> None:
+    inner = Schedule(((None, Recipe()),))
+    with pytest.raises(ConfigError, match=r"Schedule\.stages\[1\]: expected a Recipe"):
+        Schedule(((1, Recipe()), (None, inner)))  # type: ignore[arg-type]
 
 
-def test_stages_rejects_an_empty_schedule() -> None:
+def test_schedule_rejects_an_empty_schedule() -> None:
     with pytest.raises(ConfigError, match="at least one stage"):
-        Stages(())
+        Schedule(())
 
 
-def test_stages_rejects_an_entry_that_is_not_a_stage() -> None:
-    with pytest.raises(ConfigError, match=r"Stages\.stages\[1\]: expected a Stage"):
-        Stages((Stage(1, HeadOnly()), Full()))  # type: ignore[arg-type]
+def test_schedule_rejects_an_entry_that_is_not_a_stage() -> None:
+    with pytest.raises(ConfigError, match=r"Schedule\.stages\[1\]: expected a pair"):
+        Schedule(((1, Recipe()), Recipe()))  # type: ignore[arg-type]
 
 
-def test_stages_handover_is_the_keys_shared_since_and_not_shared_now() -> None:
-    stages = Stages((Stage(1, FrozenHead()), Stage(1, HeadOnly()), Stage(None, Full())))
-    plans = stages.plans(stages.prepare(make_tiny_model()))
-    assert stages.handover(plans, 0, 1) == BODY  # body shared in 0, frozen in 1
-    assert stages.handover(plans, 1, 1) == ()
-    assert stages.handover(plans, 0, 2) == ()  # everything is shared again in 2
-    assert stages.handover(plans, 1, 2) == ()
+def test_schedule_prepared_factory_is_the_factory_itself_for_one_stage() -> None:
+    """A plain recipe runs on the caller's own factory (so worker caches and the default run
+    are untouched); a staged one on a factory that compares equal from call to call."""
+    one = Schedule(((None, Recipe()),))
+    assert one.prepared(make_tiny_model) is make_tiny_model
+    two = _lp_ft()
+    assert two.prepared(make_tiny_model) == two.prepared(make_tiny_model)
+    assert two.prepared(make_tiny_model) is not make_tiny_model
 
 
-def test_stages_handover_collects_every_stage_since_without_duplicates() -> None:
+def test_schedule_handover_is_the_keys_shared_since_and_not_shared_now() -> None:
+    schedule = _staged(Recipe(), (1, FrozenHead()), (1, HeadOnly()), (None, Full()))
+    assert _handover(schedule, 0, 1) == BODY  # body shared in 0, frozen in 1
+    assert _handover(schedule, 1, 1) == ()
+    assert _handover(schedule, 0, 2) == ()  # everything is shared again in 2
+    assert _handover(schedule, 1, 2) == ()
+
+
+def test_schedule_handover_collects_every_stage_since_without_duplicates() -> None:
     """Full, then the body, then the head alone: a client from stage 0 lacks the body (shared
     in 0 and 1) but not the head; one from stage 1 lacks the body too."""
-    stages = Stages((Stage(1, Full()), Stage(1, FrozenHead()), Stage(None, HeadOnly())))
-    plans = stages.plans(stages.prepare(make_tiny_model()))
-    assert stages.handover(plans, 0, 2) == BODY
-    assert stages.handover(plans, 1, 2) == BODY
+    schedule = _staged(Recipe(), (1, Full()), (1, FrozenHead()), (None, HeadOnly()))
+    assert _handover(schedule, 0, 2) == BODY
+    assert _handover(schedule, 1, 2) == BODY
     # mutation caught: counting only stage ``since`` (not every stage up to now - 1)
-    late = Stages((Stage(1, HeadOnly()), Stage(1, FrozenHead()), Stage(None, HeadOnly())))
-    late_plans = late.plans(late.prepare(make_tiny_model()))
-    assert late.handover(late_plans, 0, 2) == BODY
+    late = _staged(Recipe(), (1, HeadOnly()), (1, FrozenHead()), (None, HeadOnly()))
+    assert _handover(late, 0, 2) == BODY
 
 
-def test_stage_recipe_uses_the_stage_objective_and_local_training() -> None:
+def test_schedule_handover_skips_clients_not_set_up_or_not_behind() -> None:
+    schedule = _staged(Recipe(), (1, FrozenHead()), (None, HeadOnly()))
+    state = _start(schedule).distributed(stage=1, set_up=("a", "b"), synced={"a": 0, "b": 1})
+    got = schedule.handover(state, ["a", "b", "new"], model_fn=schedule.prepared(make_tiny_model))
+    assert got == {"a": BODY}
+
+
+def test_config_stages_change_only_the_recipe_fields_they_give() -> None:
+    from fedtransfer.experiment.schedules import StageList, StageSpec
+
     local = LocalTraining(lr=0.3, steps=1, batch_size=4)
-    recipe = Recipe(policy=Stages((Stage(1, HeadOnly(), Scaffold(), local), Stage(None, Full()))))
-    first, i = stage_recipe(recipe, 1)
-    assert i == 0 and first.objective == Scaffold() and first.local == local
-    assert first.policy == StagePolicy(recipe.policy, 0)  # type: ignore[arg-type]
-    second, j = stage_recipe(recipe, 2)
-    assert j == 1 and second.objective == recipe.objective and second.local == recipe.local
+    base = Recipe(local=LOCAL, uplink=Exact())
+    spec = StageList((StageSpec(1, HeadOnly(), Scaffold(), local), StageSpec(None, Full())))
+    schedule = spec.build(base)
+    first, second = schedule.recipe_at(1), schedule.recipe_at(2)
+    assert first.policy == HeadOnly() and first.objective == Scaffold() and first.local == local
+    assert first.uplink == Exact()  # not given: the arm's
+    assert second == replace(base, policy=Full())
 
 
 # --- LP→FT through run_round ---------------------------------------------------------------
@@ -165,7 +209,7 @@ def test_stage_recipe_uses_the_stage_objective_and_local_training() -> None:
 def test_round_lp_ft_bytes_are_the_shared_payload_of_each_stage() -> None:
     data = make_tiny_data()
     recipe = _lp_ft()
-    state = ServerState.initial(recipe, make_tiny_model(), seed=0)
+    state = _start(recipe)
     everything = state.weights_for()
     head_bytes = _nbytes(Float32(), tree.select(everything, HEAD))
     all_bytes = _nbytes(Float32(), everything)
@@ -183,9 +227,9 @@ def test_begin_round_keeps_the_aggregated_head_when_fine_tuning_begins() -> None
     data = make_tiny_data()
     recipe = _lp_ft()
     lp = _run(recipe, data, 2)
-    initial = ServerState.initial(recipe, make_tiny_model(), seed=0)
+    initial = _start(recipe)
     assert not tree.equal(lp.params, initial.params)  # the probe moved the head
-    _, ft = begin_round(recipe, lp, model_fn=make_tiny_model)
+    _, ft = _begin(recipe, lp)
     assert ft.distribution.stage == 1 and list(ft.params) == list(make_tiny_model().state_dict())
     assert tree.equal(tree.select(ft.params, HEAD), lp.params)
     assert tree.equal(tree.select(ft.params, BODY), tree.select(initial.distribution.start, BODY))
@@ -195,7 +239,7 @@ def test_begin_round_keeps_the_aggregated_head_when_fine_tuning_begins() -> None
 def test_begin_round_stage_change_rehashes_the_starting_weights() -> None:
     data = make_tiny_data()
     lp = _run(_lp_ft(), data, 2)
-    _, ft = begin_round(_lp_ft(), lp, model_fn=make_tiny_model)
+    _, ft = _begin(_lp_ft(), lp)
     assert ft.distribution.start_sha256 != lp.distribution.start_sha256
     assert ft.distribution.start_sha256 == tree.sha256(ft.distribution.start)
 
@@ -204,7 +248,7 @@ def test_begin_round_stage_change_restarts_server_state_for_the_new_shared_keys(
     recipe = _lp_ft(objective=Scaffold(), pipeline=ServerPipeline(post=(ServerAdam(lr=0.05),)))
     lp = _run(recipe, make_tiny_data(), 2)
     assert any(float(v.abs().sum()) > 0 for v in lp.server.values())
-    current, ft = begin_round(recipe, lp, model_fn=make_tiny_model)
+    current, ft = _begin(recipe, lp)
     fresh = current.pipeline.init(ft.params)
     objective = Scaffold().server_init(ft.params, Full().plan(make_tiny_model()))
     fresh.update({f"objective/{k}": v for k, v in objective.items()})
@@ -217,16 +261,16 @@ def test_begin_round_stage_change_clears_client_memory() -> None:
     recipe = _lp_ft(objective=Scaffold())
     lp = _run(recipe, make_tiny_data(), 2)
     assert set(lp.holdings.memory) == set(make_tiny_data().clients)  # SCAFFOLD's c_i per client
-    _, ft = begin_round(recipe, lp, model_fn=make_tiny_model)
+    _, ft = _begin(recipe, lp)
     assert ft.holdings.memory == {}
 
 
 def test_begin_round_inside_a_stage_leaves_the_state_alone() -> None:
     recipe = _lp_ft()
     one = _run(recipe, make_tiny_data(), 1)
-    current, same = begin_round(recipe, one, model_fn=make_tiny_model)
+    current, same = _begin(recipe, one)
     assert same is one
-    assert current.policy == StagePolicy(recipe.policy, 0)  # type: ignore[arg-type]
+    assert current is recipe.recipe_at(1) and current.policy == HeadOnly()
 
 
 # --- shared → frozen: the hand-over ---------------------------------------------------------
@@ -236,7 +280,7 @@ def _babu_rounds(rounds: int) -> tuple[list[ServerState], list[Any], list[Record
     """States after 0..rounds rounds of the FedBABU→head schedule, reports and runtimes."""
     data = make_tiny_data()
     recipe = _babu()
-    states = [ServerState.initial(recipe, make_tiny_model(), seed=0)]
+    states = [_start(recipe)]
     reports, runtimes = [], []
     for _ in range(rounds):
         runtime = RecordingRuntime()
@@ -300,7 +344,7 @@ def test_round_client_trains_the_new_stage_from_the_aggregated_body() -> None:
     """c0's round-3 result equals a fresh client's given the aggregated weights outright."""
     states, _, runtimes = _babu_rounds(3)
     weights = states[2].weights_for()
-    recipe, _ = stage_recipe(_babu(), 3)
+    recipe = _babu().recipe_at(3)
     direct = ClientTask(
         client="c0",
         round=3,
@@ -316,7 +360,7 @@ def test_round_client_trains_the_new_stage_from_the_aggregated_body() -> None:
     seen = next(r for r in runtimes[2].results if r.client == "c0")
     assert seen.uplink == expected.uplink
     # and it differs from training on the pre-trained body (mutation: stale frozen keys)
-    stale = ServerState.initial(_babu(), make_tiny_model(), seed=0).weights_for()
+    stale = _start(_babu()).weights_for()
     stale = {**stale, **tree.select(weights, HEAD)}
     old = replace(direct, setup=Exact().encode(stale).to_bytes(), start_sha256=tree.sha256(stale))
     assert client_update(old, recipe=recipe, model_fn=make_tiny_model).uplink != seen.uplink
@@ -341,7 +385,7 @@ def test_save_state_round_trips_stage_and_synced(tmp_path: Path) -> None:
 def test_staged_run_resumed_from_a_checkpoint_is_bit_identical(
     resume_after: int, tmp_path: Path
 ) -> None:
-    recipe = replace(_babu(), pipeline=ServerPipeline(post=(ServerAdam(0.05),)))
+    recipe = _babu(pipeline=ServerPipeline(post=(ServerAdam(0.05),)))
     data = make_tiny_data()
     straight = _run(recipe, data, 4)
     save_state(_run(recipe, data, resume_after), tmp_path)
@@ -357,21 +401,21 @@ def test_staged_run_resumed_from_a_checkpoint_is_bit_identical(
 # --- validation -----------------------------------------------------------------------------
 
 
-def test_recipe_validate_names_the_stage_that_shares_nothing() -> None:
-    recipe = Recipe(policy=Stages((Stage(1, HeadOnly()), Stage(None, NOTHING))))
-    with pytest.raises(CompatibilityError, match=r"Stages\.stages\[1\]: .*shares no keys"):
-        recipe.validate(make_tiny_model())
+def test_schedule_validate_names_the_stage_that_shares_nothing() -> None:
+    schedule = _staged(Recipe(), (1, HeadOnly()), (None, NOTHING))
+    with pytest.raises(CompatibilityError, match=r"Schedule\.stages\[1\]: .*shares no keys"):
+        schedule.validate(make_tiny_model())
 
 
-def test_recipe_validate_accepts_every_stage_that_shares_something() -> None:
+def test_schedule_validate_accepts_every_stage_that_shares_something() -> None:
     plan = _babu().validate(make_tiny_model(), population=make_tiny_data().clients)
     assert plan.shared == BODY
 
 
 def test_run_buffered_step_refuses_a_staged_recipe() -> None:
     recipe = _lp_ft()
-    state = ServerState.initial(recipe, make_tiny_model(), seed=0)
-    with pytest.raises(CompatibilityError, match="Stages"):
+    state = _start(recipe)
+    with pytest.raises(CompatibilityError, match="schedule of 2 stages"):
         run_buffered_step(
             recipe,
             state,
@@ -389,7 +433,7 @@ def test_round_client_behind_a_stage_lacks_the_handover_keys_until_it_decodes_th
     _, _, runtimes = _babu_rounds(3)
     task = _task(runtimes[2], "c0")
     assert not set(BODY) & set(task.frozen)  # the body reaches c0 only through its hand-over
-    recipe, _ = stage_recipe(_babu(), 3)
+    recipe = _babu().recipe_at(3)
     with pytest.raises(RuntimeError, match="Missing key"):
         client_update(replace(task, handover=None), recipe=recipe, model_fn=make_tiny_model)
 
@@ -397,10 +441,11 @@ def test_round_client_behind_a_stage_lacks_the_handover_keys_until_it_decodes_th
 def test_round_handover_of_a_key_that_became_local_reaches_the_client_local_keys() -> None:
     # stage 0 shares everything; stage 1 keeps the head local (FedPer): c0 holds a stale head
     cohorts = (("c0", "c1"), ("c1",), ("c0",))
-    stages = Stages((Stage(1, Full()), Stage(None, PersonalHead())))
-    recipe = Recipe(policy=stages, local=LOCAL, sampler=Scripted(cohorts))
+    recipe = _staged(
+        Recipe(local=LOCAL, sampler=Scripted(cohorts)), (1, Full()), (None, PersonalHead())
+    )
     data = make_tiny_data()
-    state = ServerState.initial(recipe, make_tiny_model(), seed=0)
+    state = _start(recipe)
     runtime = RecordingRuntime()
     for _ in range(3):
         state, _ = run_round(recipe, state, data, runtime, model_fn=make_tiny_model)
@@ -410,11 +455,10 @@ def test_round_handover_of_a_key_that_became_local_reaches_the_client_local_keys
 
 
 def test_begin_round_drops_stored_local_keys_that_are_no_longer_local() -> None:
-    stages = Stages((Stage(1, PersonalHead()), Stage(None, Full())))
-    recipe = Recipe(policy=stages, local=LOCAL, sampler=AllClients())
+    recipe = _staged(Recipe(local=LOCAL, sampler=AllClients()), (1, PersonalHead()), (None, Full()))
     state = _run(recipe, make_tiny_data(), 1)
     assert all(set(held) == set(HEAD) for held in state.holdings.local.values())
-    _, entered = begin_round(recipe, state, model_fn=make_tiny_model)
+    _, entered = _begin(recipe, state)
     assert all(held == {} for held in entered.holdings.local.values())
     # every client now evaluates with the global head, not its old personal one
     for c in entered.holdings.local:
@@ -423,13 +467,13 @@ def test_begin_round_drops_stored_local_keys_that_are_no_longer_local() -> None:
         )
 
 
-def test_recipe_validate_refuses_lora_stages_of_different_ranks() -> None:
+def test_schedule_validate_refuses_lora_stages_of_different_ranks() -> None:
     from fedtransfer.errors import PlanError
     from fedtransfer.transfer import Lora
 
-    stages = Stages((Stage(1, Lora(rank=2)), Stage(None, Lora(rank=4))))
+    schedule = _staged(Recipe(), (1, Lora(rank=2)), (None, Lora(rank=4)))
     with pytest.raises(PlanError, match="already has a LoRA adapter of rank 2"):
-        Recipe(policy=stages).validate(make_tiny_model())
+        schedule.validate(make_tiny_model())
 
 
 @pytest.mark.parametrize(
@@ -439,8 +483,38 @@ def test_recipe_validate_refuses_lora_stages_of_different_ranks() -> None:
 def test_experiment_config_refuses_stages_outside_the_synchronous_loop(arm: str) -> None:
     from fedtransfer.experiment.run import load_config
 
-    staged = (
-        "{kind: stages, stages: [{rounds: 1, policy: {kind: head_only}}, {policy: {kind: full}}]}"
+    staged = "{kind: lp_ft, head_rounds: 1}"
+    with pytest.raises(ConfigError, match="a staged schedule"):
+        load_config(None, [f"schedule={staged}", f"arms=[{arm}]"])
+
+
+def test_experiment_config_builds_each_named_schedule_on_the_arm_recipe() -> None:
+    from fedtransfer.experiment.run import load_config
+
+    cfg = load_config(
+        None,
+        [
+            "arms=[{name: lp, schedule: {kind: lp_ft, head_rounds: 2}}, "
+            "{name: ncm, schedule: {kind: fedncm}}, "
+            "{name: babu, schedule: {kind: babu_then_head, body_rounds: 3}}, "
+            "{name: prog, schedule: {kind: progressive, blocks: 2, every: 4}}, {name: plain}]",
+            "local.lr=0.2",
+        ],
     )
-    with pytest.raises(ConfigError, match="stages"):
-        load_config(None, [f"policy={staged}", f"arms=[{arm}]"])
+    lp, ncm, babu, prog, plain = (cfg.schedule_of(a) for a in cfg.arms)
+    assert [r.policy for _, r in lp.stages] == [HeadOnly(), Full()] and lp.index_at(3) == 1
+    assert ncm.recipe_at(1).uplink == Float32() and ncm.recipe_at(2).policy == Full()
+    assert [rounds for rounds, _ in babu.stages] == [3, None]
+    assert [rounds for rounds, _ in prog.stages] == [4, None]
+    assert all(r.local.lr == 0.2 for s in (lp, ncm, babu, prog) for _, r in s.stages)
+    assert not plain.staged and plain.recipe_at(1) == cfg.recipe(cfg.arms[4])
+
+
+def test_experiment_config_reads_the_former_staged_policy_as_a_schedule() -> None:
+    from fedtransfer.experiment.run import load_config
+
+    staged = "{kind: stages, stages: [{rounds: 1, policy: {kind: head_only}}, {}]}"
+    with pytest.warns(DeprecationWarning, match="schedule"):
+        cfg = load_config(None, [f"policy={staged}"])
+    schedule = cfg.schedule_of(cfg.arms[1])
+    assert [r.policy for _, r in schedule.stages] == [HeadOnly(), Full()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,12 +29,12 @@ from fedtransfer import (
 )
 from fedtransfer.client.drift import Scaffold
 from fedtransfer.rounds.buffered import FedBuff, run_buffered_step
+from fedtransfer.rounds.schedule import Schedule, as_schedule
 from fedtransfer.runtime import SerialRuntime
 from fedtransfer.server import Uniform
 from fedtransfer.state import ClientHoldings, load_state, save_state
 from fedtransfer.state.clientstore import ClientStore, emptied, mapped, merged
 from fedtransfer.transfer import Full, LocalBatchNorm, PersonalHead
-from fedtransfer.transfer.schedule import Stage, Stages
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -49,9 +50,9 @@ RECIPES: dict[str, Callable[[], Recipe]] = {
 
 
 def _start(
-    recipe: Recipe, store: Path | None = None, *, cache_size: int | None = None
+    recipe: Recipe | Schedule, store: Path | None = None, *, cache_size: int | None = None
 ) -> ServerState:
-    state = ServerState.initial(recipe, make_tiny_model(), seed=0)
+    state = as_schedule(recipe).start(make_tiny_model(), seed=0)
     if store is None:
         return state
     return state.replace(
@@ -61,7 +62,7 @@ def _start(
     )
 
 
-def _rounds(recipe: Recipe, state: ServerState, rounds: int) -> ServerState:
+def _rounds(recipe: Recipe | Schedule, state: ServerState, rounds: int) -> ServerState:
     for _ in range(rounds):
         state, _ = run_round(recipe, state, DATA, SerialRuntime(), model_fn=make_tiny_model)
     return state
@@ -221,8 +222,8 @@ def test_initial_with_client_store_uses_stores(tmp_path: Path) -> None:
 
 
 def test_staged_rounds_with_clientstore_equal_dicts(tmp_path: Path) -> None:
-    stages = Stages((Stage(2, PersonalHead()), Stage(None, Full())))
-    recipe = Recipe(policy=stages, local=LOCAL, sampler=Uniform(3), objective=Scaffold())
+    base = Recipe(local=LOCAL, sampler=Uniform(3), objective=Scaffold())
+    recipe = Schedule(((2, replace(base, policy=PersonalHead())), (None, base)))
     plain = _rounds(recipe, _start(recipe), 4)
     stored = _rounds(recipe, _start(recipe, tmp_path), 4)
     assert isinstance(stored.holdings.local, ClientStore) and stored.distribution.stage == 1

@@ -36,7 +36,7 @@ class ClientTask:
     ``setup`` carries the encoded starting weights on a client's first participation; the
     client checks their hash against ``start_sha256`` before it trains. ``handover`` carries,
     in a staged schedule, the keys that changed since the starting weights this client holds
-    (see :mod:`fedtransfer.transfer.schedule`).
+    (see :mod:`fedtransfer.rounds.schedule`).
     """
 
     client: str
@@ -223,14 +223,14 @@ def _weights(plan: ParamPlan, task: ClientTask, recipe: Recipe) -> tuple[dict[st
     for heterogeneous ranks. Returns them and the global shared keys."""
     frozen: Params = task.frozen
     local = task.local
+    received: dict[str, Tensor] = {}  # set-up (new clients) or hand-over (clients behind)
     if task.setup is not None:
-        start = verify_start(task.setup, task.start_sha256, client=task.client)
-        frozen = tree.select(start, plan.frozen)
-        local = {**tree.select(start, plan.local), **local}
+        received = verify_start(task.setup, task.start_sha256, client=task.client)
     if task.handover is not None:
-        handed = SETUP_CODEC.decode(Payload.from_bytes(task.handover))
-        frozen = {**frozen, **{k: handed[k] for k in plan.frozen if k in handed}}
-        local = {**{k: handed[k] for k in plan.local if k in handed}, **local}
+        received = {**received, **SETUP_CODEC.decode(Payload.from_bytes(task.handover))}
+    if received:
+        more_frozen, local = plan.held(received, local)
+        frozen = {**frozen, **more_frozen}
     global_shared = _downlink(recipe, task.downlink)
     weights = {**frozen, **local, **global_shared}
     per_client = per_client_rank(recipe.policy)

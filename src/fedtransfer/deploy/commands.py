@@ -114,8 +114,9 @@ def _check_secure(config: ExperimentConfig, arm: str, secure: SecureAggregation)
     """Secure aggregation's settings against the arm's recipe, before anything starts."""
     from fedtransfer import tree
 
-    recipe = config.recipe(config.arm(arm))
-    model = recipe.policy.prepare(config.model())
+    schedule = config.schedule_of(config.arm(arm))
+    recipe = schedule.recipe_at(1)
+    model = recipe.policy.prepare(schedule.prepared(config.model)())
     plan = recipe.policy.plan(model)
     clients = [str(i) for i in range(config.data.num_clients)]
     cohort = len(recipe.sampler.sample(clients, seed=config.seed, round=1))

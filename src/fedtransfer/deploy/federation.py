@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 
 from torch import Tensor, nn
 
-from fedtransfer import tree
 from fedtransfer.client.evaluate import evaluate
 from fedtransfer.client.update import (
     SETUP_CODEC,
@@ -33,13 +32,13 @@ from fedtransfer.errors import CompatibilityError, FedTransferError
 from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.finalize import RoundReport
 from fedtransfer.rounds.messages import Reply, Request, Send
+from fedtransfer.rounds.schedule import Schedule, as_schedule
 from fedtransfer.rounds.spine import open_round, server_round
 from fedtransfer.state import ClientHoldings, ServerState
-from fedtransfer.transfer.schedule import stage_recipe
 
 
 def deployed_round(
-    recipe: Recipe,
+    recipe: Recipe | Schedule,
     state: ServerState,
     clients: Sequence[str],
     send: Send,
@@ -49,9 +48,9 @@ def deployed_round(
     """Round ``state.round + 1`` of ``recipe`` among ``clients`` over a transport: the
     simulator's :func:`~fedtransfer.rounds.spine.open_round` (stage, cohort) and
     :func:`~fedtransfer.rounds.spine.server_round` around ``send``."""
-    current, state, cohort = open_round(recipe, state, clients, model_fn=model_fn)
+    _, state, cohort = open_round(recipe, state, clients, model_fn=model_fn)
     return server_round(
-        current, state, cohort, send, model_fn=model_fn, population_size=len(clients)
+        recipe, state, cohort, send, model_fn=model_fn, population_size=len(clients)
     )
 
 
@@ -79,14 +78,16 @@ def client_round(
     request: Request,
     holdings: Holdings,
     data: TensorData,
-    recipe: Recipe,
+    recipe: Recipe | Schedule,
     *,
     model_fn: Callable[[], nn.Module],
 ) -> tuple[Reply, Holdings]:
     """One client's round on its private ``data``: :func:`client_update`, with the weights it
     holds. Returns the reply and what it keeps. A request for another stage than the one
     this client's recipe is in is refused (the two sides run different configurations)."""
-    current, stage = stage_recipe(recipe, request.round)
+    schedule = as_schedule(recipe)
+    stage, model_fn = schedule.index_at(request.round), schedule.prepared(model_fn)
+    current = schedule.stages[stage][1]
     if stage != request.stage:
         raise CompatibilityError(
             f"client {request.client}, round {request.round}: the server is in stage "
@@ -105,14 +106,15 @@ def client_round(
     if request.handover is not None:
         start = {**start, **SETUP_CODEC.decode(Payload.from_bytes(request.handover))}
     _, plan = worker_model(current.policy, model_fn)
+    held = plan.held(start, holdings.local)
     task = ClientTask(
         client=request.client,
         round=request.round,
         seed=request.seed,
         downlink=request.downlink,
         data=data,
-        local={**tree.select(start, plan.local), **holdings.local},
-        frozen=tree.select(start, plan.frozen),
+        local=held[1],
+        frozen=held[0],
         start_sha256=request.start_sha256,
         memory=holdings.memory,
         broadcast=request.broadcast,
@@ -128,14 +130,15 @@ def client_evaluate(
     request: Request,
     holdings: Holdings,
     data: TensorData,
-    recipe: Recipe,
+    recipe: Recipe | Schedule,
     *,
     model_fn: Callable[[], nn.Module],
 ) -> dict[str, float]:
     """The global model of ``request.round`` (its shared keys in ``request.downlink``) with
     this client's frozen and local keys, evaluated on its test ``data``; a client never set up
     verifies the ``request.setup`` it is sent first."""
-    current, _ = stage_recipe(recipe, request.round)
+    schedule = as_schedule(recipe)
+    current, model_fn = schedule.recipe_at(request.round), schedule.prepared(model_fn)
     start = holdings.start
     if request.setup is not None:
         start = verify_start(request.setup, request.start_sha256, client=request.client)
@@ -143,12 +146,8 @@ def client_evaluate(
         raise FedTransferError(f"client {request.client}: evaluate before any starting weights")
     model, plan = worker_model(current.policy, model_fn)
     shared = current.downlink.decode(Payload.from_bytes(request.downlink))
-    weights = {
-        **tree.select(start, plan.frozen),
-        **tree.select(start, plan.local),
-        **holdings.local,
-        **shared,
-    }
+    frozen, local = plan.held(start, holdings.local)
+    weights = {**frozen, **local, **shared}
     load_weights(model, weights)
     return evaluate(model, data)
 

@@ -30,7 +30,6 @@ from fedtransfer.errors import FedTransferError
 from fedtransfer.experiment.run import build_population, load_config
 from fedtransfer.experiment.schema import ExperimentConfig
 from fedtransfer.rounds.messages import Reply, Request
-from fedtransfer.transfer.schedule import stage_recipe
 
 # --- the client ----------------------------------------------------------------------------
 
@@ -108,9 +107,9 @@ def client_app(config_path: str | Path, *, secure: bool = False) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         cfg, name, population = side(context)
         req = request_of(msg)
-        recipe = cfg.recipe(cfg.arm(str(context.run_config["arm"])))
+        schedule = cfg.schedule_of(cfg.arm(str(context.run_config["arm"])))
         ev = client_evaluate(
-            req, _holdings(context), population.test[name], recipe, model_fn=cfg.model
+            req, _holdings(context), population.test[name], schedule, model_fn=cfg.model
         )
         return Message(content({"client": name, **ev}), reply_to=msg)
 
@@ -128,7 +127,7 @@ def _secure_train(
     if reply.error:
         raise FedTransferError(reply.error)
     _keep(context, held)
-    current, _ = stage_recipe(cfg.recipe(cfg.arm(str(context.run_config["arm"]))), req.round)
+    current = cfg.schedule_of(cfg.arm(str(context.run_config["arm"]))).recipe_at(req.round)
     update = current.uplink.decode(Payload.from_bytes(reply.uplink))
     c = norm_bound(current)  # checked by the server before round 1
     return fit_reply(bounded(update, c), reply.num_examples, msg)
@@ -140,8 +139,10 @@ def _train(
     """This node's client round for ``req``, from what the node holds."""
     if req.client != name:
         raise FedTransferError(f"this node holds client {name}, the server asked {req.client}")
-    recipe = cfg.recipe(cfg.arm(str(context.run_config["arm"])))
-    return client_round(req, _holdings(context), population.train[name], recipe, model_fn=cfg.model)
+    schedule = cfg.schedule_of(cfg.arm(str(context.run_config["arm"])))
+    return client_round(
+        req, _holdings(context), population.train[name], schedule, model_fn=cfg.model
+    )
 
 
 # --- the server ----------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from fedtransfer.errors import FedTransferError
 from fedtransfer.experiment.run import start_state
 from fedtransfer.experiment.schema import ExperimentConfig
 from fedtransfer.rounds.messages import Reply, Request, Send
+from fedtransfer.rounds.schedule import Schedule
 from fedtransfer.state import ServerState, load_state, save_state
-from fedtransfer.transfer.schedule import stage_recipe
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +42,21 @@ def serve(
     out, arm_name = Path(str(run_config["out-dir"])), str(run_config["arm"])
     timeout = float(run_config.get("timeout", 300))
     folder = out / "checkpoints" / arm_name
-    _, recipe, state = start_state(cfg, out, arm_name)
+    _, schedule, state = start_state(cfg, out, arm_name)
     if (folder / "latest.json").exists():  # a restarted server never loses a finished round
         state = resumed(load_state(folder))
         log.warning("deploy: continuing from round %d; clients are set up again", state.round)
     nodes = _connect(grid, cfg.data.num_clients, timeout)
     clients = sorted(nodes, key=lambda c: nodes[c][1])
     log.info("deploy: %d clients online: %s", len(clients), clients)
-    secure = _secure(grid, context, cfg, recipe, state, nodes, run_config, timeout)
+    secure = _secure(grid, context, cfg, schedule, state, nodes, run_config, timeout)
     while state.round < cfg.rounds:
         transport = _Transport(grid, nodes, timeout)
         send: Send = transport
         if secure is not None:
-            uplink = stage_recipe(recipe, state.round + 1)[0].uplink
+            uplink = schedule.recipe_at(state.round + 1).uplink
             send = secure_sum(secure, uplink=uplink, params=state.params)
-        state, rep = deployed_round(recipe, state, clients, send, model_fn=cfg.model)
+        state, rep = deployed_round(schedule, state, clients, send, model_fn=cfg.model)
         save_state(state, folder)
         record = {
             "round": state.round,
@@ -75,7 +75,7 @@ def serve(
             int(run_config.get("eval-every", 0))
             and (state.round % int(run_config["eval-every"]) == 0)
         ):
-            record.update(_evaluate(grid, recipe, state, nodes, timeout))
+            record.update(_evaluate(grid, schedule, state, nodes, timeout))
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         log.info("deploy: round %d done in %.1f s", state.round, rep.seconds)
@@ -86,7 +86,7 @@ def _secure(
     grid: Grid,
     context: Context | None,
     cfg: ExperimentConfig,
-    recipe: Any,
+    schedule: Schedule,
     state: ServerState,
     nodes: Mapping[str, tuple[int, int, int]],
     run_config: Mapping[str, Any],
@@ -105,7 +105,8 @@ def _secure(
         quantization_range=int(run_config.get("secure-quantization-range", 2**22)),
         modulus_range=int(run_config.get("secure-modulus-range", 2**32)),
     )
-    plan = recipe.plan(cfg.model())
+    recipe = schedule.recipe_at(state.round + 1)
+    plan = recipe.plan(schedule.prepared(cfg.model)())
     cohort = len(recipe.sampler.sample(list(nodes), seed=state.seed, round=state.round + 1))
     clip = settings.clipping_range(recipe, cohort, params=state.params, plan=plan)
     return SecureTransport(
@@ -169,12 +170,12 @@ def _connect(grid: Grid, expected: int, timeout: float) -> dict[str, tuple[int, 
 
 def _evaluate(
     grid: Grid,
-    recipe: Any,
+    schedule: Schedule,
     state: ServerState,
     nodes: Mapping[str, tuple[int, int, int]],
     timeout: float,
 ) -> dict[str, Any]:
-    current, _ = stage_recipe(recipe, state.round)  # the codec the clients decode with
+    current = schedule.recipe_at(state.round)  # the codec the clients decode with
     downlink = current.downlink.encode(state.params).to_bytes()
     setup = SETUP_CODEC.encode(state.distribution.start).to_bytes()
     msgs = [

@@ -21,6 +21,14 @@ from fedtransfer.data.datasets import (
     TextSource,
 )
 from fedtransfer.data.partition import IID, Dirichlet, Natural, Partitioner, QuantitySkew, Shards
+from fedtransfer.experiment.schedules import (
+    BabuThenHead,
+    FedNcm,
+    LpFt,
+    Progressive,
+    ScheduleSpec,
+    StageList,
+)
 from fedtransfer.models import CNN, LeafCNN, ModelFactory
 from fedtransfer.models.external import HFSequenceClassifier, TimmModel, TorchvisionModel
 from fedtransfer.models.resnet import CifarResNetFactory
@@ -58,7 +66,6 @@ from fedtransfer.transfer.policies import (
     PersonalHead,
     Rules,
 )
-from fedtransfer.transfer.schedule import Stages
 
 GROUPS: dict[Any, dict[str, type]] = {
     TransferPolicy: {
@@ -72,7 +79,13 @@ GROUPS: dict[Any, dict[str, type]] = {
         "rules": Rules,
         "lora": Lora,
         "peft_adapters": PeftAdapters,
-        "stages": Stages,
+    },
+    ScheduleSpec: {
+        "stages": StageList,
+        "lp_ft": LpFt,
+        "fedncm": FedNcm,
+        "babu_then_head": BabuThenHead,
+        "progressive": Progressive,
     },
     Aggregator: {
         "mean": Mean,
@@ -166,3 +179,68 @@ def group_of(cls: type) -> Any | None:
         if cls in table.values():
             return group
     return None
+
+
+# --- runtimes (``--runtime NAME``) -------------------------------------------------------------
+
+import contextlib  # noqa: E402  (this section is appended: the names above stay as they are)
+import difflib  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+from fedtransfer.errors import ConfigError  # noqa: E402
+from fedtransfer.runtime import (  # noqa: E402
+    AutoRuntime,
+    ProcessRuntime,
+    RayRuntime,
+    Runtime,
+    SerialRuntime,
+    VectorizedRuntime,
+)
+
+RUNTIMES: dict[str, type] = {
+    "serial": SerialRuntime,
+    "process": ProcessRuntime,
+    "ray": RayRuntime,
+    "vectorized": VectorizedRuntime,
+    "auto": AutoRuntime,
+}
+"""Runtime name (the CLI's ``--runtime``) → runtime class."""
+
+_POOL_SIZE: dict[type, str] = {ProcessRuntime: "workers", RayRuntime: "num_actors"}
+"""The runtimes that run on workers, and the argument that says how many."""
+
+POOLED_RUNTIMES: tuple[str, ...] = tuple(n for n, c in RUNTIMES.items() if c in _POOL_SIZE)
+"""The runtime names that take ``workers`` (and ``threads`` per worker)."""
+
+
+@contextlib.contextmanager
+def runtime(
+    name: str, *, workers: int | None = None, threads: int | None = None
+) -> Iterator[Runtime]:
+    """The runtime called ``name`` (a key of :data:`RUNTIMES`), its workers stopped when the
+    block ends. ``workers`` is how many worker processes or Ray actors (default: usable CPUs /
+    threads) and ``threads`` their torch threads; the in-process runtimes run on the caller's
+    threads, so they take no ``workers`` and ignore ``threads``.
+
+    >>> with runtime("serial") as rt:
+    ...     rt
+    SerialRuntime()
+    """
+    cls = RUNTIMES.get(name)
+    if cls is None:
+        near = difflib.get_close_matches(str(name), RUNTIMES, n=1)
+        hint = f"did you mean {near[0]!r}?" if near else "pick one of the names"
+        raise ConfigError(
+            f"runtime: unknown runtime {name!r}; expected one of {list(RUNTIMES)}; hint: {hint}"
+        )
+    size = _POOL_SIZE.get(cls)
+    if size is None:
+        if workers is not None:
+            raise ConfigError(
+                f"runtime {name!r}: runs in this process, so it takes no workers (got "
+                f"workers={workers}); hint: workers need one of {list(POOLED_RUNTIMES)}"
+            )
+        yield cls()
+        return
+    with cls(**{size: workers, "threads": threads}) as pool:
+        yield pool

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,10 +16,12 @@ from fedtransfer.data.bundled import Digits, MNIST5k, Source
 from fedtransfer.data.partition import Dirichlet, Partitioner
 from fedtransfer.errors import ConfigError
 from fedtransfer.experiment.config import dump
+from fedtransfer.experiment.schedules import ScheduleSpec, overridden
 from fedtransfer.models import CNN, ModelFactory
 from fedtransfer.recipe import Recipe
 from fedtransfer.robustness.threat import Threat
 from fedtransfer.rounds.buffered import FedBuff
+from fedtransfer.rounds.schedule import Schedule, as_schedule
 from fedtransfer.server.aggregate import Aggregator, Mean
 from fedtransfer.server.optimizers import ServerSGD, UpdateTransform
 from fedtransfer.server.pipeline import ServerPipeline
@@ -26,7 +29,6 @@ from fedtransfer.server.sample import Sampler, Uniform
 from fedtransfer.transfer.plan import TransferPolicy
 from fedtransfer.transfer.policies import Full, HeadOnly
 from fedtransfer.transfer.pretrain import PretrainSpec
-from fedtransfer.transfer.schedule import Stages
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class ArmConfig:
     uplink: Codec | None = None
     client_transforms: tuple[ClientTransform, ...] | None = None
     fedbuff: FedBuff | None = None
+    schedule: ScheduleSpec | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("federated", "local-only", "centralised"):
@@ -138,6 +141,7 @@ ARM_FIELDS = (
     "uplink",
     "client_transforms",
     "fedbuff",
+    "schedule",
 )
 
 
@@ -148,11 +152,13 @@ def inherit_arm_settings(data: dict[str, Any]) -> dict[str, Any]:
     (momentum, batch size …); a component with a different ``kind:`` replaces it whole.
     """
     arms = data.get("arms")
+    _staged_policy_to_schedule(data, "")
     if not isinstance(arms, list):
         return data
-    for arm in arms:
+    for i, arm in enumerate(arms):
         if not isinstance(arm, dict):
             continue
+        _staged_policy_to_schedule(arm, f"arms.{i}.")
         for name in ARM_FIELDS:
             mine, base = arm.get(name), data.get(name)
             if base is None:
@@ -162,6 +168,27 @@ def inherit_arm_settings(data: dict[str, Any]) -> dict[str, Any]:
             if mine.get("kind", base.get("kind")) == base.get("kind"):
                 arm[name] = {**base, **mine}
     return data
+
+
+def _staged_policy_to_schedule(data: dict[str, Any], where: str) -> None:
+    """The former spelling ``policy: {kind: stages, stages: [...]}`` as ``schedule: {kind:
+    stages, stages: [...]}`` (a stage is a recipe, not a policy), with a warning."""
+    policy = data.get("policy")
+    if not (isinstance(policy, dict) and policy.get("kind") == "stages"):
+        return
+    if "schedule" in data:
+        raise ConfigError(
+            f"{where}policy: kind 'stages' is a schedule, and {where}schedule is set too; "
+            f"hint: move the stages to {where}schedule and drop {where}policy"
+        )
+    warnings.warn(
+        f"{where}policy: {{kind: stages, ...}} is now written {where}schedule: {{kind: "
+        "stages, ...}} (a stage changes the whole recipe, not just the policy)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    data["schedule"] = {k: v for k, v in policy.items()}
+    del data["policy"]
 
 
 def _default_arms() -> tuple[ArmConfig, ...]:
@@ -202,6 +229,7 @@ class ExperimentConfig:
     uplink: Codec = field(default_factory=Float32)
     client_transforms: tuple[ClientTransform, ...] = ()
     fedbuff: FedBuff | None = None
+    schedule: ScheduleSpec | None = None
     threat: Threat | None = None
     personalization: Personalization | None = field(default_factory=Personalization)
     arms: tuple[ArmConfig, ...] = field(default_factory=_default_arms)
@@ -229,38 +257,45 @@ class ExperimentConfig:
 
     def _check_staged(self, i: int, arm: ArmConfig) -> None:
         """A staged schedule needs the synchronous federated loop (the only one with stages)."""
-        if not isinstance(arm.policy or self.policy, Stages):
+        if not self.schedule_of(arm).staged:
             return
         if arm.mode != "federated":
             raise ConfigError(
-                f"arms.{i} ({arm.name}): a staged policy (kind: stages) needs mode: federated, "
-                f"got mode: {arm.mode}; hint: give this arm a single-stage policy, e.g. "
-                "{kind: full}"
+                f"arms.{i} ({arm.name}): a staged schedule needs mode: federated, got mode: "
+                f"{arm.mode}; hint: set schedule: null for this arm"
             )
-        if (arm.fedbuff or self.fedbuff) is not None:
+        if _pick(arm.fedbuff, self.fedbuff) is not None:
             raise ConfigError(
-                f"arms.{i} ({arm.name}): a staged policy (kind: stages) cannot run under "
-                "fedbuff, because updates in flight would belong to the previous stage; hint: "
-                "set fedbuff: null for this arm"
+                f"arms.{i} ({arm.name}): a staged schedule cannot run under fedbuff, because "
+                "updates in flight would belong to the previous stage; hint: set fedbuff: "
+                "null for this arm"
             )
 
     def recipe(self, arm: ArmConfig) -> Recipe:
-        """The recipe of ``arm``: the experiment's components with the arm's overrides."""
-        return Recipe(
-            policy=arm.policy or self.policy,
-            local=arm.local or self.local,
-            objective=arm.objective or self.objective,
-            downlink=arm.downlink or self.downlink,
-            uplink=arm.uplink or self.uplink,
-            client_transforms=(
-                self.client_transforms if arm.client_transforms is None else arm.client_transforms
-            ),
-            pipeline=ServerPipeline(
-                aggregator=arm.aggregator or self.aggregator,
-                post=(arm.server_optimizer or self.server_optimizer,),
-            ),
-            sampler=arm.sampler or self.sampler,
+        """The recipe of ``arm``: the experiment's components with the arm's overrides (what a
+        schedule's stages start from; see :meth:`schedule_of`)."""
+        pipeline = ServerPipeline(
+            aggregator=_pick(arm.aggregator, self.aggregator),
+            post=(_pick(arm.server_optimizer, self.server_optimizer),),
         )
+        mine = Recipe(
+            policy=self.policy,
+            local=self.local,
+            objective=self.objective,
+            downlink=self.downlink,
+            uplink=self.uplink,
+            client_transforms=self.client_transforms,
+            pipeline=pipeline,
+            sampler=self.sampler,
+        )
+        return overridden(mine, arm)
+
+    def schedule_of(self, arm: ArmConfig) -> Schedule:
+        """What ``arm`` runs: its schedule (the arm's, else the experiment's) built on its
+        recipe, or the recipe alone as the one-stage schedule."""
+        spec = _pick(arm.schedule, self.schedule)
+        recipe = self.recipe(arm)
+        return as_schedule(recipe) if spec is None else spec.build(recipe)
 
     def arm(self, name: str) -> ArmConfig:
         """The arm called ``name``; a :class:`ConfigError` naming the arms if there is none."""
@@ -274,3 +309,8 @@ class ExperimentConfig:
     @property
     def needs_pretrained(self) -> bool:
         return any(a.init == "pretrained" for a in self.arms)
+
+
+def _pick(mine: Any, base: Any) -> Any:
+    """The arm's setting, or the experiment's where the arm sets none."""
+    return base if mine is None else mine

@@ -31,11 +31,11 @@ from fedtransfer.rounds.collect import answered, collect
 from fedtransfer.rounds.distribute import distribute
 from fedtransfer.rounds.finalize import RoundReport, aggregate, finalize
 from fedtransfer.rounds.messages import Send
+from fedtransfer.rounds.schedule import Schedule, as_schedule
 from fedtransfer.rounds.simulate import InProcess
 from fedtransfer.runtime.serial import Runtime
 from fedtransfer.seeding import generator
 from fedtransfer.state import InFlight, Pending, ServerState
-from fedtransfer.transfer.schedule import Stages
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class FedBuff:
 
 
 def run_buffered_step(
-    recipe: Recipe,
+    recipe: Recipe | Schedule,
     state: ServerState,
     population: FederatedDataset,
     runtime: Runtime,
@@ -113,12 +113,14 @@ def run_buffered_step(
     arrivals into version ``state.round + 1``. The recipe's sampler is not used: idle clients
     are drawn uniformly, seeded by the run seed and the version."""
     began = time.perf_counter()
-    if isinstance(recipe.policy, Stages):
+    schedule = as_schedule(recipe)
+    if schedule.staged:
         raise CompatibilityError(
-            "FedBuff: staged schedules (Stages) are not supported asynchronously, because "
-            "updates in flight would belong to the previous stage; hint: run the staged arm "
-            "synchronously (drop fedbuff)"
+            f"FedBuff: a schedule of {len(schedule.stages)} stages is not supported "
+            "asynchronously, because updates in flight would belong to the previous stage; "
+            "hint: run the staged arm synchronously (drop fedbuff)"
         )
+    recipe = schedule.recipe_at(1)
     if fedbuff.concurrency > len(population.clients):
         raise ConfigError(
             f"FedBuff: concurrency {fedbuff.concurrency} exceeds the population of "
@@ -160,7 +162,7 @@ def run_buffered_step(
         got,
         step,
         set_up=out.set_up(state, answered=replies.keys()),
-        synced=out.synced(recipe, state),
+        synced={},
         began=began,
         inflight=InFlight(tuple(still), arrived[-1].arrival),
     )

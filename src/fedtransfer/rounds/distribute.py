@@ -3,19 +3,17 @@ starting weights (set-up) for clients new to the run, and stage hand-overs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from fedtransfer import tree
-from fedtransfer.client.update import SETUP_CODEC
+from fedtransfer.client.update import SETUP_CODEC, worker_model
 from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.messages import Request
-from fedtransfer.rounds.schedule import handover_keys
 from fedtransfer.state import ServerState
 from fedtransfer.transfer.plan import ParamPlan
-from fedtransfer.transfer.schedule import StagePolicy
 from fedtransfer.types import State
 
 
@@ -51,16 +49,6 @@ class Outbound:
         new = {c for c in self.new_clients if c in answered}
         return tuple(sorted(set(state.distribution.set_up) | new))
 
-    def synced(self, recipe: Recipe, state: ServerState) -> dict[str, int]:
-        """For each set-up client of a staged schedule, the stage whose starting weights it
-        holds (this round's clients now hold the current stage's)."""
-        if not isinstance(recipe.policy, StagePolicy):
-            return {}
-        return {
-            **state.distribution.synced,
-            **dict.fromkeys(self.clients, state.distribution.stage),
-        }
-
 
 def distribute(
     recipe: Recipe,
@@ -68,19 +56,22 @@ def distribute(
     clients: Sequence[str],
     *,
     model_fn: Callable[[], nn.Module],
+    handover: Mapping[str, Sequence[str]] | None = None,
 ) -> Outbound:
-    """Encode what the server sends ``clients`` in round ``state.round + 1``."""
-    plan = recipe.plan(model_fn())
+    """Encode what the server sends ``clients`` in round ``state.round + 1``: ``handover``
+    names, for clients behind a stage, the keys whose current values they lack
+    (:meth:`~fedtransfer.rounds.schedule.Schedule.handover`)."""
+    _, plan = worker_model(recipe.policy, model_fn)  # built once per (policy, model)
     downlink = recipe.downlink.encode(state.params).to_bytes()
     told = recipe.objective.broadcast(_part(state.server, "objective/"))
     broadcast = recipe.downlink.encode(told).to_bytes() if told else None
     set_up = set(state.distribution.set_up)
     new_clients = tuple(c for c in clients if c not in set_up)
     setup = SETUP_CODEC.encode(state.distribution.start).to_bytes() if new_clients else None
-    lacking = handover_keys(recipe, state, clients, list(new_clients), model_fn=model_fn)
     handovers = {
         c: SETUP_CODEC.encode(tree.select(state.distribution.start, k)).to_bytes()
-        for c, k in lacking.items()
+        for c, k in (handover or {}).items()
+        if c in clients
     }
     requests = tuple(
         Request(

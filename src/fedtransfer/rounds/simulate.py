@@ -60,20 +60,12 @@ class InProcess:
 def holdings(
     state: ServerState, plan: ParamPlan, client: str, lacks: Sequence[str]
 ) -> dict[str, dict[str, Tensor]]:
-    """The frozen and local keys ``client`` holds (in simulation the server hands them over).
-
-    Local keys it has not stored (new, only ever rejected, new in this stage) start from the
-    starting weights; a client behind a stage lacks its hand-over keys until it decodes them."""
-    missing = set(lacks)
-    local = set(plan.local)
-    held = {k: v for k, v in state.holdings.local.get(client, {}).items() if k in local}
-    return {
-        "frozen": {k: state.distribution.start[k] for k in plan.frozen if k not in missing},
-        "local": {
-            **{k: state.distribution.start[k] for k in plan.local if k not in missing},
-            **held,
-        },
-    }
+    """The frozen and local keys ``client`` holds (in simulation the server hands them over):
+    :meth:`~fedtransfer.transfer.plan.ParamPlan.held` of the starting weights and what the
+    client stored. A client behind a stage lacks its hand-over keys until it decodes them."""
+    stored = state.holdings.local.get(client, {})
+    frozen, local = plan.held(state.distribution.start, stored, lacks=lacks)
+    return {"frozen": frozen, "local": local}
 
 
 def _keys(payload: bytes) -> tuple[str, ...]:

@@ -19,14 +19,14 @@ from fedtransfer.rounds.collect import answered, collect, heard
 from fedtransfer.rounds.distribute import distribute
 from fedtransfer.rounds.finalize import RoundReport, aggregate, finalize
 from fedtransfer.rounds.messages import Send
-from fedtransfer.rounds.schedule import begin_round
+from fedtransfer.rounds.schedule import Schedule, as_schedule, begin_round
 from fedtransfer.rounds.simulate import InProcess
 from fedtransfer.runtime.serial import Runtime
 from fedtransfer.state import ServerState
 
 
 def server_round(
-    recipe: Recipe,
+    recipe: Recipe | Schedule,
     state: ServerState,
     cohort: Sequence[str],
     send: Send,
@@ -34,18 +34,21 @@ def server_round(
     model_fn: Callable[[], nn.Module],
     population_size: int,
 ) -> tuple[ServerState, RoundReport]:
-    """Round ``state.round + 1`` of ``recipe`` (the round's own: its stage's in a schedule,
-    see :func:`open_round`) with ``cohort`` over ``send``.
+    """Round ``state.round + 1`` of ``recipe`` (of the stage it is in, for a schedule; begun
+    by :func:`open_round`) with ``cohort`` over ``send``.
 
     Only updates that decode and validate are aggregated; a client that does not answer is
     rejected like one whose update does not decode, and a round with none accepted leaves the
     global parameters and server state unchanged. ``population_size``: the clients of the
     federation (objectives such as SCAFFOLD scale by it)."""
     began = time.perf_counter()
-    out = distribute(recipe, state, cohort, model_fn=model_fn)
+    schedule = as_schedule(recipe)
+    current, model_fn = schedule.recipe_at(state.round + 1), schedule.prepared(model_fn)
+    lacking = schedule.handover(state, cohort, model_fn=model_fn)
+    out = distribute(current, state, cohort, model_fn=model_fn, handover=lacking)
     replies = send(out.requests)
-    got = collect(recipe, state, answered(cohort, replies), plan=out.plan)
-    step = aggregate(recipe, state, got, population_size=population_size)
+    got = collect(current, state, answered(cohort, replies), plan=out.plan)
+    step = aggregate(current, state, got, population_size=population_size)
     step.metrics["schedule/stage"] = float(state.distribution.stage)
     return finalize(
         state,
@@ -53,13 +56,13 @@ def server_round(
         got,
         step,
         set_up=out.set_up(state, answered=heard(got.replies)),
-        synced=out.synced(recipe, state),
+        synced=schedule.synced(state, out.clients),
         began=began,
     )
 
 
 def open_round(
-    recipe: Recipe,
+    recipe: Recipe | Schedule,
     state: ServerState,
     clients: Sequence[str],
     *,
@@ -67,13 +70,14 @@ def open_round(
 ) -> tuple[Recipe, ServerState, list[str]]:
     """The start of round ``state.round + 1``: its recipe (its stage's, in a schedule), the
     state (rebased if the round begins a stage) and the cohort the recipe's sampler draws."""
-    recipe, state = begin_round(recipe, state, model_fn=model_fn)
-    cohort = recipe.sampler.sample(list(clients), seed=state.seed, round=state.round + 1)
-    return recipe, state, cohort
+    schedule = as_schedule(recipe)
+    current, state = begin_round(schedule, state, model_fn=schedule.prepared(model_fn))
+    cohort = current.sampler.sample(list(clients), seed=state.seed, round=state.round + 1)
+    return current, state, cohort
 
 
 def run_round(
-    recipe: Recipe,
+    recipe: Recipe | Schedule,
     state: ServerState,
     population: FederatedDataset,
     runtime: Runtime,
@@ -86,13 +90,14 @@ def run_round(
     malicious clients (robustness evaluation) around them
     (:meth:`~fedtransfer.robustness.threat.Threat.around`)."""
     current, state, cohort = open_round(recipe, state, population.clients, model_fn=model_fn)
-    clients = InProcess(current, state, population.train.__getitem__, runtime, model_fn)
+    prepared = as_schedule(recipe).prepared(model_fn)
+    clients = InProcess(current, state, population.train.__getitem__, runtime, prepared)
     send: Send = clients
     malicious = threat.malicious(population.clients, seed=state.seed) if threat else frozenset()
     if threat is not None:
         send = threat.around(clients, current, state, population=population, malicious=malicious)
     state, report = server_round(
-        current, state, cohort, send, model_fn=model_fn, population_size=len(population.clients)
+        recipe, state, cohort, send, model_fn=model_fn, population_size=len(population.clients)
     )
     n = float(sum(c in malicious for c in cohort))
     return state, replace(report, metrics={**report.metrics, "attack/malicious": n})

@@ -1,17 +1,40 @@
-"""``ServerPipeline``: per-client steps (``ClipNorm``) ▸ aggregator ▸ objective ▸ post (server
-optimiser)."""
+"""``ServerPipeline``: per-client steps (``ClipNorm``) ▸ aggregator ▸ the objective's server
+half ▸ post (server optimiser).
+
+The server half of a client objective (SCAFFOLD's control variate, FedDyn's correction …) is
+a step of this pipeline like any other, seen through :class:`ServerHalf`: the server knows
+nothing of how clients train (``server/`` imports nothing from ``client/``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from torch import Tensor
 
-from fedtransfer.client.objectives import Objective
 from fedtransfer.server.aggregate import Aggregator, Mean
 from fedtransfer.server.optimizers import ServerSGD, UpdateTransform
 from fedtransfer.types import Metrics, Out, Params, State
+
+
+class ServerHalf(Protocol):
+    """The server half of a recipe's objective: a step between the aggregator and the post
+    steps that sees the round's accepted updates, their extras and weights, and keeps its
+    state under ``objective/`` (``Objective`` in :mod:`fedtransfer.client.objectives` is one)."""
+
+    def server_apply(
+        self,
+        step: dict[str, Tensor],
+        *,
+        updates: Sequence[Params],
+        extras: Sequence[State],
+        weights: Sequence[float],
+        state: State,
+        population_size: int,
+        params: Params,
+    ) -> Out[dict[str, Tensor]]:
+        """The adjusted step and the new state; ``params`` is the current global θ."""
 
 
 def _sub(state: State, prefix: str) -> State:
@@ -57,7 +80,7 @@ class ServerPipeline:
         *,
         params: Params,
         state: State,
-        objective: Objective | None = None,
+        objective: ServerHalf | None = None,
         extras: Sequence[State] = (),
         population_size: int = 0,
     ) -> Out[dict[str, Tensor]]:

@@ -13,7 +13,6 @@ from fedtransfer import tree
 from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.messages import Reply
 from fedtransfer.state.clientstore import ClientStore, PerClient
-from fedtransfer.transfer.schedule import stage_recipe
 from fedtransfer.types import State
 
 
@@ -87,7 +86,8 @@ class ServerState:
         seed: int,
         client_store: str | os.PathLike[str] | None = None,
     ) -> ServerState:
-        """Round-0 state from a (pre-trained or freshly initialised) model.
+        """Round-0 state of ``recipe`` from a (pre-trained or freshly initialised) model (of a
+        schedule: :meth:`~fedtransfer.rounds.schedule.Schedule.start`).
 
         With ``client_store``, the holdings' ``local`` and ``memory`` are :class:`ClientStore`
         mappings over that directory (created if needed): each client's local keys and objective memory live
@@ -96,7 +96,6 @@ class ServerState:
         them; keep the store directory next to the checkpoints (e.g. ``run/clients`` beside
         ``run/checkpoints``) and use it from one process at a time.
         """
-        recipe, _ = stage_recipe(recipe, 1)
         prepared = recipe.policy.prepare(model)
         plan = recipe.policy.plan(prepared)
         start = tree.clone(prepared.state_dict())

@@ -1,7 +1,8 @@
 """What trains and what travels: transfer policies, their plans, and pre-trained checkpoints.
 
-Staged schedules live in :mod:`fedtransfer.transfer.schedule` (exported from ``fedtransfer``;
-not imported here, because they depend on the client objectives, which depend on this package).
+A policy says what trains and what travels, nothing else: a stage with its own objective or
+codec is a recipe, so staged schedules are schedules of recipes
+(:class:`fedtransfer.rounds.schedule.Schedule`; the named ones are in :mod:`fedtransfer.algorithms`).
 """
 
 from fedtransfer.transfer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint

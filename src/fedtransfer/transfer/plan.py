@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol, runtime_checkable
@@ -68,6 +68,33 @@ class ParamPlan:
     def trainable(self) -> frozenset[str]:
         """Parameters that get gradients: shared or local ``nn.Parameter``s."""
         return frozenset(k for k in self.parameters if self.labels[k] != "frozen")
+
+    def held(
+        self,
+        start: Mapping[str, Tensor],
+        stored: Mapping[str, Tensor] | None = None,
+        *,
+        lacks: Collection[str] = (),
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The frozen and local weights a client holds: frozen keys from its starting weights
+        ``start``, local keys from what it ``stored`` (its own, trained) or else from
+        ``start``. Keys in ``lacks`` (a hand-over it has yet to decode) and keys ``start``
+        does not hold are left out. The one place a client's weights are assembled (simulator,
+        deployed client, client update, evaluation); the round's global shared keys go on top.
+
+        >>> import torch
+        >>> plan = ParamPlan({"a": "frozen", "b": "local", "c": "shared"}, frozenset())
+        >>> start = {k: torch.zeros(1) for k in "abc"}
+        >>> frozen, local = plan.held(start, {"b": torch.ones(1)})
+        >>> sorted(frozen), local["b"]
+        (['a'], tensor([1.]))
+        """
+        missing = set(lacks)
+        frozen = {k: start[k] for k in self.frozen if k in start and k not in missing}
+        local = {k: start[k] for k in self.local if k in start and k not in missing}
+        if stored:
+            local.update({k: v for k, v in stored.items() if self.labels.get(k) == "local"})
+        return frozen, local
 
     def only(self, keys: Iterable[str]) -> ParamPlan:
         """This plan with every key outside ``keys`` relabelled ``frozen`` (a training phase:

@@ -18,6 +18,7 @@ from fedtransfer.client.fast import features
 from fedtransfer.client.fast.features import head_path, no_feature_cache, train_head_cached
 from fedtransfer.client.train import local_train
 from fedtransfer.data import FederatedDataset, TensorData
+from fedtransfer.rounds.schedule import Schedule, as_schedule
 from fedtransfer.runtime import SerialRuntime
 from fedtransfer.seeding import generator
 from fedtransfer.server import AllClients
@@ -55,12 +56,12 @@ class HeadWithNorm(nn.Module):
 
 
 def _rounds(
-    recipe: Recipe,
+    recipe: Recipe | Schedule,
     model_fn: Callable[[], nn.Module],
     cached: bool,
     data: FederatedDataset | None = None,
 ) -> ServerState:
-    state = ServerState.initial(recipe, model_fn(), seed=0)
+    state = as_schedule(recipe).start(model_fn(), seed=0)
     data = data or make_tiny_data()
     for _ in range(3):
         if cached:
@@ -203,11 +204,9 @@ def test_feature_cache_drops_spilled_files_past_its_disk_budget(
 
 def test_round_cache_follows_a_stage_that_retrains_the_trunk() -> None:
     """Full fine-tuning, then head only: the cached trunk is the one the first stage trained."""
-    from fedtransfer.transfer.schedule import Stage, Stages
-
-    stages = Stages((Stage(1, Full()), Stage(None, HeadOnly())))
-    recipe = Recipe(policy=stages, local=SPEC, sampler=AllClients())
+    full = Recipe(policy=Full(), local=SPEC, sampler=AllClients())
     head_first = Recipe(policy=HeadOnly(), local=SPEC, sampler=AllClients())
+    recipe = Schedule(((1, full), (None, head_first)))
     data = make_tiny_data()  # the same client data objects throughout
     _rounds(head_first, make_tiny_model, True, data)  # caches features of the starting trunk
     cached = _rounds(recipe, make_tiny_model, True, data)
