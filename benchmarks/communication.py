@@ -24,7 +24,7 @@ from sweep import RESULTS, fmt, header, mean_sd, run_seeds, write
 
 from fedtransfer.client.transforms import ErrorFeedback
 from fedtransfer.codecs import Int8, TopK
-from fedtransfer.experiment.schedules import FedNcm, LpFt
+from fedtransfer.experiment.factories import FedNcm, LpFt
 from fedtransfer.experiment.schema import ArmConfig, ExperimentConfig
 from fedtransfer.transfer.lora import Lora
 from fedtransfer.transfer.policies import Full, HeadOnly

@@ -157,3 +157,46 @@ def test_config_arm_partial_local_keeps_experiment_settings():
 def test_config_rejects_bad_values_with_their_path(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_arm_algorithm_names_a_recipe_factory_and_keeps_the_rest_of_the_arm() -> None:
+    from fedtransfer import algorithms
+    from fedtransfer.client.drift import Scaffold
+    from fedtransfer.client.objectives import Prox
+    from fedtransfer.server import ServerAdam, TrimmedMean
+
+    cfg = load_config(
+        None,
+        [
+            "arms=[{name: prox, algorithm: {kind: fedprox, mu: 0.3}}, "
+            "{name: adam, algorithm: {kind: fedadam, lr: 0.02}, aggregator: {kind: trimmed_mean}}, "
+            "{name: rep, algorithm: {kind: fedrep, head_epochs: 2}}, {name: plain}]",
+            "algorithm={kind: scaffold}",
+        ],
+    )
+    prox, adam, rep, plain = (cfg.recipe(a) for a in cfg.arms)
+    assert prox.objective == Prox(mu=0.3) and prox.local == cfg.local
+    assert prox.sampler == cfg.sampler and prox.policy == cfg.policy
+    assert adam.pipeline.post == (ServerAdam(lr=0.02),)
+    assert isinstance(adam.pipeline.aggregator, TrimmedMean)  # the arm's own, kept
+    assert rep.policy == algorithms.fedrep().policy and rep.objective.head_epochs == 2  # type: ignore[attr-defined]
+    assert plain.objective == Scaffold()  # the experiment's algorithm
+
+
+def test_every_algorithm_factory_is_configurable_with_its_own_defaults() -> None:
+    from fedtransfer.experiment.factories import ALGORITHM_SPECS, ALGORITHMS
+
+    assert len(ALGORITHMS) == 13 and set(ALGORITHM_SPECS) == set(ALGORITHMS)
+    base = ExperimentConfig().recipe(ExperimentConfig().arms[0])
+    for name, factory in ALGORITHMS.items():
+        made, built = factory(), ALGORITHM_SPECS[name]().build(base)
+        assert built.objective == made.objective, name
+        assert built.pipeline.post == made.pipeline.post, name
+        assert built.local == base.local and built.sampler == base.sampler, name
+
+
+def test_arm_per_client_steps_reach_the_pipeline() -> None:
+    from fedtransfer.server import ClipNorm
+
+    cfg = load_config(None, ["per_client=[{kind: clip_norm, c: 2.0}]", "arms=[{name: a}]"])
+    assert cfg.recipe(cfg.arms[0]).pipeline.per_client == (ClipNorm(2.0),)

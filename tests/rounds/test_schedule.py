@@ -191,7 +191,7 @@ def test_schedule_handover_skips_clients_not_set_up_or_not_behind() -> None:
 
 
 def test_config_stages_change_only_the_recipe_fields_they_give() -> None:
-    from fedtransfer.experiment.schedules import StageList, StageSpec
+    from fedtransfer.experiment.factories import StageList, StageSpec
 
     local = LocalTraining(lr=0.3, steps=1, batch_size=4)
     base = Recipe(local=LOCAL, uplink=Exact())

@@ -21,7 +21,9 @@ from fedtransfer.data.datasets import (
     TextSource,
 )
 from fedtransfer.data.partition import IID, Dirichlet, Natural, Partitioner, QuantitySkew, Shards
-from fedtransfer.experiment.schedules import (
+from fedtransfer.experiment.factories import (
+    ALGORITHM_SPECS,
+    AlgorithmSpec,
     BabuThenHead,
     FedNcm,
     LpFt,
@@ -43,7 +45,7 @@ from fedtransfer.robustness.attacks import (
     SignFlip,
 )
 from fedtransfer.server.aggregate import Aggregator, Mean
-from fedtransfer.server.clipping import CenteredClipping, NormBound
+from fedtransfer.server.clipping import CenteredClipping, ClipNorm, NormBound
 from fedtransfer.server.optimizers import (
     ServerAdagrad,
     ServerAdam,
@@ -80,6 +82,7 @@ GROUPS: dict[Any, dict[str, type]] = {
         "lora": Lora,
         "peft_adapters": PeftAdapters,
     },
+    AlgorithmSpec: dict(ALGORITHM_SPECS),
     ScheduleSpec: {
         "stages": StageList,
         "lp_ft": LpFt,
@@ -98,6 +101,7 @@ GROUPS: dict[Any, dict[str, type]] = {
         "norm_bound": NormBound,
     },
     UpdateTransform: {
+        "clip_norm": ClipNorm,
         "sgd": ServerSGD,
         "adam": ServerAdam,
         "yogi": ServerYogi,

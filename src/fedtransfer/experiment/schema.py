@@ -16,7 +16,7 @@ from fedtransfer.data.bundled import Digits, MNIST5k, Source
 from fedtransfer.data.partition import Dirichlet, Partitioner
 from fedtransfer.errors import ConfigError
 from fedtransfer.experiment.config import dump
-from fedtransfer.experiment.schedules import ScheduleSpec, overridden
+from fedtransfer.experiment.factories import AlgorithmSpec, ScheduleSpec, overridden
 from fedtransfer.models import CNN, ModelFactory
 from fedtransfer.recipe import Recipe
 from fedtransfer.robustness.threat import Threat
@@ -110,6 +110,8 @@ class ArmConfig:
     downlink: Codec | None = None
     uplink: Codec | None = None
     client_transforms: tuple[ClientTransform, ...] | None = None
+    per_client: tuple[UpdateTransform, ...] | None = None
+    algorithm: AlgorithmSpec | None = None
     fedbuff: FedBuff | None = None
     schedule: ScheduleSpec | None = None
 
@@ -140,6 +142,8 @@ ARM_FIELDS = (
     "downlink",
     "uplink",
     "client_transforms",
+    "per_client",
+    "algorithm",
     "fedbuff",
     "schedule",
 )
@@ -228,6 +232,8 @@ class ExperimentConfig:
     downlink: Codec = field(default_factory=Float32)
     uplink: Codec = field(default_factory=Float32)
     client_transforms: tuple[ClientTransform, ...] = ()
+    per_client: tuple[UpdateTransform, ...] = ()
+    algorithm: AlgorithmSpec | None = None
     fedbuff: FedBuff | None = None
     schedule: ScheduleSpec | None = None
     threat: Threat | None = None
@@ -272,9 +278,12 @@ class ExperimentConfig:
             )
 
     def recipe(self, arm: ArmConfig) -> Recipe:
-        """The recipe of ``arm``: the experiment's components with the arm's overrides (what a
-        schedule's stages start from; see :meth:`schedule_of`)."""
+        """The recipe of ``arm``: the experiment's components with the arm's overrides, then
+        its named ``algorithm`` (the arm's, else the experiment's) if any, which sets the
+        objective and server optimiser; what a schedule's stages start from (see
+        :meth:`schedule_of`)."""
         pipeline = ServerPipeline(
+            per_client=_pick(arm.per_client, self.per_client),
             aggregator=_pick(arm.aggregator, self.aggregator),
             post=(_pick(arm.server_optimizer, self.server_optimizer),),
         )
@@ -288,7 +297,9 @@ class ExperimentConfig:
             pipeline=pipeline,
             sampler=self.sampler,
         )
-        return overridden(mine, arm)
+        recipe: Recipe = overridden(mine, arm)
+        algorithm = _pick(arm.algorithm, self.algorithm)
+        return recipe if algorithm is None else algorithm.build(recipe)
 
     def schedule_of(self, arm: ArmConfig) -> Schedule:
         """What ``arm`` runs: its schedule (the arm's, else the experiment's) built on its

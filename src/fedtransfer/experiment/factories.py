@@ -1,11 +1,22 @@
-"""Schedules as configuration: ``schedule: {kind: lp_ft, head_rounds: 10}`` names a schedule
-factory of :mod:`fedtransfer.algorithms` with its settings, and ``schedule: {kind: stages,
-stages: [{rounds: 1, policy: {kind: head_only}}, {rounds: null}]}`` spells the stages out, each
-changing only the recipe fields it gives. Either is built on the arm's recipe
-(:meth:`ScheduleSpec.build`), which every stage starts from."""
+"""The named factories of :mod:`fedtransfer.algorithms` as configuration, built on the arm's
+recipe (the experiment's components with the arm's overrides).
+
+``algorithm: {kind: fedprox, mu: 0.1}`` names a recipe factory with its settings: it sets the
+objective and the server optimiser (and, for FedRep, FedBABU and LG-FedAvg, the policy) and
+keeps everything else of the arm's recipe. The specs are made from the factories' own
+signatures, so a factory added to ``ALGORITHMS`` is configurable at once.
+
+``schedule: {kind: lp_ft, head_rounds: 10}`` names a schedule factory, and ``schedule: {kind:
+stages, stages: [{rounds: 1, policy: {kind: head_only}}, {rounds: null}]}`` spells the stages
+out, each changing only the recipe fields it gives (:func:`overridden`, the one override rule).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -24,6 +35,63 @@ class ScheduleSpec(Protocol):
     """A schedule in a configuration: built on the arm's recipe."""
 
     def build(self, recipe: Recipe) -> Schedule: ...
+
+
+@runtime_checkable
+class AlgorithmSpec(Protocol):
+    """A named algorithm in a configuration: applied to the arm's recipe."""
+
+    def build(self, recipe: Recipe) -> Recipe: ...
+
+
+ALGORITHMS: dict[str, Callable[..., Recipe]] = {
+    f.__name__: f
+    for f in (
+        algorithms.fedavg,
+        algorithms.fedavgm,
+        algorithms.fedadam,
+        algorithms.fedyogi,
+        algorithms.fedadagrad,
+        algorithms.fedprox,
+        algorithms.scaffold,
+        algorithms.feddyn,
+        algorithms.fednova,
+        algorithms.ditto,
+        algorithms.fedrep,
+        algorithms.fedbabu,
+        algorithms.lg_fedavg,
+    )
+}
+# the factory arguments the arm's recipe gives (its policy, local training and sampler)
+_FROM_RECIPE = ("policy", "local", "clients_per_round")
+
+
+def _algorithm_spec(name: str, factory: Callable[..., Recipe]) -> type:
+    """A frozen dataclass whose fields are ``factory``'s own settings, with its defaults."""
+    hints = typing.get_type_hints(factory)
+    params = [
+        p for p in inspect.signature(factory).parameters.values() if p.name not in _FROM_RECIPE
+    ]
+    sets_policy = "policy" not in inspect.signature(factory).parameters
+
+    def build(self: Any, recipe: Recipe) -> Recipe:
+        made = factory(**{p.name: getattr(self, p.name) for p in params})
+        pipeline = replace(recipe.pipeline, post=made.pipeline.post)
+        policy = made.policy if sets_policy else recipe.policy
+        return replace(recipe, policy=policy, objective=made.objective, pipeline=pipeline)
+
+    cls = dataclasses.make_dataclass(
+        "".join(part.capitalize() for part in name.split("_")) + "Algorithm",
+        [(p.name, hints[p.name], dataclasses.field(default=p.default)) for p in params],
+        namespace={"build": build, "__doc__": f"``kind: {name}``: {factory.__doc__ or ''}"},
+        frozen=True,
+    )
+    cls.__module__ = __name__
+    globals()[cls.__name__] = cls  # importable by name (pickle, repr)
+    return cls
+
+
+ALGORITHM_SPECS: dict[str, type] = {n: _algorithm_spec(n, f) for n, f in ALGORITHMS.items()}
 
 
 def overridden(base: Any, changes: Any) -> Any:
