@@ -1,25 +1,28 @@
-"""Shared by the algorithm and robustness benchmarks: run experiment arms over seeds, collect
-each arm's summary, and write ``results/<name>.md`` and ``results/<name>.json``."""
+"""The benchmark scripts' side of the package's one multi-seed harness
+(:mod:`fedtransfer.experiment.bench`), used by the algorithm, communication, robustness and
+deployment benchmarks: their results go to ``results/<name>.md`` and ``results/<name>.json``
+(with the machine they ran on), torch runs on one thread, and progress is printed."""
 
 from __future__ import annotations
 
-import datetime
-import json
-import shlex
-import statistics
-import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from machine import load_average, machine_info
 
-from fedtransfer.experiment.run import new_run_dir, run_experiment
+from fedtransfer.experiment import bench
+from fedtransfer.experiment.bench import fmt, header, mean_sd
+from fedtransfer.experiment.machine import machine_info
 from fedtransfer.experiment.schema import ExperimentConfig
 
+__all__ = ["RESULTS", "fmt", "header", "mean_sd", "run_seeds", "write"]
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def run_seeds(
@@ -27,69 +30,15 @@ def run_seeds(
     seeds: Sequence[int],
     runs_dir: Path,
     *,
-    log: Callable[[str], None] = lambda line: print(line, flush=True),
+    log: Callable[[str], None] = _say,
 ) -> dict[int, dict[str, Any]]:
-    """``summary.json`` of the experiment ``make_config(seed)`` for every seed.
-
-    Torch runs on one thread: these models are tiny, and intra-op threads on a shared 2-core
-    machine cost more in synchronisation than they gain.
-    """
+    """:func:`fedtransfer.experiment.bench.run_seeds` on one torch thread: these models are
+    tiny, and intra-op threads on a shared 2-core machine cost more in synchronisation than
+    they gain."""
     torch.set_num_threads(1)
-    out: dict[int, dict[str, Any]] = {}
-    for seed in seeds:
-        config = make_config(seed)
-        began = time.perf_counter()
-        folder = new_run_dir(runs_dir, f"{config.name}-seed{seed}", overwrite=True)
-
-        def observe(event: str, payload: dict[str, Any], seed: int = seed) -> None:
-            if event == "arm_start":
-                log(f"seed {seed}: {payload['arm']}")
-
-        out[seed] = run_experiment(config, folder, observer=observe)
-        log(f"seed {seed}: done in {time.perf_counter() - began:.0f} s")
-    return out
-
-
-def mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
-    """Mean and sample standard deviation of the values that are not None, and their count."""
-    seen = [v for v in values if v is not None]
-    if not seen:
-        return None, None, 0
-    sd = statistics.stdev(seen) if len(seen) > 1 else 0.0
-    return statistics.fmean(seen), sd, len(seen)
-
-
-def fmt(values: Sequence[float | None], *, scale: float = 100.0, digits: int = 1) -> str:
-    """``mean ± sd`` (in percent by default); ``n/a`` when nothing was measured."""
-    mean, sd, n = mean_sd(values)
-    if mean is None or sd is None:
-        return "n/a"
-    text = f"{mean * scale:.{digits}f} ± {sd * scale:.{digits}f}"
-    return text if n == len(values) else f"{text} ({n}/{len(values)})"
-
-
-def header(title: str, intro: str, began: float, load_before: list[float] | None) -> list[str]:
-    """Title, what was run, the exact command, the machine and the load."""
-    m = machine_info()
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
-    return [
-        f"# {title}",
-        "",
-        intro,
-        "",
-        f"- Command: `{command}`",
-        f"- Date: {datetime.date.today().isoformat()}; wall time {time.time() - began:.0f} s",
-        f"- Machine: {m['cpu_model']}, {m['cpu_count']} cores; Python {m['python']}, "
-        f"torch {m['torch']} ({m['torch_threads']} threads); fedtransfer {m['fedtransfer']} "
-        f"at {m['git']}",
-        f"- Load average (1 min) before / after: {load_before} / {load_average()}",
-        "",
-    ]
+    return bench.run_seeds(make_config, seeds, runs_dir, log=log)
 
 
 def write(stem: str, markdown: list[str], figures: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.md").write_text("\n".join(markdown) + "\n")
-    (RESULTS / f"{stem}.json").write_text(
-        json.dumps({**figures, "machine": machine_info()}, indent=1) + "\n"
-    )
+    """``results/STEM.md`` and ``results/STEM.json`` (the figures and the machine)."""
+    bench.write_results(RESULTS, stem, markdown, {**figures, "machine": machine_info()})

@@ -9,19 +9,17 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from fedtransfer.data.files import DATA_ENV, DOWNLOAD_ENV
 from fedtransfer.errors import ConfigError, FedTransferError
 from fedtransfer.experiment import config as cfgio
-from fedtransfer.experiment import report
+from fedtransfer.experiment import registry, report
+from fedtransfer.experiment.display import RunDisplay, console, print_partition, print_summary
 from fedtransfer.experiment.run import (
     build_population,
     load_config,
@@ -29,70 +27,9 @@ from fedtransfer.experiment.run import (
     resume,
     run_experiment,
 )
-from fedtransfer.runtime import (
-    AutoRuntime,
-    ProcessRuntime,
-    RayRuntime,
-    Runtime,
-    SerialRuntime,
-    VectorizedRuntime,
-)
+from fedtransfer.runtime import Runtime
+from fedtransfer.seeding import derive_seed
 from fedtransfer.transfer.pretrain import pretrain
-
-console = Console()
-if not console.is_terminal:
-    console.width = max(console.width, 120)  # logs and CI: keep the summary table unwrapped
-
-
-class _Display:
-    """Progress bar, one line per round, and the closing table."""
-
-    def __init__(self) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        )
-        self.task = self.progress.add_task("rounds", total=None)
-
-    def __call__(self, event: str, payload: dict[str, Any]) -> None:
-        if event == "pretrain_start":
-            console.print(f"pre-training on {payload['source'].get('kind')} …")
-        elif event == "pretrain_done":
-            m = payload.get("metrics", {})
-            acc = m.get("holdout_accuracy")
-            extra = f", source hold-out accuracy {acc:.3f}" if acc is not None else ""
-            console.print(f"pre-trained checkpoint sha256 {payload['sha256'][:16]}…{extra}")
-        elif event == "arm_start":
-            self.progress.start()
-            total = payload["rounds"] * payload["arms"]
-            self.progress.update(self.task, description=payload["arm"], total=total)
-            self.progress.advance(self.task, payload["round"])
-        elif event == "round":
-            r = payload
-            console.print(
-                f"[cyan]{r['arm']:>16}[/] round {r['round']:>3}  acc {r['accuracy']:.3f}  "
-                f"p10 {r['client_accuracy_p10']:.3f}  ↑{r['bytes_up'] / 1e6:.3f} MB  "
-                f"↓{r['bytes_down'] / 1e6:.3f} MB  {r['seconds']:.2f} s"
-                + (f"  [red]{r['rejected']} rejected[/]" if r["rejected"] else "")
-            )
-            self.progress.advance(self.task)
-        elif event == "done":
-            self.progress.stop()
-            print_summary(payload["summary"])
-            console.print(f"report: [bold]{payload['report']}[/]")
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    table = Table(title=f"{summary['name']}: target accuracy {summary['target_accuracy']:.0%}")
-    for h in report.HEADERS:
-        table.add_column(h, justify="left" if h == "arm" else "right")
-    for row in report.summary_rows(summary):
-        table.add_row(*row)
-    console.print(table)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     def with_runtime(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--runtime",
-            choices=("serial", "process", "ray", "vectorized", "auto"),
+            choices=tuple(registry.RUNTIMES),
             default="serial",
             help="where client updates run: this process one client at a time (serial, the "
             "default), worker processes, or Ray actors — results identical at the same "
@@ -244,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return _dispatch(args)
+        return COMMANDS[_command(args)](args)
     except FedTransferError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
@@ -253,163 +190,161 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command's key in :data:`COMMANDS`: ``run``, or with its subcommand ``deploy certs``."""
+    sub = getattr(args, f"{args.command}_command", None)
+    return args.command if sub is None else f"{args.command} {sub}"
+
+
 @contextlib.contextmanager
 def _runtime(args: argparse.Namespace) -> Iterator[Runtime]:
     """The runtime the options ask for, stopping its workers at the end; ``--threads`` holds
     for the command and the thread count before it is restored afterwards."""
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
-    if args.workers is not None and args.runtime not in ("process", "ray"):
-        raise ConfigError("--workers: needs --runtime process or --runtime ray")
+    if args.workers is not None and args.runtime not in registry.POOLED_RUNTIMES:
+        pools = " or ".join(f"--runtime {name}" for name in registry.POOLED_RUNTIMES)
+        raise ConfigError(f"--workers: needs {pools}")
     before = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        if args.runtime == "process":
-            with ProcessRuntime(workers=args.workers, threads=args.threads) as pool:
-                yield pool
-        elif args.runtime == "ray":
-            with RayRuntime(num_actors=args.workers, threads=args.threads) as actors:
-                yield actors
-        elif args.runtime == "vectorized":
-            yield VectorizedRuntime()
-        elif args.runtime == "auto":
-            yield AutoRuntime()
-        else:
-            yield SerialRuntime()
+        with registry.runtime(args.runtime, workers=args.workers, threads=args.threads) as rt:
+            yield rt
     finally:
         torch.set_num_threads(before)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "run":
-        cfg = load_config(args.config, args.set)
-        with _runtime(args) as runtime:
-            run_dir = new_run_dir(args.runs_dir, args.name or cfg.name, overwrite=args.overwrite)
-            console.print(f"run directory: [bold]{run_dir}[/]")
-            run_experiment(cfg, run_dir, observer=_Display(), runtime=runtime)
-    elif args.command == "bench":
-        from fedtransfer.experiment.bench import rewrite_report, run_transfer_bench
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    with _runtime(args) as runtime:
+        run_dir = new_run_dir(args.runs_dir, args.name or cfg.name, overwrite=args.overwrite)
+        console.print(f"run directory: [bold]{run_dir}[/]")
+        run_experiment(cfg, run_dir, observer=RunDisplay(), runtime=runtime)
+    return 0
 
-        if args.report:
-            path = rewrite_report(
-                args.bench_name,
-                configs=Path(args.configs),
-                out=Path(args.out),
-                runs_dir=Path(args.runs_dir),
-            )
-            console.print(f"report: [bold]{path}[/]")
-            return 0
-        with _runtime(args) as runtime:
-            run_transfer_bench(
-                args.bench_name,
-                configs=Path(args.configs),
-                seeds=args.seeds,
-                runs_dir=Path(args.runs_dir),
-                out=Path(args.out),
-                overrides=args.set,
-                runtime=runtime,
-                log=console.print,
-            )
-    elif args.command == "resume":
-        with _runtime(args) as runtime:
-            resume(args.run_dir, observer=_Display(), runtime=runtime)
-    elif args.command == "report":
-        path = report.write_report(args.run_dir)
-        print_summary(json.loads((Path(args.run_dir) / "summary.json").read_text()))
+
+def _cmd_bench_transfer(args: argparse.Namespace) -> int:
+    from fedtransfer.experiment.bench import rewrite_report, run_transfer_bench
+
+    folders = {"configs": Path(args.configs), "out": Path(args.out)}
+    if args.report:
+        path = rewrite_report(args.bench_name, runs_dir=Path(args.runs_dir), **folders)
         console.print(f"report: [bold]{path}[/]")
-    elif args.command == "pretrain":
-        cfg = load_config(args.config, args.set)
-        pc = cfg.pretrain
-        from fedtransfer.seeding import derive_seed
-
-        ck = pretrain(
-            cfg.model.init(derive_seed(cfg.seed, "pretrain-init")),
-            pc.source.load(),
-            spec=pc.spec(),
-            seed=cfg.seed,
-            out_dir=args.out,
-            provenance={"source": cfgio.dump(pc.source), "model": cfgio.dump(cfg.model)},
-        )
-        console.print_json(
-            json.dumps(
-                {
-                    "checkpoint": str(ck.path),
-                    "sha256": ck.sha256,
-                    "metrics": ck.provenance["metrics"],
-                }
-            )
-        )
-        console.print(
-            f"use it with: --set pretrain.checkpoint={ck.path} --set pretrain.sha256={ck.sha256}"
-        )
-    elif args.command == "partition":
-        cfg = load_config(args.config, args.set)
-        stats = report.partition_stats(build_population(cfg))
-        table = Table(title=f"{cfg.data.partition!r} over {cfg.data.num_clients} clients")
-        for h in ("client", "train", "test", "classes", "label histogram"):
-            table.add_column(h)
-        for row in zip(
-            stats["clients"],
-            stats["train_sizes"],
-            stats["test_sizes"],
-            stats["classes_per_client"],
-            stats["label_counts"],
-            strict=True,
-        ):
-            table.add_row(row[0], str(row[1]), str(row[2]), str(row[3]), " ".join(map(str, row[4])))
-        console.print(table)
-        if args.out:
-            path = report.write_partition(stats, args.out)
-            console.print(f"partition report: [bold]{path}[/]")
-    elif args.command == "deploy":
-        return _deploy(args)
-    elif args.command == "config":
-        console.print(
-            cfgio.to_yaml(load_config(args.config, args.set)), highlight=False, markup=False
+        return 0
+    with _runtime(args) as runtime:
+        run_transfer_bench(
+            args.bench_name,
+            seeds=args.seeds,
+            runs_dir=Path(args.runs_dir),
+            overrides=args.set,
+            runtime=runtime,
+            log=console.print,
+            **folders,
         )
     return 0
 
 
-def _deploy(args: argparse.Namespace) -> int:
-    from fedtransfer.deploy.commands import client_process, run_server
-    from fedtransfer.deploy.provision import Credentials, make_credentials
-    from fedtransfer.deploy.secure import SecureAggregation
+def _cmd_resume(args: argparse.Namespace) -> int:
+    with _runtime(args) as runtime:
+        resume(args.run_dir, observer=RunDisplay(), runtime=runtime)
+    return 0
 
-    if args.deploy_command == "certs":
-        creds = make_credentials(
-            args.folder, nodes=args.nodes, hosts=("localhost", "127.0.0.1", "::1", *args.host)
-        )
-        console.print(
-            f"CA, server certificate and {args.nodes} node keys in [bold]{creds.folder}[/]"
-        )
-        return 0
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    path = report.write_report(args.run_dir)
+    print_summary(json.loads((Path(args.run_dir) / "summary.json").read_text()))
+    console.print(f"report: [bold]{path}[/]")
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    pc = cfg.pretrain
+    ck = pretrain(
+        cfg.model.init(derive_seed(cfg.seed, "pretrain-init")),
+        pc.source.load(),
+        spec=pc.spec(),
+        seed=cfg.seed,
+        out_dir=args.out,
+        provenance={"source": cfgio.dump(pc.source), "model": cfgio.dump(cfg.model)},
+    )
+    made = {"checkpoint": str(ck.path), "sha256": ck.sha256, "metrics": ck.provenance["metrics"]}
+    console.print_json(json.dumps(made))
+    console.print(
+        f"use it with: --set pretrain.checkpoint={ck.path} --set pretrain.sha256={ck.sha256}"
+    )
+    return 0
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    stats = report.partition_stats(build_population(cfg))
+    print_partition(stats, f"{cfg.data.partition!r} over {cfg.data.num_clients} clients")
+    if args.out:
+        path = report.write_partition(stats, args.out)
+        console.print(f"partition report: [bold]{path}[/]")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    console.print(cfgio.to_yaml(load_config(args.config, args.set)), highlight=False, markup=False)
+    return 0
+
+
+def _cmd_deploy_certs(args: argparse.Namespace) -> int:
+    from fedtransfer.deploy.provision import make_credentials
+
+    creds = make_credentials(
+        args.folder, nodes=args.nodes, hosts=("localhost", "127.0.0.1", "::1", *args.host)
+    )
+    console.print(f"CA, server certificate and {args.nodes} node keys in [bold]{creds.folder}[/]")
+    return 0
+
+
+def _deployment(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The configuration and the credentials of ``deploy server`` and ``deploy client``."""
+    from fedtransfer.deploy.provision import Credentials
+
     cfg = load_config(args.config, args.set)
     creds = Credentials(Path(args.certs))
     if not creds.ca.is_file():
         raise ConfigError(
             f"--certs {args.certs}: no ca.crt there; hint: fedtransfer deploy certs {args.certs}"
         )
-    if args.deploy_command == "server":
-        arm = args.arm or next((a.name for a in cfg.arms if a.mode == "federated"), "")
-        done = run_server(
-            cfg,
-            arm=arm,
-            creds=creds,
-            address=args.address,
-            run_dir=args.run_dir,
-            threads=args.threads,
-            timeout=args.timeout,
-            eval_every=args.eval_every,
-            secure=SecureAggregation(quantization_range=args.secure_quantization_range)
-            if args.secure
-            else None,
-            say=console.print,
-        )
-        console.print(f"run {done.run_id}: {done.status}; results in [bold]{done.run_dir}[/]")
-        last = (done.run_dir / "metrics.jsonl").read_text().splitlines()[-1]
-        console.print_json(last)
-        return 0
+    return cfg, creds
+
+
+def _cmd_deploy_server(args: argparse.Namespace) -> int:
+    from fedtransfer.deploy.commands import run_server
+    from fedtransfer.deploy.secure import SecureAggregation
+
+    cfg, creds = _deployment(args)
+    arm = args.arm or next((a.name for a in cfg.arms if a.mode == "federated"), "")
+    levels = args.secure_quantization_range
+    secure = SecureAggregation(quantization_range=levels) if args.secure else None
+    done = run_server(
+        cfg,
+        arm=arm,
+        creds=creds,
+        address=args.address,
+        run_dir=args.run_dir,
+        threads=args.threads,
+        timeout=args.timeout,
+        eval_every=args.eval_every,
+        secure=secure,
+        say=console.print,
+    )
+    console.print(f"run {done.run_id}: {done.status}; results in [bold]{done.run_dir}[/]")
+    last = (done.run_dir / "metrics.jsonl").read_text().splitlines()[-1]
+    console.print_json(last)
+    return 0
+
+
+def _cmd_deploy_client(args: argparse.Namespace) -> int:
+    from fedtransfer.deploy.commands import client_process
+
+    cfg, creds = _deployment(args)
     if not 0 <= args.partition < cfg.data.num_clients:
         raise ConfigError(
             f"--partition {args.partition}: the configuration has {cfg.data.num_clients} "
@@ -433,6 +368,21 @@ def _deploy(args: argparse.Namespace) -> int:
         console.print(f"client {args.partition}: the SuperLink refused it (exit {code}); retrying")
         time.sleep(3.0)
     return code
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _cmd_run,
+    "pretrain": _cmd_pretrain,
+    "resume": _cmd_resume,
+    "report": _cmd_report,
+    "partition": _cmd_partition,
+    "bench transfer": _cmd_bench_transfer,
+    "deploy certs": _cmd_deploy_certs,
+    "deploy server": _cmd_deploy_server,
+    "deploy client": _cmd_deploy_client,
+    "config": _cmd_config,
+}
+"""Each command of :func:`_parser` (with its subcommand) → the function that runs it."""
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import Any
 
 import pytest
 import torch
@@ -152,3 +153,27 @@ def test_payload_rejects_non_string_codec() -> None:
     head = json.dumps({"codec": 1, "meta": {}, "tensors": []}).encode()
     with pytest.raises(PayloadError, match="codec"):
         Payload.from_bytes(struct.pack("<4sBI", MAGIC, VERSION, len(head)) + head)
+
+
+def _header_payload(tensors: list[dict[str, Any]], data: bytes = b"") -> bytes:
+    head = json.dumps({"codec": "float32", "meta": {}, "tensors": tensors}).encode()
+    return struct.pack("<4sBI", b"FTPL", 1, len(head)) + head + data
+
+
+@pytest.mark.parametrize("shape", [[0, 2**63], [2**40, 2**40, 0], [2**41], [1] * 17])
+def test_payload_huge_or_deep_shapes_are_payload_errors(shape):
+    spec = {"key": "w", "dtype": "float32", "shape": shape, "meta": {}}
+    with pytest.raises(PayloadError, match="exceeds the limits"):
+        Payload.from_bytes(_header_payload([spec]))
+
+
+def test_payload_bool_bytes_other_than_0_or_1_rejected():
+    spec = {"key": "b", "dtype": "bool", "shape": [2], "meta": {}}
+    with pytest.raises(PayloadError, match="bool bytes"):
+        Payload.from_bytes(_header_payload([spec], b"\x01\x02"))
+
+
+def test_payload_non_finite_header_number_rejected():
+    head = b'{"codec": "float32", "meta": {"x": NaN}, "tensors": []}'
+    with pytest.raises(PayloadError, match="non-finite"):
+        Payload.from_bytes(struct.pack("<4sBI", b"FTPL", 1, len(head)) + head)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+from collections.abc import Iterator
 from typing import Any
 
 from fedtransfer.client.drift import Dyn, Nova, Scaffold
@@ -21,6 +24,7 @@ from fedtransfer.data.datasets import (
     TextSource,
 )
 from fedtransfer.data.partition import IID, Dirichlet, Natural, Partitioner, QuantitySkew, Shards
+from fedtransfer.errors import ConfigError
 from fedtransfer.experiment.factories import (
     ALGORITHM_SPECS,
     AlgorithmSpec,
@@ -43,6 +47,14 @@ from fedtransfer.robustness.attacks import (
     LabelFlip,
     Scale,
     SignFlip,
+)
+from fedtransfer.runtime import (
+    AutoRuntime,
+    ProcessRuntime,
+    RayRuntime,
+    Runtime,
+    SerialRuntime,
+    VectorizedRuntime,
 )
 from fedtransfer.server.aggregate import Aggregator, Mean
 from fedtransfer.server.clipping import CenteredClipping, ClipNorm, NormBound
@@ -187,19 +199,6 @@ def group_of(cls: type) -> Any | None:
 
 # --- runtimes (``--runtime NAME``) -------------------------------------------------------------
 
-import contextlib  # noqa: E402  (this section is appended: the names above stay as they are)
-import difflib  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-
-from fedtransfer.errors import ConfigError  # noqa: E402
-from fedtransfer.runtime import (  # noqa: E402
-    AutoRuntime,
-    ProcessRuntime,
-    RayRuntime,
-    Runtime,
-    SerialRuntime,
-    VectorizedRuntime,
-)
 
 RUNTIMES: dict[str, type] = {
     "serial": SerialRuntime,
