@@ -24,6 +24,7 @@ from fedtransfer.client.fast.features import train_head_cached
 from fedtransfer.client.train import LocalTraining, local_train
 from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import ConfigError
+from fedtransfer.server.pipeline import ServerHalf
 from fedtransfer.transfer.plan import ParamPlan
 from fedtransfer.types import Metrics, Out, Params, State
 
@@ -62,8 +63,10 @@ class ClientOut:
 
 
 @runtime_checkable
-class Objective(Protocol):
-    """A client's local objective with its server half (state is data, never attributes)."""
+class Objective(ServerHalf, Protocol):
+    """A client's local objective with its server half (state is data, never attributes):
+    ``server_apply`` (:class:`~fedtransfer.server.pipeline.ServerHalf`) adjusts the aggregated
+    step before the server optimiser."""
 
     def check(self, plan: ParamPlan) -> None:
         """Raise if this objective cannot work with ``plan`` (called by ``Recipe.validate``)."""
@@ -81,20 +84,6 @@ class Objective(Protocol):
 
     def broadcast(self, state: State) -> State:
         """The part of the server state sent to the cohort with θ (often nothing)."""
-
-    def server_apply(
-        self,
-        step: dict[str, Tensor],
-        *,
-        updates: Sequence[Params],
-        extras: Sequence[State],
-        weights: Sequence[float],
-        state: State,
-        population_size: int,
-        params: Params,
-    ) -> Out[dict[str, Tensor]]:
-        """Adjust the aggregated step and update the server state (before the server optimiser);
-        ``params`` is the current global θ."""
 
     def personal(self, weights: Params, memory: State) -> dict[str, Tensor]:
         """The weights a client evaluates as its personal model (default: ``weights``)."""
