@@ -170,7 +170,7 @@ def run_fedtransfer(pb: ModuleType, w: Workload) -> nn.Module:
     model = pb.make_model(cfg)
     model_fn = type(model)  # pbench's SmallCNN / TinyMLP class
     local = ft.LocalTraining(lr=cfg.lr, epochs=cfg.local_epochs, batch_size=cfg.batch_size)
-    recipe = ft.fedavg(ft.transfer.Full(), local=local, clients_per_round=cfg.clients_per_round)
+    recipe = ft.fedavg(ft.transfer.Full(), training=local, clients_per_round=cfg.clients_per_round)
     state = ft.ServerState.initial(recipe, model, seed=cfg.seed)
     runtime = ft.runtime.SerialRuntime()
     w.reports = []

@@ -112,7 +112,7 @@ def tiny_recipe() -> Recipe:
     """Full fine-tuning, two local SGD steps of 8 examples, every client every round."""
     return Recipe(
         policy=Full(),
-        local=LocalTraining(lr=0.1, steps=2, batch_size=8),
+        training=LocalTraining(lr=0.1, steps=2, batch_size=8),
         sampler=AllClients(),
     )
 

@@ -54,7 +54,7 @@ def _pbench() -> tuple[ft.data.FederatedDataset, Callable[[], nn.Module], ft.Rec
     cfg = w.cfg
     model = pb.make_model(cfg)
     local = ft.LocalTraining(lr=cfg.lr, epochs=cfg.local_epochs, batch_size=cfg.batch_size)
-    recipe = ft.fedavg(ft.transfer.HeadOnly(), local=local, clients_per_round=100)
+    recipe = ft.fedavg(ft.transfer.HeadOnly(), training=local, clients_per_round=100)
     return w.population, type(model), recipe, model
 
 
@@ -63,7 +63,7 @@ def _digits() -> tuple[ft.data.FederatedDataset, Callable[[], nn.Module], ft.Rec
     from fedtransfer.experiment.schema import ExperimentConfig
 
     cfg = ExperimentConfig()
-    recipe = ft.fedavg(ft.transfer.HeadOnly(), local=cfg.local, clients_per_round=10)
+    recipe = ft.fedavg(ft.transfer.HeadOnly(), local=cfg.training, clients_per_round=10)
     return build_population(cfg), cfg.model, recipe, cfg.model.init(0)
 
 
@@ -78,7 +78,7 @@ def _resnet(data_dir: Path) -> Callable[[], tuple[Any, ...]]:
         population = ft.data.federate(images, parts, num_classes=10, test_fraction=0.2, seed=0)
         model = load_cifar_resnet(data_dir / "resnet-cifar10-weights" / "resnet20-12fca82f.th")
         local = ft.LocalTraining(lr=0.05, epochs=1, batch_size=32)
-        recipe = ft.fedavg(ft.transfer.HeadOnly(), local=local, clients_per_round=20)
+        recipe = ft.fedavg(ft.transfer.HeadOnly(), training=local, clients_per_round=20)
         return population, CifarResNetFactory(20), recipe, model
 
     return make

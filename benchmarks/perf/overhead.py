@@ -72,7 +72,7 @@ def child(model: str, per_round: int, rounds: int, runtime: str, out: Path) -> N
     cfg, (_, _, xt, yt) = w.cfg, w.data
     net = pb.make_model(cfg)
     local = ft.LocalTraining(lr=cfg.lr, epochs=cfg.local_epochs, batch_size=cfg.batch_size)
-    recipe = ft.fedavg(ft.transfer.Full(), local=local, clients_per_round=per_round)
+    recipe = ft.fedavg(ft.transfer.Full(), training=local, clients_per_round=per_round)
     state = ft.ServerState.initial(recipe, net, seed=cfg.seed)
     rt = auto_runtime() if runtime == "auto" else ft.runtime.SerialRuntime()
     record: dict[str, Any] = {"setup_s": time.perf_counter() - began, "round_s": [], "eval_s": []}
@@ -199,7 +199,9 @@ def run_in_process(pb: Any, specs: list[tuple[str, int]], reps: int, rounds: int
         cfg = w.cfg
         model = pb.make_model(cfg)
         local = ft.LocalTraining(lr=cfg.lr, epochs=cfg.local_epochs, batch_size=cfg.batch_size)
-        recipe = ft.fedavg(ft.transfer.Full(), local=local, clients_per_round=cfg.clients_per_round)
+        recipe = ft.fedavg(
+            ft.transfer.Full(), training=local, clients_per_round=cfg.clients_per_round
+        )
         state = ft.ServerState.initial(recipe, model, seed=cfg.seed)
         for _ in range(cfg.rounds):
             wall, cpu = time.perf_counter(), time.process_time()

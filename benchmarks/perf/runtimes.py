@@ -87,7 +87,7 @@ def traffic(runtime: ft.Runtime) -> tuple[int, int]:
 def recipe_of(w: spine.Workload) -> ft.Recipe:
     cfg = w.cfg
     local = ft.LocalTraining(lr=cfg.lr, epochs=cfg.local_epochs, batch_size=cfg.batch_size)
-    return ft.fedavg(ft.transfer.Full(), local=local, clients_per_round=cfg.clients_per_round)
+    return ft.fedavg(ft.transfer.Full(), training=local, clients_per_round=cfg.clients_per_round)
 
 
 def run_all(

@@ -127,7 +127,7 @@ def run_arm(arm: str, population_dir: Path, rounds: int, cohort: int, work: Path
     torch.set_num_threads(1)
     population = ft.data.open_lazy_population(population_dir, cache_size=cohort)
     local = ft.LocalTraining(lr=0.05, epochs=1, batch_size=32)
-    recipe = ft.scaffold(ft.transfer.PersonalHead(), local=local, clients_per_round=cohort)
+    recipe = ft.scaffold(ft.transfer.PersonalHead(), training=local, clients_per_round=cohort)
     torch.manual_seed(0)
     store = work / "clients" if arm == "store" else None
     state = ft.ServerState.initial(recipe, SoakMLP(), seed=0, client_store=store)

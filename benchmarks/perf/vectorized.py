@@ -94,7 +94,7 @@ def run_runtime(pb: ModuleType, w: Workload, impl: str, run: Run) -> nn.Module:
     cfg = w.cfg
     model = pb.make_model(cfg)
     local = ft.LocalTraining(lr=cfg.lr, epochs=cfg.local_epochs, batch_size=cfg.batch_size)
-    recipe = ft.fedavg(ft.transfer.Full(), local=local, clients_per_round=cfg.clients_per_round)
+    recipe = ft.fedavg(ft.transfer.Full(), training=local, clients_per_round=cfg.clients_per_round)
     state = ft.ServerState.initial(recipe, model, seed=cfg.seed)
     runtime = ft.runtime.VectorizedRuntime() if impl == "vectorized" else ft.runtime.SerialRuntime()
     sent = []
@@ -277,7 +277,7 @@ def breakdown(pb: ModuleType, rounds: int = 6) -> list[dict[str, Any]]:
     w = make_workload(pb, "mlp", 100, rounds)
     model = pb.make_model(w.cfg)
     local = ft.LocalTraining(lr=w.cfg.lr, epochs=1, batch_size=w.cfg.batch_size)
-    recipe = ft.fedavg(ft.transfer.Full(), local=local, clients_per_round=100)
+    recipe = ft.fedavg(ft.transfer.Full(), training=local, clients_per_round=100)
     state = ft.ServerState.initial(recipe, model, seed=w.cfg.seed)
     runtime = ft.runtime.VectorizedRuntime()
     for _ in range(2):  # set-up round and warm-up
@@ -328,7 +328,7 @@ def sweep(pb: ModuleType, quick: bool, reps: int) -> list[dict[str, Any]]:
         torch.manual_seed(0)
         model = model_fn()
         local = ft.LocalTraining(lr=0.05, epochs=1, batch_size=32)
-        recipe = ft.fedavg(ft.transfer.Full(), local=local, clients_per_round=100)
+        recipe = ft.fedavg(ft.transfer.Full(), training=local, clients_per_round=100)
         times: dict[str, list[float]] = {"serial": [], "vectorized": []}
         for rep in range(reps):
             for impl in ("serial", "vectorized") if rep % 2 == 0 else ("vectorized", "serial"):

@@ -38,7 +38,7 @@ from fedtransfer.transfer.policies import (
 def fedavg(
     policy: TransferPolicy | None = None,
     *,
-    local: LocalTraining | None = None,
+    training: LocalTraining | None = None,
     clients_per_round: int = 10,
 ) -> Recipe:
     """FedAvg (McMahan et al., arXiv 1602.05629): weighted mean of updates, server lr 1.
@@ -46,7 +46,7 @@ def fedavg(
     >>> fedavg().pipeline.post
     (ServerSGD(lr=1.0, momentum=0.0),)
     """
-    return _recipe(policy, local, clients_per_round, ServerSGD())
+    return _recipe(policy, training, clients_per_round, ServerSGD())
 
 
 def fedavgm(
@@ -54,11 +54,11 @@ def fedavgm(
     *,
     lr: float = 1.0,
     momentum: float = 0.9,
-    local: LocalTraining | None = None,
+    training: LocalTraining | None = None,
     clients_per_round: int = 10,
 ) -> Recipe:
     """FedAvgM (Hsu et al., arXiv 1909.06335): FedAvg with server momentum."""
-    return _recipe(policy, local, clients_per_round, ServerSGD(lr=lr, momentum=momentum))
+    return _recipe(policy, training, clients_per_round, ServerSGD(lr=lr, momentum=momentum))
 
 
 def fedadam(
@@ -66,11 +66,11 @@ def fedadam(
     *,
     lr: float = 0.01,
     tau: float = 1e-3,
-    local: LocalTraining | None = None,
+    training: LocalTraining | None = None,
     clients_per_round: int = 10,
 ) -> Recipe:
     """FedAdam (Reddi et al., arXiv 2003.00295)."""
-    return _recipe(policy, local, clients_per_round, ServerAdam(lr=lr, tau=tau))
+    return _recipe(policy, training, clients_per_round, ServerAdam(lr=lr, tau=tau))
 
 
 def fedyogi(
@@ -78,11 +78,11 @@ def fedyogi(
     *,
     lr: float = 0.01,
     tau: float = 1e-3,
-    local: LocalTraining | None = None,
+    training: LocalTraining | None = None,
     clients_per_round: int = 10,
 ) -> Recipe:
     """FedYogi (Reddi et al., arXiv 2003.00295)."""
-    return _recipe(policy, local, clients_per_round, ServerYogi(lr=lr, tau=tau))
+    return _recipe(policy, training, clients_per_round, ServerYogi(lr=lr, tau=tau))
 
 
 def fedadagrad(
@@ -90,18 +90,18 @@ def fedadagrad(
     *,
     lr: float = 0.01,
     tau: float = 1e-3,
-    local: LocalTraining | None = None,
+    training: LocalTraining | None = None,
     clients_per_round: int = 10,
 ) -> Recipe:
     """FedAdagrad (Reddi et al., arXiv 2003.00295)."""
-    return _recipe(policy, local, clients_per_round, ServerAdagrad(lr=lr, tau=tau))
+    return _recipe(policy, training, clients_per_round, ServerAdagrad(lr=lr, tau=tau))
 
 
 def fedprox(
     policy: TransferPolicy | None = None,
     *,
     mu: float = 0.01,
-    local: LocalTraining | None = None,
+    training: LocalTraining | None = None,
     clients_per_round: int = 10,
 ) -> Recipe:
     """FedProx (Li et al., arXiv 1812.06127): FedAvg with a proximal term in the client objective.
@@ -109,59 +109,59 @@ def fedprox(
     >>> fedprox(mu=0.1).objective
     Prox(mu=0.1)
     """
-    return _recipe(policy, local, clients_per_round, ServerSGD(), Prox(mu=mu))
+    return _recipe(policy, training, clients_per_round, ServerSGD(), Prox(mu=mu))
 
 
 def scaffold(
     policy: TransferPolicy | None = None,
     *,
     lr: float = 1.0,
-    local: LocalTraining | None = None,
+    training: LocalTraining | None = None,
     clients_per_round: int = 10,
 ) -> Recipe:
     """SCAFFOLD (Karimireddy et al., arXiv 1910.06378): control variates against client drift;
     ``lr`` is the server learning rate η_g."""
-    return _recipe(policy, local, clients_per_round, ServerSGD(lr=lr), Scaffold())
+    return _recipe(policy, training, clients_per_round, ServerSGD(lr=lr), Scaffold())
 
 
 def feddyn(
     policy: TransferPolicy | None = None,
     *,
     alpha: float = 0.01,
-    local: LocalTraining | None = None,
+    training: LocalTraining | None = None,
     clients_per_round: int = 10,
 ) -> Recipe:
     """FedDyn (Acar et al., arXiv 2111.04263): dynamic regularisation of the client objective."""
-    return _recipe(policy, local, clients_per_round, ServerSGD(), Dyn(alpha=alpha))
+    return _recipe(policy, training, clients_per_round, ServerSGD(), Dyn(alpha=alpha))
 
 
 def fednova(
     policy: TransferPolicy | None = None,
     *,
-    local: LocalTraining | None = None,
+    training: LocalTraining | None = None,
     clients_per_round: int = 10,
 ) -> Recipe:
     """FedNova (Wang et al., arXiv 2007.07481): normalised averaging of unequal local work."""
-    return _recipe(policy, local, clients_per_round, ServerSGD(), Nova())
+    return _recipe(policy, training, clients_per_round, ServerSGD(), Nova())
 
 
 def ditto(
     policy: TransferPolicy | None = None,
     *,
     lam: float = 0.1,
-    local: LocalTraining | None = None,
+    training: LocalTraining | None = None,
     clients_per_round: int = 10,
 ) -> Recipe:
     """Ditto (Li et al., arXiv 2012.04221): FedAvg plus a personal model per client,
     regularised towards the global one by ``lam``."""
-    return _recipe(policy, local, clients_per_round, ServerSGD(), Ditto(lam=lam))
+    return _recipe(policy, training, clients_per_round, ServerSGD(), Ditto(lam=lam))
 
 
 def fedrep(
     *,
     head: str = "head",
     head_epochs: int = 5,
-    local: LocalTraining | None = None,
+    training: LocalTraining | None = None,
     clients_per_round: int = 10,
 ) -> Recipe:
     """FedRep (Collins et al., arXiv 2102.07078): shared body, local head, trained in turn.
@@ -170,42 +170,42 @@ def fedrep(
     PersonalHead(head='head')
     """
     return _recipe(
-        PersonalHead(head), local, clients_per_round, ServerSGD(), Rep(head_epochs=head_epochs)
+        PersonalHead(head), training, clients_per_round, ServerSGD(), Rep(head_epochs=head_epochs)
     )
 
 
 def fedbabu(
     *,
     head: str = "head",
-    local: LocalTraining | None = None,
+    training: LocalTraining | None = None,
     clients_per_round: int = 10,
 ) -> Recipe:
     """FedBABU (Oh et al., arXiv 2106.06042): federate the body under a frozen head; fine-tune
     at evaluation (``Personalization``)."""
-    return _recipe(FrozenHead(head), local, clients_per_round, ServerSGD(), Plain())
+    return _recipe(FrozenHead(head), training, clients_per_round, ServerSGD(), Plain())
 
 
 def lg_fedavg(
     *,
     head: str = "head",
-    local: LocalTraining | None = None,
+    training: LocalTraining | None = None,
     clients_per_round: int = 10,
 ) -> Recipe:
     """LG-FedAvg (Liang et al., arXiv 2001.01523): local representation, global head."""
-    return _recipe(GlobalHead(head), local, clients_per_round, ServerSGD(), Plain())
+    return _recipe(GlobalHead(head), training, clients_per_round, ServerSGD(), Plain())
 
 
 def _recipe(
     policy: TransferPolicy | None,
-    local: LocalTraining | None,
+    training: LocalTraining | None,
     clients_per_round: int,
     server_step: UpdateTransform,
     objective: Objective | None = None,
 ) -> Recipe:
     return Recipe(
-        policy=policy or Full(),
-        local=local or LocalTraining(),
-        objective=objective or Plain(),
+        policy=Full() if policy is None else policy,
+        training=LocalTraining() if training is None else training,
+        objective=Plain() if objective is None else objective,
         pipeline=ServerPipeline(post=(server_step,)),
         sampler=Uniform(clients_per_round),
     )

@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
             action="append",
             default=[],
             metavar="KEY=VALUE",
-            help="override a config value, e.g. --set rounds=40 --set arms.scratch.local.lr=0.1",
+            help="override a config value, e.g. --set rounds=40 --set arms.scratch.training.lr=0.1",
         )
 
     def with_runtime(sp: argparse.ArgumentParser) -> None:

@@ -38,7 +38,7 @@ class Recipe:
     """
 
     policy: TransferPolicy = field(default_factory=Full)
-    local: LocalTraining = field(default_factory=LocalTraining)
+    training: LocalTraining = field(default_factory=LocalTraining)
     objective: Objective = field(default_factory=Plain)
     downlink: Codec = field(default_factory=Float32)
     uplink: Codec = field(default_factory=Float32)
@@ -70,7 +70,7 @@ class Recipe:
     def _check_types(self) -> None:
         checks: list[tuple[str, object, type]] = [
             ("policy", self.policy, TransferPolicy),
-            ("local", self.local, LocalTraining),
+            ("training", self.training, LocalTraining),
             ("objective", self.objective, Objective),
             ("downlink", self.downlink, Codec),
             ("uplink", self.uplink, Codec),

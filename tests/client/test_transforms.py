@@ -136,7 +136,11 @@ def test_recipe_validate_names_a_client_transform_that_is_not_one() -> None:
 
 def _recipe(uplink: Any = LOSSY, objective: Any = None, transforms: tuple = (ErrorFeedback(),)):
     recipe = Recipe(
-        policy=Full(), local=LOCAL, uplink=uplink, client_transforms=transforms, sampler=Scripted()
+        policy=Full(),
+        training=LOCAL,
+        uplink=uplink,
+        client_transforms=transforms,
+        sampler=Scripted(),
     )
     return recipe if objective is None else replace(recipe, objective=objective)
 

@@ -76,7 +76,7 @@ def test_round_with_a_reused_model_equals_fresh_models(
     recipe = Recipe(
         policy=policy,  # type: ignore[arg-type]
         objective=objective,
-        local=LocalTraining(lr=0.05, steps=3, batch_size=8),
+        training=LocalTraining(lr=0.05, steps=3, batch_size=8),
         sampler=AllClients(),
     )
     assert _rounds(recipe, make_tiny_model) == _rounds(recipe, Unhashable())

@@ -31,7 +31,7 @@ def test_ledger_counts_the_payloads_of_shared_keys_only(
     downlink = Float32() if getattr(codec, "sparse", False) else codec
     recipe = Recipe(
         policy=policy,
-        local=LocalTraining(lr=0.05, steps=2, batch_size=8),
+        training=LocalTraining(lr=0.05, steps=2, batch_size=8),
         downlink=downlink,
         uplink=codec,
         sampler=AllClients(),

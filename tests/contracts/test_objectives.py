@@ -54,7 +54,7 @@ def _policy(objective: Objective) -> TransferPolicy:
 def _recipe(objective: Objective) -> Recipe:
     return Recipe(
         policy=_policy(objective),
-        local=LocalTraining(lr=0.05, steps=2, batch_size=8),
+        training=LocalTraining(lr=0.05, steps=2, batch_size=8),
         objective=objective,
         sampler=AllClients(),
     )
@@ -98,7 +98,7 @@ def test_objective_is_an_objective(objective: Objective, tiny_data: FederatedDat
         global_shared=shared,
         memory={},
         broadcast=objective.broadcast(server),
-        spec=recipe.local,
+        spec=recipe.training,
         generator=torch.Generator().manual_seed(0),
     )
     out = objective.train(model, plan, tiny_data.train["c0"], ctx)

@@ -152,7 +152,7 @@ def test_rounds_on_a_lazy_population_equal_rounds_on_the_eager_one(
     lazy: FederatedDataset,
 ) -> None:
     recipe = fedavg(
-        PersonalHead(), local=LocalTraining(lr=0.1, steps=2, batch_size=8), clients_per_round=3
+        PersonalHead(), training=LocalTraining(lr=0.1, steps=2, batch_size=8), clients_per_round=3
     )
     states = []
     for data in (EAGER, lazy):

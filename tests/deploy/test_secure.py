@@ -93,6 +93,7 @@ def test_secure_rounds_with_an_exact_sum_follow_the_simulator(tmp_path: Path) ->
     run_experiment(cfg, tmp_path / "sim")
     simulated = load_state(tmp_path / "sim" / "checkpoints" / ARM)
     _, recipe, state = start_state(cfg, tmp_path / "dep", ARM)
+    uplink = recipe.recipe_at(1).uplink  # one stage: the arm's recipe
     population = build_population(cfg)
     held = {c: Holdings() for c in population.clients}
     seen: list[int] = []
@@ -105,13 +106,13 @@ def test_secure_rounds_with_an_exact_sum_follow_the_simulator(tmp_path: Path) ->
             )
             from fedtransfer.codecs import Payload
 
-            ups.append(bounded(recipe.uplink.decode(Payload.from_bytes(reply.uplink)), 0.5))
+            ups.append(bounded(uplink.decode(Payload.from_bytes(reply.uplink)), 0.5))
             ws.append(float(reply.num_examples))
         seen.append(len(requests))
         return tree.weighted_mean(ups, ws), sum(ws), 1234
 
     for _ in range(3):
-        summed = secure_sum(send, uplink=recipe.uplink, params=state.params)
+        summed = secure_sum(send, uplink=uplink, params=state.params)
         state, rep = deployed_round(recipe, state, population.clients, summed, model_fn=cfg.model)
         assert rep.accepted == ("secure-sum",) and rep.bytes_up == 1234
     assert seen == [3, 3, 3] and state.ledger["up"] == 3 * 1234
@@ -125,8 +126,9 @@ def test_secure_rounds_with_an_exact_sum_follow_the_simulator(tmp_path: Path) ->
 def test_a_secure_round_without_a_sum_leaves_the_model_unchanged(tmp_path: Path) -> None:
     cfg = _config()
     _, recipe, state = start_state(cfg, tmp_path, ARM)
+    uplink = recipe.recipe_at(1).uplink
     population = build_population(cfg)
-    summed = secure_sum(lambda reqs: ({}, 0.0, 0), uplink=recipe.uplink, params=state.params)
+    summed = secure_sum(lambda reqs: ({}, 0.0, 0), uplink=uplink, params=state.params)
     new, rep = deployed_round(recipe, state, population.clients, summed, model_fn=cfg.model)
     assert rep.rejected and not rep.accepted
     assert tree.sha256(new.params) == tree.sha256(state.params)

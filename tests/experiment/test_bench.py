@@ -27,7 +27,7 @@ pretrain:
   source: {kind: mnist5k}
   training: {optimizer: adam, lr: 0.001, epochs: 1, batch_size: 64}
   augment: null
-local: {lr: 0.05, momentum: 0.9, epochs: 1, batch_size: 32}
+training: {lr: 0.05, momentum: 0.9, epochs: 1, batch_size: 32}
 sampler: {kind: uniform, clients_per_round: 3}
 personalization: null
 arms:

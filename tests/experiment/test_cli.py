@@ -23,9 +23,9 @@ def test_cli_config_prints_resolved_yaml(capsys):
 
 
 def test_cli_bad_config_exits_2_with_dotted_path(capsys):
-    assert main(["config", "--set", "local.lr=fast"]) == 2
+    assert main(["config", "--set", "training.lr=fast"]) == 2
     out = capsys.readouterr().out
-    assert "local.lr" in out and "expected a number" in out
+    assert "training.lr" in out and "expected a number" in out
 
 
 def test_cli_resume_of_non_run_dir_is_an_error(tmp_path, capsys):

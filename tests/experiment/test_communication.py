@@ -19,8 +19,8 @@ SMALL = [
     "sampler={kind: all}",
     "model.channels=[4, 8]",
     "model.hidden=16",
-    "local.steps=2",
-    "local.batch_size=16",
+    "training.steps=2",
+    "training.batch_size=16",
     "pretrain.training.epochs=1",
     "personalization=null",
 ]

@@ -31,13 +31,13 @@ def test_config_round_trips_through_yaml():
 
 
 def test_config_unknown_key_names_dotted_path():
-    with pytest.raises(ConfigError, match=r"^local\.lr_rate: unknown key .*did you mean 'lr'"):
-        _parse({"local": {"lr_rate": 0.1}})
+    with pytest.raises(ConfigError, match=r"^training\.lr_rate: unknown key .*did you mean 'lr'"):
+        _parse({"training": {"lr_rate": 0.1}})
 
 
 def test_config_type_mismatch_names_dotted_path():
-    with pytest.raises(ConfigError, match=r"^arms\.1\.local\.lr: expected a number, got str"):
-        _parse({"arms": [{"name": "a"}, {"name": "b", "local": {"lr": "fast"}}]})
+    with pytest.raises(ConfigError, match=r"^arms\.1\.training\.lr: expected a number, got str"):
+        _parse({"arms": [{"name": "a"}, {"name": "b", "training": {"lr": "fast"}}]})
 
 
 def test_config_bool_is_not_an_integer():
@@ -58,8 +58,8 @@ def test_config_missing_kind_is_an_error():
 
 
 def test_config_component_validation_error_names_path():
-    with pytest.raises(ConfigError, match=r"^arms\.0\.local: .*lr must be > 0"):
-        _parse({"arms": [{"name": "a", "local": {"lr": 0}}]})
+    with pytest.raises(ConfigError, match=r"^arms\.0\.training: .*lr must be > 0"):
+        _parse({"arms": [{"name": "a", "training": {"lr": 0}}]})
 
 
 def test_config_literal_rejects_other_values():
@@ -78,9 +78,9 @@ def test_config_duplicate_arm_names_rejected():
 
 
 def test_config_set_override_by_arm_name_and_index():
-    cfg = load_config(None, ["arms.scratch.local={lr: 0.2}", "arms.2.init=scratch", "rounds=7"])
+    cfg = load_config(None, ["arms.scratch.training={lr: 0.2}", "arms.2.init=scratch", "rounds=7"])
     assert cfg.rounds == 7
-    assert cfg.arms[0].local is not None and cfg.arms[0].local.lr == 0.2
+    assert cfg.arms[0].training is not None and cfg.arms[0].training.lr == 0.2
     assert cfg.arms[2].init == "scratch"
 
 
@@ -131,25 +131,25 @@ def test_recipe_of_arm_applies_overrides():
     cfg = ExperimentConfig()
     head = cfg.recipe(cfg.arms[2])
     assert type(head.policy).__name__ == "HeadOnly"
-    assert head.local == cfg.local
+    assert head.training == cfg.training
 
 
 def test_config_arm_partial_local_keeps_experiment_settings():
-    cfg = load_config(None, ["arms.scratch.local.lr=0.05"])
-    local = cfg.recipe(cfg.arms[0]).local
-    assert local.lr == 0.05 and local.momentum == cfg.local.momentum == 0.9
+    cfg = load_config(None, ["arms.scratch.training.lr=0.05"])
+    local = cfg.recipe(cfg.arms[0]).training
+    assert local.lr == 0.05 and local.momentum == cfg.training.momentum == 0.9
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("local=null", r"^local: expected a mapping for LocalTraining"),
+        ("training=null", r"^training: expected a mapping for LocalTraining"),
         ("name=..", r"^name: '\.\.' is not a valid run name"),
         ("pretrain.sha256=abc", r"^pretrain: sha256: only checks a given checkpoint"),
         ("pretrain.holdout_fraction=1.0", r"^pretrain: holdout_fraction: must be in \[0, 1\)"),
         ("data.num_clients=0", r"^data: num_clients: must be >= 1"),
         ("data.partition.alpha=-1", r"^data\.partition: Dirichlet: alpha must be > 0"),
-        ("local.lr=.inf", r"^local: LocalTraining: lr must be finite"),
+        ("training.lr=.inf", r"^training: LocalTraining: lr must be finite"),
         ("server_optimizer.lr=.inf", r"^server_optimizer: ServerSGD: lr must be finite"),
         ("name=[oops", r"^--set name: value '\[oops' is not valid YAML"),
     ],
@@ -175,7 +175,7 @@ def test_arm_algorithm_names_a_recipe_factory_and_keeps_the_rest_of_the_arm() ->
         ],
     )
     prox, adam, rep, plain = (cfg.recipe(a) for a in cfg.arms)
-    assert prox.objective == Prox(mu=0.3) and prox.local == cfg.local
+    assert prox.objective == Prox(mu=0.3) and prox.training == cfg.training
     assert prox.sampler == cfg.sampler and prox.policy == cfg.policy
     assert adam.pipeline.post == (ServerAdam(lr=0.02),)
     assert isinstance(adam.pipeline.aggregator, TrimmedMean)  # the arm's own, kept
@@ -192,7 +192,7 @@ def test_every_algorithm_factory_is_configurable_with_its_own_defaults() -> None
         made, built = factory(), ALGORITHM_SPECS[name]().build(base)
         assert built.objective == made.objective, name
         assert built.pipeline.post == made.pipeline.post, name
-        assert built.local == base.local and built.sampler == base.sampler, name
+        assert built.training == base.training and built.sampler == base.sampler, name
 
 
 def test_arm_per_client_steps_reach_the_pipeline() -> None:
@@ -200,3 +200,21 @@ def test_arm_per_client_steps_reach_the_pipeline() -> None:
 
     cfg = load_config(None, ["per_client=[{kind: clip_norm, c: 2.0}]", "arms=[{name: a}]"])
     assert cfg.recipe(cfg.arms[0]).pipeline.per_client == (ClipNorm(2.0),)
+
+
+def test_config_reads_the_former_local_key_as_training_with_a_warning() -> None:
+    """``local`` names the keys a client keeps; the training settings are ``training``."""
+    with pytest.warns(
+        DeprecationWarning, match=r"arms\.0\.local: .* now written arms\.0\.training"
+    ):
+        cfg = load_config(None, ["arms=[{name: a, local: {lr: 0.3}}]"])
+    assert cfg.recipe(cfg.arms[0]).training.lr == 0.3
+    staged = "{kind: stages, stages: [{rounds: 1, local: {lr: 0.4}}, {}]}"
+    with pytest.warns(DeprecationWarning, match=r"schedule\.stages\.0\.local"):
+        cfg = load_config(None, [f"schedule={staged}"])
+    assert cfg.schedule_of(cfg.arms[0]).recipe_at(1).training.lr == 0.4
+    with pytest.warns(DeprecationWarning, match="now written training"):  # an old --set
+        cfg = load_config(None, ["local.lr=0.25"])
+    assert cfg.training.lr == 0.25 and cfg.training.momentum == ExperimentConfig().training.momentum
+    with pytest.raises(ConfigError, match="training is set too"):
+        load_config(None, ["arms=[{name: a, local: null, training: {lr: 0.2}}]"])

@@ -51,7 +51,7 @@ def _run(objective: Objective, rounds: int, *, lr: float = 0.01, steps: int = 10
     pop = _quadratic_population()
     recipe = Recipe(
         policy=Full(),
-        local=LocalTraining(lr=lr, steps=steps, batch_size=PER_CLIENT, loss="mse"),
+        training=LocalTraining(lr=lr, steps=steps, batch_size=PER_CLIENT, loss="mse"),
         objective=objective,
         sampler=AllClients(),
     )
@@ -131,7 +131,7 @@ def test_fednova_step_is_tau_eff_times_the_weighted_normalised_updates(single_th
     deltas, sizes = {}, {}
     for c in pop.clients:
         single = FederatedDataset({c: pop.train[c]}, {c: pop.test[c]}, 1)
-        recipe = Recipe(policy=Full(), local=local, sampler=AllClients())
+        recipe = Recipe(policy=Full(), training=local, sampler=AllClients())
         state = ServerState.initial(recipe, _linear(), seed=0)
         new, _ = run_round(recipe, state, single, SerialRuntime(), model_fn=_linear)
         deltas[c] = new.params["weight"] - start
@@ -142,7 +142,7 @@ def test_fednova_step_is_tau_eff_times_the_weighted_normalised_updates(single_th
     tau_eff = sum(p[c] * steps[c] for c in pop.clients)
     expected = start + tau_eff * sum(p[c] * deltas[c] / steps[c] for c in pop.clients)
 
-    recipe = Recipe(policy=Full(), local=local, objective=Nova(), sampler=AllClients())
+    recipe = Recipe(policy=Full(), training=local, objective=Nova(), sampler=AllClients())
     state = ServerState.initial(recipe, _linear(), seed=0)
     # the clients' minibatch order depends on the client id, the same in both runs
     new, report = run_round(recipe, state, pop, SerialRuntime(), model_fn=_linear)
@@ -159,7 +159,7 @@ def test_objective_memory_survives_checkpoint_and_resume(
     pop = _quadratic_population()
     recipe = Recipe(
         policy=Full(),
-        local=LocalTraining(lr=0.01, steps=3, batch_size=PER_CLIENT, loss="mse"),
+        training=LocalTraining(lr=0.01, steps=3, batch_size=PER_CLIENT, loss="mse"),
         objective=objective,
         sampler=AllClients(),
     )

@@ -260,7 +260,7 @@ def _expected_mean_update() -> np.ndarray:
 def _one_round(post: tuple) -> np.ndarray:
     recipe = Recipe(
         policy=Full(),
-        local=LocalTraining(lr=ETA, steps=1, batch_size=64),
+        training=LocalTraining(lr=ETA, steps=1, batch_size=64),
         pipeline=ServerPipeline(post=post),
         sampler=AllClients(),
     )

@@ -104,7 +104,7 @@ def test_experiment_with_the_published_weights_as_the_pretrained_start(tmp_path:
             "sampler={kind: uniform, clients_per_round: 2}",
             "pretrain.from_model=true",
             "personalization=null",
-            "local={lr: 1.0, momentum: 0.9, epochs: 1, batch_size: 32}",
+            "training={lr: 1.0, momentum: 0.9, epochs: 1, batch_size: 32}",
             "arms=[{name: scratch, init: scratch, policy: {kind: head_only}},"
             " {name: pretrained-head, init: pretrained, policy: {kind: head_only}}]",
         ],

@@ -83,7 +83,7 @@ def test_run_round_reports_the_malicious_clients_in_the_cohort(
 def test_run_round_counts_only_sampled_malicious_clients(
     tiny_recipe: Recipe, tiny_data: FederatedDataset
 ) -> None:
-    recipe = Recipe(policy=tiny_recipe.policy, local=tiny_recipe.local, sampler=Uniform(2))
+    recipe = Recipe(policy=tiny_recipe.policy, training=tiny_recipe.training, sampler=Uniform(2))
     threat = Threat(SignFlip(), fraction=0.4)
     bad = threat.malicious(tiny_data.clients, seed=0)
     _, _, report, _ = _round(recipe, tiny_data, threat)

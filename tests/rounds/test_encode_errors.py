@@ -21,7 +21,7 @@ LOSSY: list[Codec] = [Int8(), TopK(0.1), Float16()]
 
 @pytest.mark.parametrize("uplink", LOSSY, ids=repr)
 def test_round_update_that_does_not_encode_is_a_named_rejection(uplink: Codec) -> None:
-    recipe = Recipe(local=DIVERGE, uplink=uplink, sampler=AllClients())
+    recipe = Recipe(training=DIVERGE, uplink=uplink, sampler=AllClients())
     data = make_tiny_data()
     state = ServerState.initial(recipe, make_tiny_model(), seed=0)
     new, report = run_round(recipe, state, data, SerialRuntime(), model_fn=make_tiny_model)
@@ -38,7 +38,9 @@ def test_round_only_the_diverging_client_is_rejected() -> None:
     x = data.train["c0"].x
     data.train["c0"] = type(data.train["c0"])(x * 1e12, data.train["c0"].y)
     recipe = Recipe(
-        local=LocalTraining(lr=0.1, steps=2, batch_size=8), uplink=Float16(), sampler=AllClients()
+        training=LocalTraining(lr=0.1, steps=2, batch_size=8),
+        uplink=Float16(),
+        sampler=AllClients(),
     )
     state = ServerState.initial(recipe, make_tiny_model(), seed=0)
     _, report = run_round(recipe, state, data, SerialRuntime(), model_fn=make_tiny_model)

@@ -71,7 +71,7 @@ def _start(recipe: Recipe) -> ServerState:
 
 
 def _round(runtime: RecordingRuntime, recipe: Recipe | None = None) -> tuple[ServerState, Any]:
-    recipe = recipe or Recipe(policy=HET, local=LOCAL, sampler=AllClients())
+    recipe = recipe or Recipe(policy=HET, training=LOCAL, sampler=AllClients())
     state = _start(recipe)
     return state, run_round(recipe, state, _population(), runtime, model_fn=make_tiny_model)
 
@@ -160,7 +160,7 @@ def test_round_lora_ranks_rejected_update_leaves_the_global_model_as_without_it(
 
 def test_round_staged_lora_ranks_trim_per_client_in_the_lora_stage() -> None:
     """A schedule's LoRA stage is a plain recipe: its ranks trim and pad per client."""
-    base = Recipe(local=LOCAL, sampler=AllClients())
+    base = Recipe(training=LOCAL, sampler=AllClients())
     recipe = Schedule(
         (
             (1, dataclasses.replace(base, policy=HeadOnly())),

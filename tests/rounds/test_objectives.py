@@ -41,7 +41,7 @@ PLAIN, FULL, LOCAL = Plain(), Full(), LocalTraining(lr=0.1, steps=2, batch_size=
 def _recipe(
     objective: Objective = PLAIN, policy: TransferPolicy = FULL, local: LocalTraining = LOCAL
 ) -> Recipe:
-    return Recipe(policy=policy, local=local, objective=objective, sampler=AllClients())
+    return Recipe(policy=policy, training=local, objective=objective, sampler=AllClients())
 
 
 def _run(
@@ -245,10 +245,10 @@ def test_round_fedrep_trains_the_head_with_the_body_fixed_then_the_body(
     model = make_tiny_model()
     plan = recipe.plan(model)
     gen = generator(0, "batches", 1, client)
-    head_spec = dataclasses.replace(recipe.local, epochs=2, steps=None)
+    head_spec = dataclasses.replace(recipe.training, epochs=2, steps=None)
     local_train(model, plan.only(plan.local), one.train[client], head_spec, generator=gen)
     assert tree.equal(state.holdings.local[client], tree.select(model.state_dict(), plan.local))
-    local_train(model, plan.only(plan.shared), one.train[client], recipe.local, generator=gen)
+    local_train(model, plan.only(plan.shared), one.train[client], recipe.training, generator=gen)
     expected = tree.select(model.state_dict(), plan.shared)
     for k in expected:
         torch.testing.assert_close(state.params[k], expected[k], rtol=1e-6, atol=1e-7)

@@ -37,7 +37,7 @@ def test_round_client_rejected_in_round_one_with_local_keys_trains_in_round_two(
     data = make_tiny_data()
     recipe = Recipe(
         policy=LocalBatchNorm(),
-        local=LocalTraining(steps=2, batch_size=4),
+        training=LocalTraining(steps=2, batch_size=4),
         pipeline=ServerPipeline(),
         sampler=AllClients(),
     )
@@ -51,7 +51,7 @@ def test_round_client_rejected_in_round_one_with_local_keys_trains_in_round_two(
 
 def test_round_train_loss_counts_accepted_clients_only():
     data = make_tiny_data()
-    recipe = Recipe(local=LocalTraining(steps=2, batch_size=4), sampler=AllClients())
+    recipe = Recipe(training=LocalTraining(steps=2, batch_size=4), sampler=AllClients())
     state = ServerState.initial(recipe, make_tiny_model(), seed=0)
     runtime = _RejectFirst("c0")
     _, report = run_round(recipe, state, data, runtime, model_fn=make_tiny_model)

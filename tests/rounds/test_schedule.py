@@ -63,12 +63,12 @@ def _staged(base: Recipe, *stages: tuple[int | None, TransferPolicy]) -> Schedul
 
 
 def _babu(cohorts: tuple[tuple[str, ...], ...] = BABU_COHORTS, **changes: Any) -> Schedule:
-    base = Recipe(**{"local": LOCAL, "sampler": Scripted(cohorts), **changes})
+    base = Recipe(**{"training": LOCAL, "sampler": Scripted(cohorts), **changes})
     return _staged(base, (2, FrozenHead()), (None, HeadOnly()))
 
 
 def _lp_ft(**changes: Any) -> Schedule:
-    base = Recipe(**{"local": LOCAL, "sampler": AllClients(), **changes})
+    base = Recipe(**{"training": LOCAL, "sampler": AllClients(), **changes})
     return _staged(base, (2, HeadOnly()), (None, Full()))
 
 
@@ -122,7 +122,7 @@ def test_schedule_index_at_after_the_last_finite_stage_stays_in_it() -> None:
 
 
 def test_schedule_recipe_at_is_the_stage_recipe_itself() -> None:
-    head, full = Recipe(policy=HeadOnly(), objective=Scaffold()), Recipe(local=LOCAL)
+    head, full = Recipe(policy=HeadOnly(), objective=Scaffold()), Recipe(training=LOCAL)
     schedule = Schedule(((1, head), (None, full)))
     assert schedule.recipe_at(1) is head and schedule.recipe_at(2) is full
 
@@ -194,11 +194,11 @@ def test_config_stages_change_only_the_recipe_fields_they_give() -> None:
     from fedtransfer.experiment.factories import StageList, StageSpec
 
     local = LocalTraining(lr=0.3, steps=1, batch_size=4)
-    base = Recipe(local=LOCAL, uplink=Exact())
+    base = Recipe(training=LOCAL, uplink=Exact())
     spec = StageList((StageSpec(1, HeadOnly(), Scaffold(), local), StageSpec(None, Full())))
     schedule = spec.build(base)
     first, second = schedule.recipe_at(1), schedule.recipe_at(2)
-    assert first.policy == HeadOnly() and first.objective == Scaffold() and first.local == local
+    assert first.policy == HeadOnly() and first.objective == Scaffold() and first.training == local
     assert first.uplink == Exact()  # not given: the arm's
     assert second == replace(base, policy=Full())
 
@@ -442,7 +442,7 @@ def test_round_handover_of_a_key_that_became_local_reaches_the_client_local_keys
     # stage 0 shares everything; stage 1 keeps the head local (FedPer): c0 holds a stale head
     cohorts = (("c0", "c1"), ("c1",), ("c0",))
     recipe = _staged(
-        Recipe(local=LOCAL, sampler=Scripted(cohorts)), (1, Full()), (None, PersonalHead())
+        Recipe(training=LOCAL, sampler=Scripted(cohorts)), (1, Full()), (None, PersonalHead())
     )
     data = make_tiny_data()
     state = _start(recipe)
@@ -455,7 +455,9 @@ def test_round_handover_of_a_key_that_became_local_reaches_the_client_local_keys
 
 
 def test_begin_round_drops_stored_local_keys_that_are_no_longer_local() -> None:
-    recipe = _staged(Recipe(local=LOCAL, sampler=AllClients()), (1, PersonalHead()), (None, Full()))
+    recipe = _staged(
+        Recipe(training=LOCAL, sampler=AllClients()), (1, PersonalHead()), (None, Full())
+    )
     state = _run(recipe, make_tiny_data(), 1)
     assert all(set(held) == set(HEAD) for held in state.holdings.local.values())
     _, entered = _begin(recipe, state)
@@ -498,7 +500,7 @@ def test_experiment_config_builds_each_named_schedule_on_the_arm_recipe() -> Non
             "{name: ncm, schedule: {kind: fedncm}}, "
             "{name: babu, schedule: {kind: babu_then_head, body_rounds: 3}}, "
             "{name: prog, schedule: {kind: progressive, blocks: 2, every: 4}}, {name: plain}]",
-            "local.lr=0.2",
+            "training.lr=0.2",
         ],
     )
     lp, ncm, babu, prog, plain = (cfg.schedule_of(a) for a in cfg.arms)
@@ -506,7 +508,7 @@ def test_experiment_config_builds_each_named_schedule_on_the_arm_recipe() -> Non
     assert ncm.recipe_at(1).uplink == Float32() and ncm.recipe_at(2).policy == Full()
     assert [rounds for rounds, _ in babu.stages] == [3, None]
     assert [rounds for rounds, _ in prog.stages] == [4, None]
-    assert all(r.local.lr == 0.2 for s in (lp, ncm, babu, prog) for _, r in s.stages)
+    assert all(r.training.lr == 0.2 for s in (lp, ncm, babu, prog) for _, r in s.stages)
     assert not plain.staged and plain.recipe_at(1) == cfg.recipe(cfg.arms[4])
 
 

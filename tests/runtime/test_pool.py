@@ -112,9 +112,9 @@ def assert_identical(a: ServerState, b: ServerState) -> None:
 
 RECIPES = {
     # three of five clients a round: clients join (and get set up) in different rounds
-    "fedavg-full": fedavg(Full(), local=LOCAL, clients_per_round=3),
+    "fedavg-full": fedavg(Full(), training=LOCAL, clients_per_round=3),
     # BatchNorm keys stay with each client and SCAFFOLD keeps control variates per client
-    "scaffold-localbn": scaffold(LocalBatchNorm(), local=LOCAL, clients_per_round=3),
+    "scaffold-localbn": scaffold(LocalBatchNorm(), training=LOCAL, clients_per_round=3),
 }
 
 
@@ -198,7 +198,7 @@ def test_task_error_names_the_client_and_the_pool_survives(
     bad = dict(tiny_data.train)
     bad["c3"] = TensorData(torch.randn(24, 1, 7, 7), bad["c3"].y)  # wrong input size
     data = FederatedDataset(bad, tiny_data.test, tiny_data.num_classes)
-    recipe = fedavg(Full(), local=LOCAL, clients_per_round=5)
+    recipe = fedavg(Full(), training=LOCAL, clients_per_round=5)
     state = ServerState.initial(recipe, make_tiny_model(), seed=0)
     with pytest.raises(RuntimeError, match="client c3, round 1 failed") as serial:
         run_round(recipe, state, data, SerialRuntime(), model_fn=make_tiny_model)
@@ -217,7 +217,7 @@ def test_task_error_names_the_client_and_the_pool_survives(
 def test_unpicklable_model_fn_is_a_clear_config_error(
     runtime: ProcessRuntime, tiny_data: FederatedDataset
 ) -> None:
-    recipe = fedavg(Full(), local=LOCAL, clients_per_round=2)
+    recipe = fedavg(Full(), training=LOCAL, clients_per_round=2)
     state = ServerState.initial(recipe, make_tiny_model(), seed=0)
 
     def model_fn() -> nn.Module:

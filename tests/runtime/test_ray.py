@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 5
 LOCAL = LocalTraining(lr=0.1, steps=2, batch_size=8)
 RECIPES = {
-    "fedavg-full": fedavg(Full(), local=LOCAL, clients_per_round=3),
-    "scaffold-localbn": scaffold(LocalBatchNorm(), local=LOCAL, clients_per_round=3),
+    "fedavg-full": fedavg(Full(), training=LOCAL, clients_per_round=3),
+    "scaffold-localbn": scaffold(LocalBatchNorm(), training=LOCAL, clients_per_round=3),
 }
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -143,7 +143,7 @@ def test_task_error_names_the_client(runtime: RayRuntime, tiny_data: FederatedDa
     bad = dict(tiny_data.train)
     bad["c3"] = TensorData(torch.randn(24, 1, 7, 7), bad["c3"].y)  # wrong input size
     data = FederatedDataset(bad, tiny_data.test, tiny_data.num_classes)
-    recipe = fedavg(Full(), local=LOCAL, clients_per_round=5)
+    recipe = fedavg(Full(), training=LOCAL, clients_per_round=5)
     state = ServerState.initial(recipe, make_tiny_model(), seed=0)
     with pytest.raises(RuntimeError, match="client c3, round 1 failed") as serial:
         run_round(recipe, state, data, SerialRuntime(), model_fn=make_tiny_model)

@@ -145,11 +145,11 @@ def test_a_round_with_a_zeroing_per_client_transform_keeps_the_model_and_its_sta
     local = LocalTraining(lr=0.1, steps=2, batch_size=8)
     zeroing = Recipe(
         policy=Full(),
-        local=local,
+        training=local,
         sampler=AllClients(),
         pipeline=ServerPipeline(per_client=(Scale(0.0),)),
     )
-    plain = Recipe(policy=Full(), local=local, sampler=AllClients())
+    plain = Recipe(policy=Full(), training=local, sampler=AllClients())
     start = ServerState.initial(zeroing, make_tiny_model(), seed=0)
     assert int(start.server["per_client/0/seen"]) == 0
 

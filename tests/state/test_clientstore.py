@@ -42,10 +42,10 @@ LOCAL = LocalTraining(lr=0.1, steps=2, batch_size=8)
 DATA = make_tiny_data()
 
 RECIPES: dict[str, Callable[[], Recipe]] = {
-    "scaffold": lambda: scaffold(Full(), local=LOCAL, clients_per_round=3),
-    "personal-head": lambda: fedavg(PersonalHead(), local=LOCAL, clients_per_round=3),
-    "scaffold-fedbn": lambda: scaffold(LocalBatchNorm(), local=LOCAL, clients_per_round=2),
-    "ditto": lambda: ditto(Full(), local=LOCAL, clients_per_round=3),
+    "scaffold": lambda: scaffold(Full(), training=LOCAL, clients_per_round=3),
+    "personal-head": lambda: fedavg(PersonalHead(), training=LOCAL, clients_per_round=3),
+    "scaffold-fedbn": lambda: scaffold(LocalBatchNorm(), training=LOCAL, clients_per_round=2),
+    "ditto": lambda: ditto(Full(), training=LOCAL, clients_per_round=3),
 }
 
 
@@ -222,7 +222,7 @@ def test_initial_with_client_store_uses_stores(tmp_path: Path) -> None:
 
 
 def test_staged_rounds_with_clientstore_equal_dicts(tmp_path: Path) -> None:
-    base = Recipe(local=LOCAL, sampler=Uniform(3), objective=Scaffold())
+    base = Recipe(training=LOCAL, sampler=Uniform(3), objective=Scaffold())
     recipe = Schedule(((2, replace(base, policy=PersonalHead())), (None, base)))
     plain = _rounds(recipe, _start(recipe), 4)
     stored = _rounds(recipe, _start(recipe, tmp_path), 4)

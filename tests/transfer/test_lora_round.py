@@ -23,7 +23,7 @@ def _one_round(
     policy: Lora, data: FederatedDataset
 ) -> tuple[Recipe, ServerState, ServerState, list[Reply]]:
     """Start (with non-zero global ``B`` so every factor trains from step one), one round."""
-    recipe = fedavg(policy, local=LOCAL, clients_per_round=3)
+    recipe = fedavg(policy, training=LOCAL, clients_per_round=3)
     recipe.validate(make_tiny_model(), population=data.clients)
     state = ServerState.initial(recipe, make_tiny_model(), seed=0)
     gen = torch.Generator().manual_seed(5)

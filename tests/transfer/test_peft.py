@@ -158,7 +158,7 @@ def test_peft_local_training_moves_only_adapter_weights() -> None:
 def test_peft_fedavg_sends_only_adapters_and_loads_back_into_peft(tmp_path: Path) -> None:
     data, policy = population(), PeftAdapters()
     local = LocalTraining(optimizer="adam", lr=1e-2, steps=3, batch_size=8)
-    recipe = fedavg(policy, local=local, clients_per_round=len(data.clients))
+    recipe = fedavg(policy, training=local, clients_per_round=len(data.clients))
     recipe.validate(model_fn(), population=data.clients)
     state = start = ServerState.initial(recipe, model_fn(), seed=0)
     reports = []

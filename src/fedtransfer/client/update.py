@@ -124,7 +124,7 @@ def start_client(task: ClientTask, recipe: Recipe, plan: ParamPlan) -> ClientSta
         global_shared=global_shared,
         memory=memory,
         broadcast=broadcast,
-        spec=recipe.local,
+        spec=recipe.training,
         generator=generator(task.seed, "batches", task.round, task.client),
         start_sha256=task.start_sha256,
     )

@@ -48,7 +48,7 @@ def train_isolated(
     *,
     model_fn: Callable[[], nn.Module],
 ) -> tuple[ServerState, IsolatedRound]:
-    """One round of a ``local-only`` or ``centralised`` arm: ``recipe.local`` training of what
+    """One round of a ``local-only`` or ``centralised`` arm: ``recipe.training`` training of what
     the recipe's policy trains, with nothing sent anywhere (the ledger does not move).
 
     Local-only: each client continues its own model on its own training split (its trained keys
@@ -101,7 +101,7 @@ def _train(
 ) -> Metrics:
     """``local_train``; from the frozen trunk's cached features when only the head trains
     (the same minibatches and results, as in federated rounds)."""
-    cached = train_head_cached(model, plan, data, recipe.local, generator=gen)
+    cached = train_head_cached(model, plan, data, recipe.training, generator=gen)
     if cached is not None:
         return cached
-    return local_train(model, plan, data, recipe.local, generator=gen)
+    return local_train(model, plan, data, recipe.training, generator=gen)

@@ -3,7 +3,7 @@
 Python objects are primary; YAML is their serialisation. Fields typed by a protocol
 (``TransferPolicy``, ``Codec`` …) are written as mappings with a ``kind:`` tag resolved by
 :mod:`fedtransfer.experiment.registry`. Unknown keys, missing kinds and type mismatches raise
-:class:`~fedtransfer.errors.ConfigError` naming the dotted path, e.g. ``arms.1.local.lr``.
+:class:`~fedtransfer.errors.ConfigError` naming the dotted path, e.g. ``arms.1.training.lr``.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     for item in overrides:
         if "=" not in item:
             raise ConfigError(
-                f"--set {item!r}: expected KEY=VALUE, e.g. rounds=40 or arms.scratch.local.lr=0.1"
+                f"--set {item!r}: expected KEY=VALUE, e.g. rounds=40 or arms.scratch.training.lr=0.1"
             )
         dotted, raw = item.split("=", 1)
         try:

@@ -63,7 +63,12 @@ ALGORITHMS: dict[str, Callable[..., Recipe]] = {
     )
 }
 # the factory arguments the arm's recipe gives (its policy, local training and sampler)
-_FROM_RECIPE = ("policy", "local", "clients_per_round")
+_FROM_RECIPE = ("policy", "training", "clients_per_round")
+
+
+def _summary(factory: Callable[..., Recipe]) -> str:
+    """The first paragraph of ``factory``'s docstring (its examples stay with it)."""
+    return (factory.__doc__ or "").split("\n\n")[0].strip()
 
 
 def _algorithm_spec(name: str, factory: Callable[..., Recipe]) -> type:
@@ -83,7 +88,7 @@ def _algorithm_spec(name: str, factory: Callable[..., Recipe]) -> type:
     cls = dataclasses.make_dataclass(
         "".join(part.capitalize() for part in name.split("_")) + "Algorithm",
         [(p.name, hints[p.name], dataclasses.field(default=p.default)) for p in params],
-        namespace={"build": build, "__doc__": f"``kind: {name}``: {factory.__doc__ or ''}"},
+        namespace={"build": build, "__doc__": f"``kind: {name}``: {_summary(factory)}"},
         frozen=True,
     )
     cls.__module__ = __name__
@@ -111,7 +116,7 @@ class StageSpec:
     rounds: int | None = None
     policy: TransferPolicy | None = None
     objective: Objective | None = None
-    local: LocalTraining | None = None
+    training: LocalTraining | None = None
     downlink: Codec | None = None
     uplink: Codec | None = None
 

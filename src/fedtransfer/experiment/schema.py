@@ -102,7 +102,7 @@ class ArmConfig:
     init: Literal["scratch", "pretrained"] = "pretrained"
     mode: Mode = "federated"
     policy: TransferPolicy | None = None
-    local: LocalTraining | None = None
+    training: LocalTraining | None = None
     objective: Objective | None = None
     sampler: Sampler | None = None
     aggregator: Aggregator | None = None
@@ -134,7 +134,7 @@ def check_run_name(name: str) -> str:
 
 ARM_FIELDS = (
     "policy",
-    "local",
+    "training",
     "objective",
     "sampler",
     "aggregator",
@@ -152,17 +152,17 @@ ARM_FIELDS = (
 def inherit_arm_settings(data: dict[str, Any]) -> dict[str, Any]:
     """Complete each arm's partial settings from the experiment's own, in plain config data.
 
-    ``arms: [{name: a, local: {lr: 0.05}}]`` keeps the experiment's other ``local`` settings
+    ``arms: [{name: a, training: {lr: 0.05}}]`` keeps the experiment's other ``training`` settings
     (momentum, batch size …); a component with a different ``kind:`` replaces it whole.
     """
     arms = data.get("arms")
-    _staged_policy_to_schedule(data, "")
+    _former_spellings(data, "")
     if not isinstance(arms, list):
         return data
     for i, arm in enumerate(arms):
         if not isinstance(arm, dict):
             continue
-        _staged_policy_to_schedule(arm, f"arms.{i}.")
+        _former_spellings(arm, f"arms.{i}.")
         for name in ARM_FIELDS:
             mine, base = arm.get(name), data.get(name)
             if base is None:
@@ -172,6 +172,37 @@ def inherit_arm_settings(data: dict[str, Any]) -> dict[str, Any]:
             if mine.get("kind", base.get("kind")) == base.get("kind"):
                 arm[name] = {**base, **mine}
     return data
+
+
+def _former_spellings(data: dict[str, Any], where: str) -> None:
+    """Configs written before the redesign, read with a warning: ``local:`` (the local training
+    settings, now ``training:``: ``local`` names the keys a client keeps) and a staged policy."""
+    _local_to_training(data, where)
+    _staged_policy_to_schedule(data, where)
+    schedule = data.get("schedule")
+    if isinstance(schedule, dict) and isinstance(schedule.get("stages"), list):
+        for j, stage in enumerate(schedule["stages"]):
+            if isinstance(stage, dict):
+                _local_to_training(stage, f"{where}schedule.stages.{j}.")
+
+
+def _local_to_training(data: dict[str, Any], where: str) -> None:
+    if "local" not in data:
+        return
+    both = "training" in data
+    if both and not (isinstance(data["local"], dict) and isinstance(data["training"], dict)):
+        raise ConfigError(
+            f"{where}local: the local training settings are now written {where}training, and "
+            f"{where}training is set too; hint: drop {where}local"
+        )
+    warnings.warn(
+        f"{where}local: the local training settings are now written {where}training "
+        "(local names the keys each client keeps)",
+        DeprecationWarning,
+        stacklevel=4,
+    )
+    local = data.pop("local")
+    data["training"] = {**data["training"], **local} if both else local  # --set local.lr=…
 
 
 def _staged_policy_to_schedule(data: dict[str, Any], where: str) -> None:
@@ -189,7 +220,7 @@ def _staged_policy_to_schedule(data: dict[str, Any], where: str) -> None:
         f"{where}policy: {{kind: stages, ...}} is now written {where}schedule: {{kind: "
         "stages, ...}} (a stage changes the whole recipe, not just the policy)",
         DeprecationWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
     data["schedule"] = {k: v for k, v in policy.items()}
     del data["policy"]
@@ -222,7 +253,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     policy: TransferPolicy = field(default_factory=Full)
-    local: LocalTraining = field(
+    training: LocalTraining = field(
         default_factory=lambda: LocalTraining(lr=0.01, momentum=0.9, epochs=1, batch_size=32)
     )
     objective: Objective = field(default_factory=Plain)
@@ -289,7 +320,7 @@ class ExperimentConfig:
         )
         mine = Recipe(
             policy=self.policy,
-            local=self.local,
+            training=self.training,
             objective=self.objective,
             downlink=self.downlink,
             uplink=self.uplink,

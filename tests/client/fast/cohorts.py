@@ -229,7 +229,7 @@ def assert_same_clients(recipe: Recipe, model_fn: Callable[[], nn.Module] = make
 
 
 def recipe_with(local: LocalTraining, **kwargs: Any) -> Recipe:
-    return Recipe(local=local, sampler=AllClients(), **kwargs)
+    return Recipe(training=local, sampler=AllClients(), **kwargs)
 
 
 PLAIN_SGD = LocalTraining(lr=0.1, epochs=2, batch_size=8)

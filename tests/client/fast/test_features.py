@@ -86,7 +86,7 @@ def _seeded(cls: type[nn.Module]) -> Callable[[], nn.Module]:
     ids=["tiny", "head-with-batchnorm", "dropout-trunk"],
 )
 def test_round_head_only_with_cache_equals_without(model_fn: Callable[[], nn.Module]) -> None:
-    recipe = Recipe(policy=HeadOnly(), local=SPEC, sampler=AllClients())
+    recipe = Recipe(policy=HeadOnly(), training=SPEC, sampler=AllClients())
     cached, plain = _rounds(recipe, model_fn, True), _rounds(recipe, model_fn, False)
     assert tree.equal(cached.params, plain.params)
     assert tree.equal(cached.weights_for(), plain.weights_for())
@@ -204,8 +204,8 @@ def test_feature_cache_drops_spilled_files_past_its_disk_budget(
 
 def test_round_cache_follows_a_stage_that_retrains_the_trunk() -> None:
     """Full fine-tuning, then head only: the cached trunk is the one the first stage trained."""
-    full = Recipe(policy=Full(), local=SPEC, sampler=AllClients())
-    head_first = Recipe(policy=HeadOnly(), local=SPEC, sampler=AllClients())
+    full = Recipe(policy=Full(), training=SPEC, sampler=AllClients())
+    head_first = Recipe(policy=HeadOnly(), training=SPEC, sampler=AllClients())
     recipe = Schedule(((1, full), (None, head_first)))
     data = make_tiny_data()  # the same client data objects throughout
     _rounds(head_first, make_tiny_model, True, data)  # caches features of the starting trunk

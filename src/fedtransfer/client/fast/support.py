@@ -56,7 +56,7 @@ def supports(
 
     - the objective is :class:`~fedtransfer.client.Plain` (any other adds a penalty, a
       gradient correction or client memory to the loop);
-    - ``recipe.local`` is a ``LocalTraining`` whose every option and value :data:`OPTIONS`
+    - ``recipe.training`` is a ``LocalTraining`` whose every option and value :data:`OPTIONS`
       lists;
     - something trains; at most ``max_params`` trainable scalars and, unless
       ``convolutions``, no convolution that trains (``AutoRuntime``'s rule: past these,
@@ -72,7 +72,7 @@ def supports(
             f"objective {objective!r}: the vectorised loop trains Plain() only (a penalty, a "
             "gradient correction or client memory changes the loop)"
         )
-    reason = _options(recipe.local)
+    reason = _options(recipe.training)
     if reason is None:
         reason = _limits(model, plan, max_params, convolutions)
     if reason is None:

@@ -138,7 +138,7 @@ def vectorized_update(
             _decline(tasks, reason)
             return None
         starts = [start_client(t, recipe, plan) for t in tasks]
-        group = _group_size(model, plan, tasks, recipe.local)
+        group = _group_size(model, plan, tasks, recipe.training)
         trained: list[_Trained] = []
         for i in range(0, len(tasks), group):
             trained += _train(model, plan, tasks[i : i + group], starts[i : i + group], recipe)
@@ -202,7 +202,7 @@ def _train(
     recipe: Recipe,
 ) -> list[_Trained]:
     """Train ``tasks`` together; each one's trained weights, update and metrics."""
-    spec = recipe.local
+    spec = recipe.training
     sched = Schedule.build(
         [batches(len(t.data), spec, s.ctx.generator) for t, s in zip(tasks, starts, strict=True)]
     )
