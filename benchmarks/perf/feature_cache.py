@@ -63,7 +63,7 @@ def _digits() -> tuple[ft.data.FederatedDataset, Callable[[], nn.Module], ft.Rec
     from fedtransfer.experiment.schema import ExperimentConfig
 
     cfg = ExperimentConfig()
-    recipe = ft.fedavg(ft.transfer.HeadOnly(), local=cfg.training, clients_per_round=10)
+    recipe = ft.fedavg(ft.transfer.HeadOnly(), training=cfg.training, clients_per_round=10)
     return build_population(cfg), cfg.model, recipe, cfg.model.init(0)
 
 
