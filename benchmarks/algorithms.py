@@ -36,7 +36,7 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
     "FedAvg": {},
     "FedProx": {"objective": Prox(mu=0.01)},
     "SCAFFOLD": {"objective": Scaffold()},
-    "FedAdam": {"server_optimizer": ServerAdam(lr=0.01)},
+    "FedAdam": {"post": (ServerAdam(lr=0.01),)},
     "FedNova": {"objective": Nova()},
     "Ditto": {"objective": Ditto(lam=0.1)},
     "FedRep": {"policy": PersonalHead(), "objective": Rep(head_epochs=2)},
@@ -48,13 +48,13 @@ INITS = ("scratch", "pretrained")
 def arm(name: str, init: str, settings: dict[str, Any]) -> ArmConfig:
     policy: TransferPolicy | None = settings.get("policy")
     objective: Objective | None = settings.get("objective")
-    server: UpdateTransform | None = settings.get("server_optimizer")
+    post: tuple[UpdateTransform, ...] | None = settings.get("post")
     return ArmConfig(
         name=f"{name.lower()}-{init}",
         init=init,  # type: ignore[arg-type]
         policy=policy,
         objective=objective,
-        server_optimizer=server,
+        post=post,
     )
 
 

@@ -150,7 +150,7 @@ def test_config_arm_partial_local_keeps_experiment_settings():
         ("data.num_clients=0", r"^data: num_clients: must be >= 1"),
         ("data.partition.alpha=-1", r"^data\.partition: Dirichlet: alpha must be > 0"),
         ("training.lr=.inf", r"^training: LocalTraining: lr must be finite"),
-        ("server_optimizer.lr=.inf", r"^server_optimizer: ServerSGD: lr must be finite"),
+        ("post.0.lr=.inf", r"^post\.0: ServerSGD: lr must be finite"),
         ("name=[oops", r"^--set name: value '\[oops' is not valid YAML"),
     ],
 )
@@ -218,3 +218,15 @@ def test_config_reads_the_former_local_key_as_training_with_a_warning() -> None:
     assert cfg.training.lr == 0.25 and cfg.training.momentum == ExperimentConfig().training.momentum
     with pytest.raises(ConfigError, match="training is set too"):
         load_config(None, ["arms=[{name: a, local: null, training: {lr: 0.2}}]"])
+
+
+def test_config_reads_the_former_server_optimizer_as_post_with_a_warning() -> None:
+    from fedtransfer.server import ServerAdam
+
+    with pytest.warns(DeprecationWarning, match=r"arms\.0\.server_optimizer: X is now written"):
+        cfg = load_config(None, ["arms=[{name: a, server_optimizer: {kind: adam, lr: 0.02}}]"])
+    assert cfg.recipe(cfg.arms[0]).pipeline.post == (ServerAdam(lr=0.02),)
+    cfg = load_config(None, ["arms=[{name: a, post: [{kind: adam}, {kind: sgd, lr: 0.5}]}]"])
+    assert len(cfg.recipe(cfg.arms[0]).pipeline.post) == 2
+    with pytest.raises(ConfigError, match="post is set too"):
+        load_config(None, ["arms=[{name: a, server_optimizer: {kind: sgd}, post: []}]"])

@@ -106,7 +106,7 @@ class ArmConfig:
     objective: Objective | None = None
     sampler: Sampler | None = None
     aggregator: Aggregator | None = None
-    server_optimizer: UpdateTransform | None = None
+    post: tuple[UpdateTransform, ...] | None = None
     downlink: Codec | None = None
     uplink: Codec | None = None
     client_transforms: tuple[ClientTransform, ...] | None = None
@@ -138,7 +138,7 @@ ARM_FIELDS = (
     "objective",
     "sampler",
     "aggregator",
-    "server_optimizer",
+    "post",
     "downlink",
     "uplink",
     "client_transforms",
@@ -178,6 +178,7 @@ def _former_spellings(data: dict[str, Any], where: str) -> None:
     """Configs written before the redesign, read with a warning: ``local:`` (the local training
     settings, now ``training:``: ``local`` names the keys a client keeps) and a staged policy."""
     _local_to_training(data, where)
+    _server_optimizer_to_post(data, where)
     _staged_policy_to_schedule(data, where)
     schedule = data.get("schedule")
     if isinstance(schedule, dict) and isinstance(schedule.get("stages"), list):
@@ -203,6 +204,24 @@ def _local_to_training(data: dict[str, Any], where: str) -> None:
     )
     local = data.pop("local")
     data["training"] = {**data["training"], **local} if both else local  # --set local.lr=…
+
+
+def _server_optimizer_to_post(data: dict[str, Any], where: str) -> None:
+    """``server_optimizer: X`` is the pipeline's ``post: [X]`` (the Recipe's own name)."""
+    if "server_optimizer" not in data:
+        return
+    if "post" in data:
+        raise ConfigError(
+            f"{where}server_optimizer: the server steps are now written {where}post (a list), "
+            f"and {where}post is set too; hint: drop {where}server_optimizer"
+        )
+    warnings.warn(
+        f"{where}server_optimizer: X is now written {where}post: [X] (the server pipeline's "
+        "steps after the aggregator)",
+        DeprecationWarning,
+        stacklevel=4,
+    )
+    data["post"] = [data.pop("server_optimizer")]
 
 
 def _staged_policy_to_schedule(data: dict[str, Any], where: str) -> None:
@@ -259,7 +278,7 @@ class ExperimentConfig:
     objective: Objective = field(default_factory=Plain)
     sampler: Sampler = field(default_factory=lambda: Uniform(clients_per_round=10))
     aggregator: Aggregator = field(default_factory=Mean)
-    server_optimizer: UpdateTransform = field(default_factory=ServerSGD)
+    post: tuple[UpdateTransform, ...] = field(default_factory=lambda: (ServerSGD(),))
     downlink: Codec = field(default_factory=Float32)
     uplink: Codec = field(default_factory=Float32)
     client_transforms: tuple[ClientTransform, ...] = ()
@@ -316,7 +335,7 @@ class ExperimentConfig:
         pipeline = ServerPipeline(
             per_client=_pick(arm.per_client, self.per_client),
             aggregator=_pick(arm.aggregator, self.aggregator),
-            post=(_pick(arm.server_optimizer, self.server_optimizer),),
+            post=_pick(arm.post, self.post),
         )
         mine = Recipe(
             policy=self.policy,
