@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -176,73 +177,78 @@ def inherit_arm_settings(data: dict[str, Any]) -> dict[str, Any]:
 
 def _former_spellings(data: dict[str, Any], where: str) -> None:
     """Configs written before the redesign, read with a warning: ``local:`` (the local training
-    settings, now ``training:``: ``local`` names the keys a client keeps) and a staged policy."""
-    _local_to_training(data, where)
-    _server_optimizer_to_post(data, where)
-    _staged_policy_to_schedule(data, where)
+    settings, now ``training:``: ``local`` names the keys a client keeps), ``server_optimizer:
+    X`` (now the pipeline's ``post: [X]``) and a staged policy (now ``schedule:``)."""
+    _respelled(
+        data,
+        where,
+        "local",
+        "training",
+        note=f"the local training settings are now written {where}training (local names the "
+        "keys each client keeps)",
+        combine=_merged,
+    )
+    _respelled(
+        data,
+        where,
+        "server_optimizer",
+        "post",
+        note=f"X is now written {where}post: [X] (the server pipeline's steps after the "
+        "aggregator)",
+        as_new=lambda old: [old],
+    )
+    policy = data.get("policy")
+    if isinstance(policy, dict) and policy.get("kind") == "stages":
+        _respelled(
+            data,
+            where,
+            "policy",
+            "schedule",
+            note=f"{{kind: stages, ...}} is now written {where}schedule: {{kind: stages, ...}} "
+            "(a stage changes the whole recipe, not just the policy)",
+            hint=f"move the stages to {where}schedule and drop {where}policy",
+        )
     schedule = data.get("schedule")
     if isinstance(schedule, dict) and isinstance(schedule.get("stages"), list):
         for j, stage in enumerate(schedule["stages"]):
             if isinstance(stage, dict):
-                _local_to_training(stage, f"{where}schedule.stages.{j}.")
+                _former_spellings(stage, f"{where}schedule.stages.{j}.")
 
 
-def _local_to_training(data: dict[str, Any], where: str) -> None:
-    if "local" not in data:
+def _respelled(
+    data: dict[str, Any],
+    where: str,
+    old: str,
+    new: str,
+    *,
+    note: str,
+    as_new: Callable[[Any], Any] = lambda old: old,
+    combine: Callable[[Any, Any], Any] | None = None,
+    hint: str | None = None,
+) -> None:
+    """Read the former key ``old`` of ``data`` as ``new`` (its value ``as_new(value)``), with
+    a ``DeprecationWarning`` saying ``note``. Where ``new`` is set too, ``combine(old value,
+    new value)`` joins them, or a :class:`ConfigError` says they cannot be (``combine``
+    absent or returning None)."""
+    if old not in data:
         return
-    both = "training" in data
-    if both and not (isinstance(data["local"], dict) and isinstance(data["training"], dict)):
-        raise ConfigError(
-            f"{where}local: the local training settings are now written {where}training, and "
-            f"{where}training is set too; hint: drop {where}local"
-        )
-    warnings.warn(
-        f"{where}local: the local training settings are now written {where}training "
-        "(local names the keys each client keeps)",
-        DeprecationWarning,
-        stacklevel=4,
-    )
-    local = data.pop("local")
-    data["training"] = {**data["training"], **local} if both else local  # --set local.lr=…
+    value = as_new(data[old])
+    if new in data:
+        value = combine(data[old], data[new]) if combine is not None else None
+        if value is None:
+            raise ConfigError(
+                f"{where}{old}: {note}, and {where}{new} is set too; "
+                f"hint: {hint or f'drop {where}{old}'}"
+            )
+    warnings.warn(f"{where}{old}: {note}", DeprecationWarning, stacklevel=4)
+    del data[old]
+    data[new] = value
 
 
-def _server_optimizer_to_post(data: dict[str, Any], where: str) -> None:
-    """``server_optimizer: X`` is the pipeline's ``post: [X]`` (the Recipe's own name)."""
-    if "server_optimizer" not in data:
-        return
-    if "post" in data:
-        raise ConfigError(
-            f"{where}server_optimizer: the server steps are now written {where}post (a list), "
-            f"and {where}post is set too; hint: drop {where}server_optimizer"
-        )
-    warnings.warn(
-        f"{where}server_optimizer: X is now written {where}post: [X] (the server pipeline's "
-        "steps after the aggregator)",
-        DeprecationWarning,
-        stacklevel=4,
-    )
-    data["post"] = [data.pop("server_optimizer")]
-
-
-def _staged_policy_to_schedule(data: dict[str, Any], where: str) -> None:
-    """The former spelling ``policy: {kind: stages, stages: [...]}`` as ``schedule: {kind:
-    stages, stages: [...]}`` (a stage is a recipe, not a policy), with a warning."""
-    policy = data.get("policy")
-    if not (isinstance(policy, dict) and policy.get("kind") == "stages"):
-        return
-    if "schedule" in data:
-        raise ConfigError(
-            f"{where}policy: kind 'stages' is a schedule, and {where}schedule is set too; "
-            f"hint: move the stages to {where}schedule and drop {where}policy"
-        )
-    warnings.warn(
-        f"{where}policy: {{kind: stages, ...}} is now written {where}schedule: {{kind: "
-        "stages, ...}} (a stage changes the whole recipe, not just the policy)",
-        DeprecationWarning,
-        stacklevel=4,
-    )
-    data["schedule"] = {k: v for k, v in policy.items()}
-    del data["policy"]
+def _merged(old: Any, new: Any) -> Any:
+    """A former mapping on top of the one now written (``--set local.lr=…`` on a new config),
+    or None if either is not a mapping."""
+    return {**new, **old} if isinstance(old, dict) and isinstance(new, dict) else None
 
 
 def _default_arms() -> tuple[ArmConfig, ...]:
