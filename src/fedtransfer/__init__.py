@@ -44,7 +44,7 @@ from fedtransfer.algorithms import (
     progressive,
     scaffold,
 )
-from fedtransfer.client import ClientTransform, LocalTraining, Objective
+from fedtransfer.client import LocalTraining, Objective
 from fedtransfer.codecs import Codec
 from fedtransfer.errors import CompatibilityError, ConfigError, FedTransferError, UpdateRejected
 from fedtransfer.recipe import Recipe
@@ -53,16 +53,16 @@ from fedtransfer.rounds.messages import Reply, Request, Send
 from fedtransfer.rounds.schedule import Schedule
 from fedtransfer.rounds.spine import run_round, server_round
 from fedtransfer.runtime import Runtime
-from fedtransfer.server import Aggregator, UpdateTransform
+from fedtransfer.server import Aggregator
 from fedtransfer.server.sample import Sampler
 from fedtransfer.state import ServerState
 from fedtransfer.transfer import ParamPlan, TransferPolicy
+from fedtransfer.types import UpdateContext, UpdateTransform
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Aggregator",
-    "ClientTransform",
     "Codec",
     "CompatibilityError",
     "ConfigError",
@@ -80,6 +80,7 @@ __all__ = [
     "Send",
     "ServerState",
     "TransferPolicy",
+    "UpdateContext",
     "UpdateRejected",
     "UpdateTransform",
     "babu_then_head",
@@ -116,6 +117,7 @@ _MOVED = {
     "ClientDelays": "fedtransfer.rounds.buffered",
     "ClientStore": "fedtransfer.state.clientstore",
     "ClientTask": "fedtransfer.client",
+    "ClientTransform": "fedtransfer.client.transforms",
     "ClientUpdate": "fedtransfer.client",
     "Digits": "fedtransfer.data",
     "Dirichlet": "fedtransfer.data",

@@ -24,6 +24,7 @@ from fedtransfer.server.optimizers import (
 )
 from fedtransfer.server.pipeline import ServerPipeline
 from fedtransfer.server.sample import Uniform
+from fedtransfer.transfer.lora import Lora
 from fedtransfer.transfer.plan import TransferPolicy
 from fedtransfer.transfer.policies import (
     FrozenHead,
@@ -33,6 +34,7 @@ from fedtransfer.transfer.policies import (
     LastK,
     PersonalHead,
 )
+from fedtransfer.transfer.ranks import RankNarrow, RankPad, RankTrim
 
 
 def fedavg(
@@ -193,6 +195,38 @@ def lg_fedavg(
 ) -> Recipe:
     """LG-FedAvg (Liang et al., arXiv 2001.01523): local representation, global head."""
     return _recipe(GlobalHead(head), training, clients_per_round, ServerSGD(), Plain())
+
+
+def hetlora(recipe: Recipe, *, ranks: tuple[int, ...]) -> Recipe:
+    """HetLoRA (Cho et al., arXiv 2401.06432): ``recipe``'s clients hold LoRA adapters of
+    different ranks, ``ranks[sha256(client) mod len(ranks)]``; ``recipe.policy`` is a
+    :class:`~fedtransfer.transfer.lora.Lora` of rank ``max(ranks)``.
+
+    Three wrappers of the recipe do it (:mod:`fedtransfer.transfer.ranks`), so the round never
+    asks about ranks: each client narrows the weights it trains from to its rank
+    (``client_start``), trims its update before the uplink (the first client transform), and
+    the server zero-pads each update back before validating it (the first per-client step).
+
+    >>> from fedtransfer.transfer.lora import Lora
+    >>> r = hetlora(Recipe(policy=Lora(rank=4)), ranks=(1, 2, 4))
+    >>> r.client_start, r.pipeline.per_client
+    ((RankNarrow(rank=4, ranks=(1, 2, 4)),), (RankPad(rank=4, ranks=(1, 2, 4)),))
+    """
+    rank = getattr(recipe.policy, "rank", None)
+    if not isinstance(recipe.policy, Lora) or not isinstance(rank, int):
+        raise ConfigError(
+            f"hetlora: the recipe's policy must be a Lora adapter, got {recipe.policy!r}; "
+            f"hint: Recipe(policy=Lora(rank={max(ranks, default=4)}))"
+        )
+    ranks = tuple(ranks)
+    return replace(
+        recipe,
+        client_start=(RankNarrow(rank, ranks), *recipe.client_start),
+        client_transforms=(RankTrim(rank, ranks), *recipe.client_transforms),
+        pipeline=replace(
+            recipe.pipeline, per_client=(RankPad(rank, ranks), *recipe.pipeline.per_client)
+        ),
+    )
 
 
 def _recipe(

@@ -11,15 +11,23 @@ from torch import nn
 from fedtransfer.client.drift import Scaffold
 from fedtransfer.client.objectives import Objective, Plain
 from fedtransfer.client.train import LocalTraining
-from fedtransfer.client.transforms import ClientTransform
 from fedtransfer.codecs import Codec, Float32, Payload
 from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.server.aggregate import Aggregator
-from fedtransfer.server.optimizers import ServerSGD, UpdateTransform
+from fedtransfer.server.optimizers import ServerSGD
 from fedtransfer.server.pipeline import ServerPipeline
 from fedtransfer.server.sample import Sampler, Uniform
+from fedtransfer.transfer import ranks
 from fedtransfer.transfer.plan import ParamPlan, TransferPolicy
 from fedtransfer.transfer.policies import Full
+from fedtransfer.types import StartStep, UpdateTransform, needs_of
+
+_GIVEN = {
+    # what each place of a transform gives in its context, beyond the global parameters
+    "client_transforms": frozenset({"client", "uplink"}),
+    "pipeline.per_client": frozenset({"client"}),
+    "pipeline.post": frozenset(),
+}
 
 
 @dataclass(frozen=True)
@@ -27,8 +35,11 @@ class Recipe:
     """Policy, local training and objective, client transforms, codecs, server pipeline and
     sampler: one federated algorithm.
 
-    ``client_transforms`` act on each client's update before the uplink codec (error feedback);
-    ``downlink`` encodes the global model, ``uplink`` the updates. Recipes that hold in turn
+    ``client_start`` steps act on the weights a client holds before it trains (HetLoRA's
+    narrowing), ``client_transforms`` on each client's update before the uplink codec (error
+    feedback, clipping, a HetLoRA rank trim): the same :class:`~fedtransfer.types.UpdateTransform`
+    protocol as the server pipeline's per-client and post steps. ``downlink`` encodes the
+    global model, ``uplink`` the updates. Recipes that hold in turn
     are a :class:`~fedtransfer.rounds.schedule.Schedule`.
 
     >>> from fedtransfer.models import CNN
@@ -42,7 +53,8 @@ class Recipe:
     objective: Objective = field(default_factory=Plain)
     downlink: Codec = field(default_factory=Float32)
     uplink: Codec = field(default_factory=Float32)
-    client_transforms: tuple[ClientTransform, ...] = ()
+    client_start: tuple[StartStep, ...] = ()
+    client_transforms: tuple[UpdateTransform, ...] = ()
     pipeline: ServerPipeline = field(default_factory=ServerPipeline)
     sampler: Sampler = field(default_factory=Uniform)
 
@@ -80,7 +92,8 @@ class Recipe:
         groups: tuple[tuple[str, type, tuple[object, ...]], ...] = (
             ("pipeline.post", UpdateTransform, self.pipeline.post),
             ("pipeline.per_client", UpdateTransform, self.pipeline.per_client),
-            ("client_transforms", ClientTransform, self.client_transforms),
+            ("client_transforms", UpdateTransform, self.client_transforms),
+            ("client_start", StartStep, self.client_start),
         )
         for group, proto, items in groups:
             checks += [(f"{group}[{i}]", t, proto) for i, t in enumerate(items)]
@@ -90,6 +103,16 @@ class Recipe:
                     f"Recipe.{name}: {type(value).__name__} is not a {proto.__name__}; "
                     "hint: build components from fedtransfer's classes or implement the protocol"
                 )
+        for group, _, items in groups:
+            for i, t in enumerate(items):
+                missing = needs_of(t) - _GIVEN.get(group, frozenset({"client", "uplink"}))
+                if missing:
+                    raise ConfigError(
+                        f"Recipe.{group}[{i}]: {t!r} needs {sorted(missing)} in its context, "
+                        f"which a step there is not given; hint: place it where it is given "
+                        "(client_transforms get the client and the uplink codec, "
+                        "pipeline.per_client the client)"
+                    )
 
     def _check_plan(self, prepared: nn.Module, plan: ParamPlan) -> None:
         """The plan shares something, fits the objective, and the codecs keep its dtypes."""
@@ -101,11 +124,12 @@ class Recipe:
         self.objective.check(plan)
         if getattr(self.objective, "replaces_step", False):
             self._check_outright()
-        if _client_ranks(self.policy) and isinstance(self.objective, Scaffold):
+        ranks.check(self)
+        if ranks.slots_of(self) and isinstance(self.objective, Scaffold):
             raise CompatibilityError(
                 "Recipe: SCAFFOLD's control variates are full-rank, so with heterogeneous LoRA "
                 "ranks they would train adapter slots a client does not hold; hint: use "
-                "Plain(), Prox(mu) or Dyn(alpha) with Lora(ranks=...)"
+                "Plain(), Prox(mu) or Dyn(alpha) with hetlora(...)"
             )
         shared = {
             k: torch.zeros_like(v) for k, v in prepared.state_dict().items() if k in plan.shared
@@ -139,9 +163,3 @@ class Recipe:
                 "lossless uplink, e.g. uplink=Float32() in its stage's recipe — "
                 "fedncm() does"
             )
-
-
-def _client_ranks(policy: TransferPolicy) -> tuple[int, ...]:
-    """The heterogeneous LoRA ranks of ``policy``."""
-    ranks: tuple[int, ...] = getattr(policy, "ranks", ())
-    return ranks

@@ -24,10 +24,12 @@ from fedtransfer import (
 )
 from fedtransfer.client import ClientTask, client_update
 from fedtransfer.client.drift import Scaffold
-from fedtransfer.client.transforms import ClientTransform, ErrorFeedback
+from fedtransfer.client.transforms import ErrorFeedback
 from fedtransfer.codecs import Float32, Payload, TopK
+from fedtransfer.server import ServerPipeline
 from fedtransfer.state import load_state, save_state
 from fedtransfer.transfer import Full
+from fedtransfer.types import UpdateContext, UpdateTransform
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -56,26 +58,30 @@ def _roundtrip(params: dict[str, Tensor], codec: Any = LOSSY) -> dict[str, Tenso
     return codec.decode(Payload.from_bytes(codec.encode(params).to_bytes()))
 
 
+def _ctx(uplink: Any) -> UpdateContext:
+    return UpdateContext({}, client="c0", uplink=uplink)
+
+
 # --- the transform alone ---------------------------------------------------------------------
 
 
 def test_error_feedback_is_a_client_transform() -> None:
     """Through a lossless uplink nothing is dropped: the update is sent as it is plus the
     residual kept, and the new residual is zero, for every floating key."""
-    assert isinstance(ErrorFeedback(), ClientTransform)
+    assert isinstance(ErrorFeedback(), UpdateTransform)
     update, residual = _update(0), _update(1)
-    first = ErrorFeedback().apply(update, {}, uplink=Float32())
+    first = ErrorFeedback().apply(update, {}, _ctx(Float32()))
     assert tree.equal(first.value, update)
     assert tree.equal(first.state, tree.zeros_like(update))
     assert first.metrics["residual_norm"] == 0.0
-    carried = ErrorFeedback().apply(update, residual, uplink=Float32())
+    carried = ErrorFeedback().apply(update, residual, _ctx(Float32()))
     assert tree.equal(carried.value, tree.add(update, residual))
     assert tree.equal(carried.state, tree.zeros_like(update))
 
 
 def test_error_feedback_sends_update_plus_residual_and_keeps_what_the_codec_dropped() -> None:
     update, residual = _update(0), _update(1)
-    out = ErrorFeedback().apply(update, residual, uplink=LOSSY)
+    out = ErrorFeedback().apply(update, residual, _ctx(LOSSY))
     corrected = tree.add(update, residual)
     assert tree.equal(out.value, corrected)
     dropped = tree.sub(corrected, _roundtrip(corrected))
@@ -86,7 +92,7 @@ def test_error_feedback_sends_update_plus_residual_and_keeps_what_the_codec_drop
 
 def test_error_feedback_first_participation_sends_the_update_itself() -> None:
     update = _update(0)
-    out = ErrorFeedback().apply(update, {}, uplink=LOSSY)
+    out = ErrorFeedback().apply(update, {}, _ctx(LOSSY))
     assert tree.equal(out.value, update)
     assert tree.equal(out.state, tree.sub(update, _roundtrip(update)))
 
@@ -99,7 +105,7 @@ def test_error_feedback_telescopes_sent_plus_final_residual_to_the_raw_sum() -> 
     sent_sum = tree.zeros_like(_update(0))
     for t in range(6):
         update = _update(10 + t)
-        out = ErrorFeedback().apply(update, state, uplink=LOSSY)
+        out = ErrorFeedback().apply(update, state, _ctx(LOSSY))
         sent_sum = tree.add(sent_sum, _roundtrip(out.value))
         raw_sum = tree.add(raw_sum, update)
         state = out.state
@@ -112,7 +118,7 @@ def test_error_feedback_telescopes_sent_plus_final_residual_to_the_raw_sum() -> 
 
 def test_error_feedback_with_a_lossless_codec_changes_nothing() -> None:
     update = _update(0)
-    out = ErrorFeedback().apply(update, {}, uplink=Float32())
+    out = ErrorFeedback().apply(update, {}, _ctx(Float32()))
     assert tree.equal(out.value, update)
     assert tree.equal(out.state, tree.zeros_like(update))
     assert out.metrics["residual_norm"] == 0.0
@@ -120,7 +126,7 @@ def test_error_feedback_with_a_lossless_codec_changes_nothing() -> None:
 
 def test_error_feedback_keeps_no_residual_for_integer_tensors() -> None:
     update = {**_update(0), "steps": torch.tensor([3, 4], dtype=torch.int64)}
-    out = ErrorFeedback().apply(update, {"steps": torch.tensor([9, 9])}, uplink=LOSSY)
+    out = ErrorFeedback().apply(update, {"steps": torch.tensor([9, 9])}, _ctx(LOSSY))
     assert torch.equal(out.value["steps"], update["steps"])  # not corrected either
     assert set(out.state) == {"w", "b"}
 
@@ -129,6 +135,29 @@ def test_recipe_validate_names_a_client_transform_that_is_not_one() -> None:
     recipe = Recipe(client_transforms=(ErrorFeedback(), "error_feedback"))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"Recipe\.client_transforms\[1\]"):
         recipe.validate(make_tiny_model())
+
+
+def test_recipe_validate_refuses_error_feedback_where_no_uplink_is_given() -> None:
+    """One protocol on both sides, but error feedback needs the uplink codec, which only a
+    client transform is given."""
+    for pipeline in (
+        ServerPipeline(post=(ErrorFeedback(),)),
+        ServerPipeline(per_client=(ErrorFeedback(),)),
+    ):
+        recipe = Recipe(pipeline=pipeline)
+        with pytest.raises(ConfigError, match=r"needs \['uplink'\] in its context"):
+            recipe.validate(make_tiny_model())
+    with pytest.raises(ConfigError, match="no uplink codec in its context"):
+        ErrorFeedback().apply(_update(0), {}, UpdateContext({}))
+
+
+def test_client_transform_is_the_update_transform_under_its_former_name() -> None:
+    import fedtransfer.client.transforms as transforms
+
+    with pytest.warns(
+        DeprecationWarning, match="ClientTransform is now fedtransfer.UpdateTransform"
+    ):
+        assert transforms.ClientTransform is UpdateTransform
 
 
 # --- through run_round -----------------------------------------------------------------------

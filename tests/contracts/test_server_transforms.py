@@ -17,6 +17,7 @@ from fedtransfer.server import (
     ServerYogi,
     UpdateTransform,
 )
+from fedtransfer.types import UpdateContext
 
 TRANSFORMS: list[UpdateTransform] = [
     ServerSGD(),
@@ -61,7 +62,7 @@ def test_transform_is_an_update_transform(transform: UpdateTransform) -> None:
     optimiser steps with it, never against it), and flat tensor state and float metrics."""
     assert isinstance(transform, UpdateTransform)
     params, update = _params(), _update()
-    out = transform.apply(update, transform.init(params), params)
+    out = transform.apply(update, transform.init(params), UpdateContext(params))
     assert set(out.value) == set(update)
     for k, v in update.items():
         if v.dtype.is_floating_point:
@@ -83,17 +84,17 @@ def test_transform_applied_state_roundtrips_through_safetensors(
     transform: UpdateTransform,
 ) -> None:
     params = _params()
-    state = transform.apply(_update(), transform.init(params), params).state
+    state = transform.apply(_update(), transform.init(params), UpdateContext(params)).state
     _assert_flat_tensor_state(state)
     assert tree.equal(load(save(dict(state))), state)
 
 
 def test_transform_apply_does_not_mutate_inputs(transform: UpdateTransform) -> None:
     params = _params()
-    state = transform.apply(_update(2), transform.init(params), params).state
+    state = transform.apply(_update(2), transform.init(params), UpdateContext(params)).state
     update = _update(3)
     before = (tree.clone(update), tree.clone(state), tree.clone(params))
-    transform.apply(update, state, params)
+    transform.apply(update, state, UpdateContext(params))
     assert tree.equal(update, before[0])
     assert tree.equal(state, before[1])
     assert tree.equal(params, before[2])
@@ -102,8 +103,8 @@ def test_transform_apply_does_not_mutate_inputs(transform: UpdateTransform) -> N
 def test_transform_apply_is_deterministic(transform: UpdateTransform) -> None:
     params = _params()
     state = transform.init(params)
-    a = transform.apply(_update(), state, params)
-    b = transform.apply(_update(), state, params)
+    a = transform.apply(_update(), state, UpdateContext(params))
+    b = transform.apply(_update(), state, UpdateContext(params))
     assert tree.equal(a.value, b.value)
     assert tree.equal(a.state, b.state)
 
@@ -111,7 +112,7 @@ def test_transform_apply_is_deterministic(transform: UpdateTransform) -> None:
 def test_transform_passes_integer_tensors_through(transform: UpdateTransform) -> None:
     params = _params()
     update = _update()
-    out = transform.apply(update, transform.init(params), params).value
+    out = transform.apply(update, transform.init(params), UpdateContext(params)).value
     assert out["bn.num_batches_tracked"].dtype == torch.int64
     assert torch.equal(out["bn.num_batches_tracked"], update["bn.num_batches_tracked"])
 
@@ -119,7 +120,7 @@ def test_transform_passes_integer_tensors_through(transform: UpdateTransform) ->
 def test_transform_keeps_keys_shapes_and_dtypes(transform: UpdateTransform) -> None:
     params = _params()
     update = _update()
-    out = transform.apply(update, transform.init(params), params).value
+    out = transform.apply(update, transform.init(params), UpdateContext(params)).value
     assert {k: (v.shape, v.dtype) for k, v in out.items()} == {
         k: (v.shape, v.dtype) for k, v in update.items()
     }
@@ -130,7 +131,7 @@ def test_transform_zero_update_with_zero_state_gives_zero_step(
 ) -> None:
     params = _params()
     zero = tree.zeros_like(params)
-    out = transform.apply(zero, transform.init(params), params).value
+    out = transform.apply(zero, transform.init(params), UpdateContext(params)).value
     assert tree.equal(out, zero)
 
 
@@ -201,8 +202,8 @@ def test_pipeline_apply_equals_manual_composition_of_two_post_transforms() -> No
         agg = Mean().aggregate(updates, weights, {}).value
         s0 = {k.removeprefix("post/0/"): v for k, v in state.items() if k.startswith("post/0/")}
         s1 = {k.removeprefix("post/1/"): v for k, v in state.items() if k.startswith("post/1/")}
-        first = sgd.apply(agg, s0, params)
-        second = adam.apply(first.value, s1, params)
+        first = sgd.apply(agg, s0, UpdateContext(params))
+        second = adam.apply(first.value, s1, UpdateContext(params))
         assert tree.equal(out.value, second.value)
         expected_state = {f"post/0/{k}": v for k, v in first.state.items()}
         expected_state |= {f"post/1/{k}": v for k, v in second.state.items()}

@@ -29,6 +29,7 @@ from fedtransfer.server import (
     ServerYogi,
 )
 from fedtransfer.transfer import Full
+from fedtransfer.types import UpdateContext
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -200,7 +201,9 @@ def test_fedadam_bias_correction_state_counts_steps_and_roundtrips(correction: s
     state = adam.init(params)
     assert state["t"].dtype == torch.int64 and int(state["t"]) == 0
     for t in (1, 2, 3):
-        state = adam.apply({"w": torch.ones(2), "n": torch.tensor(1)}, state, params).state
+        state = adam.apply(
+            {"w": torch.ones(2), "n": torch.tensor(1)}, state, UpdateContext(params)
+        ).state
         assert int(state["t"]) == t
     assert tree.equal(load(save(dict(state))), state)
 
@@ -208,9 +211,9 @@ def test_fedadam_bias_correction_state_counts_steps_and_roundtrips(correction: s
 def test_fedadam_bias_correction_resumes_from_saved_state() -> None:
     adam = ServerAdam(lr=0.1, bias_correction="flower")
     params, update = {"w": torch.zeros(3)}, {"w": torch.tensor([1.0, -2.0, 0.5])}
-    state = adam.apply(update, adam.init(params), params).state
-    direct = adam.apply(update, state, params)
-    resumed = adam.apply(update, load(save(dict(state))), params)
+    state = adam.apply(update, adam.init(params), UpdateContext(params)).state
+    direct = adam.apply(update, state, UpdateContext(params))
+    resumed = adam.apply(update, load(save(dict(state))), UpdateContext(params))
     assert tree.equal(direct.value, resumed.value)
     assert tree.equal(direct.state, resumed.state)
 

@@ -13,7 +13,8 @@ import torch
 from tests.conftest import NUM_CLASSES, make_tiny_model
 from torch import Tensor
 
-from fedtransfer import LocalTraining, Recipe, Reply, ServerState, run_round, tree
+from fedtransfer import LocalTraining, Recipe, Reply, ServerState, UpdateContext, run_round, tree
+from fedtransfer.algorithms import hetlora
 from fedtransfer.codecs import Float32, Payload
 from fedtransfer.data import FederatedDataset, TensorData
 from fedtransfer.rounds.schedule import Schedule
@@ -21,10 +22,18 @@ from fedtransfer.runtime import SerialRuntime
 from fedtransfer.server import AllClients
 from fedtransfer.transfer import HeadOnly
 from fedtransfer.transfer.lora import Lora
+from fedtransfer.transfer.ranks import RankPad, RankTrim
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-HET = Lora(rank=4, ranks=(1, 2, 4), train=("head",))
+HET = Lora(rank=4, train=("head",))
+PAD, TRIM = RankPad(4, (1, 2, 4)), RankTrim(4, (1, 2, 4))
+
+
+def _het(recipe: Recipe) -> Recipe:
+    return hetlora(recipe, ranks=(1, 2, 4))
+
+
 RANKS = {"c0": 1, "c1": 4, "c2": 1, "c3": 4, "c4": 2, "c5": 2}
 A, B = "body.1.lora_A", "body.1.lora_B"
 LOCAL = LocalTraining(lr=0.2, steps=3, batch_size=8)
@@ -71,7 +80,7 @@ def _start(recipe: Recipe) -> ServerState:
 
 
 def _round(runtime: RecordingRuntime, recipe: Recipe | None = None) -> tuple[ServerState, Any]:
-    recipe = recipe or Recipe(policy=HET, training=LOCAL, sampler=AllClients())
+    recipe = recipe or _het(Recipe(policy=HET, training=LOCAL, sampler=AllClients()))
     state = _start(recipe)
     return state, run_round(recipe, state, _population(), runtime, model_fn=make_tiny_model)
 
@@ -81,7 +90,7 @@ def _decoded(result: Reply) -> dict[str, Tensor]:
 
 
 def test_lora_ranks_population_covers_every_rank() -> None:
-    assert {c: HET.client_rank(c) for c in RANKS} == RANKS
+    assert {c: PAD.client_rank(c) for c in RANKS} == RANKS
 
 
 def test_round_lora_ranks_each_client_sends_its_trimmed_payload() -> None:
@@ -93,7 +102,8 @@ def test_round_lora_ranks_each_client_sends_its_trimmed_payload() -> None:
         r = RANKS[res.client]
         update = _decoded(res)
         assert update[A].shape == (r, 64) and update[B].shape == (8, r), res.client
-        trimmed = {k: torch.zeros_like(v) for k, v in HET.trim(old.params, res.client).items()}
+        ctx = UpdateContext({}, client=res.client)
+        trimmed = {k: torch.zeros_like(v) for k, v in TRIM.apply(old.params, {}, ctx).value.items()}
         assert len(res.uplink) == len(Float32().encode(trimmed).to_bytes())
         sizes[r] = len(res.uplink)
     assert sizes[1] < sizes[2] < sizes[4]
@@ -134,7 +144,7 @@ def test_round_lora_ranks_aggregate_is_the_weighted_mean_of_zero_padded_updates(
 
 def _untrimmed(result: Reply) -> Reply:
     """The victim sends a full-rank update (its slice zero-padded) instead of its slice."""
-    full = HET.pad(_decoded(result), result.client)
+    full = PAD.pad(_decoded(result), result.client)
     return dataclasses.replace(result, uplink=Float32().encode(full).to_bytes())
 
 
@@ -164,7 +174,7 @@ def test_round_staged_lora_ranks_trim_per_client_in_the_lora_stage() -> None:
     recipe = Schedule(
         (
             (1, dataclasses.replace(base, policy=HeadOnly())),
-            (None, dataclasses.replace(base, policy=HET)),
+            (None, _het(dataclasses.replace(base, policy=HET))),
         )
     )
     state = recipe.start(make_tiny_model(), seed=0)
@@ -184,7 +194,7 @@ def test_recipe_validate_refuses_scaffold_with_heterogeneous_ranks() -> None:
     from fedtransfer import CompatibilityError, Recipe
     from fedtransfer.client.drift import Scaffold
 
-    recipe = Recipe(policy=Lora(rank=4, ranks=(2, 4), train=("head",)), objective=Scaffold())
+    recipe = Recipe(policy=Lora(rank=4, train=("head",)), objective=Scaffold())
     with pytest.raises(CompatibilityError, match="SCAFFOLD"):
-        recipe.validate(make_tiny_model())
+        hetlora(recipe, ranks=(2, 4)).validate(make_tiny_model())
     Recipe(policy=Lora(rank=4, train=("head",)), objective=Scaffold()).validate(make_tiny_model())

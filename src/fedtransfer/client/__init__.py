@@ -7,7 +7,7 @@ from fedtransfer.client.ncm import NearestClassMean
 from fedtransfer.client.objectives import ClientContext, ClientOut, Objective, Plain, Prox
 from fedtransfer.client.personalization import Ditto, Personalization, Rep, personalize
 from fedtransfer.client.train import LocalTraining, local_train
-from fedtransfer.client.transforms import ClientTransform, ErrorFeedback
+from fedtransfer.client.transforms import ErrorFeedback
 from fedtransfer.client.update import (
     ClientTask,
     client_update,
@@ -18,7 +18,6 @@ __all__ = [
     "ClientContext",
     "ClientOut",
     "ClientTask",
-    "ClientTransform",
     "ClientUpdate",
     "Ditto",
     "Dyn",

@@ -1,32 +1,38 @@
 """Client transforms: steps on a client's update between training and the uplink encoder.
 
-A :class:`ClientTransform` sees the update (local − global) and its own per-client state,
-which the client keeps across rounds (it lives in the client's memory, checkpointed with the
-run, never sent). Stateful compression lives here, not in the codecs, which stay pure.
+A client transform is an :class:`~fedtransfer.types.UpdateTransform` (the one protocol of
+both sides) in ``Recipe.client_transforms``: it sees the update (local − global), its
+context (the client, the global parameters, the uplink codec) and its own per-client state,
+which the client keeps across rounds (in the client's memory, checkpointed with the run,
+never sent). Stateful compression lives here, not in the codecs, which stay pure.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from fedtransfer.codecs.base import Codec
-from fedtransfer.types import Out, Params, State
+from fedtransfer.errors import ConfigError
+from fedtransfer.types import Out, Params, State, UpdateContext, UpdateTransform
+
+__all__ = ["ErrorFeedback"]
 
 
-@runtime_checkable
-class ClientTransform(Protocol):
-    """``apply(update, state, uplink=codec) -> Out(update', state', metrics)``, pure.
-
-    ``state`` is what this transform kept on this client from its previous participation
-    (empty the first time); ``uplink`` is the codec that will encode the result.
-    """
-
-    def apply(self, update: Params, state: State, *, uplink: Codec) -> Out[dict[str, Tensor]]:
-        """The update to encode, and the state to keep."""
+def __getattr__(name: str) -> Any:
+    """``ClientTransform``, the former name of the one transform protocol, with a warning."""
+    if name == "ClientTransform":
+        warnings.warn(
+            "ClientTransform is now fedtransfer.UpdateTransform (one protocol for both sides; "
+            "apply(update, state, ctx) with ctx.uplink the codec)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return UpdateTransform
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -41,12 +47,25 @@ class ErrorFeedback:
 
     >>> import torch
     >>> from fedtransfer.codecs import Float32
-    >>> out = ErrorFeedback().apply({"w": torch.ones(2)}, {}, uplink=Float32())
+    >>> from fedtransfer.types import UpdateContext
+    >>> ctx = UpdateContext({}, client="c0", uplink=Float32())
+    >>> out = ErrorFeedback().apply({"w": torch.ones(2)}, {}, ctx)
     >>> out.value["w"], out.state["w"]
     (tensor([1., 1.]), tensor([0., 0.]))
     """
 
-    def apply(self, update: Params, state: State, *, uplink: Codec) -> Out[dict[str, Tensor]]:
+    needs: ClassVar[tuple[str, ...]] = ("uplink",)
+
+    def init(self, params: Params) -> State:
+        return {}
+
+    def apply(self, update: Params, state: State, ctx: UpdateContext) -> Out[dict[str, Tensor]]:
+        uplink = ctx.uplink
+        if uplink is None:
+            raise ConfigError(
+                "ErrorFeedback: no uplink codec in its context; it is a client transform "
+                "(Recipe.client_transforms), not a server step"
+            )
         corrected = {
             k: v + state[k] if k in state and v.dtype.is_floating_point else v
             for k, v in update.items()

@@ -20,8 +20,8 @@ from fedtransfer.errors import CompatibilityError, FedTransferError, PayloadErro
 from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.messages import Reply
 from fedtransfer.seeding import derive_seed, generator, global_cpu_seed
-from fedtransfer.transfer.plan import ParamPlan, TransferPolicy, per_client_rank
-from fedtransfer.types import Metrics, Params
+from fedtransfer.transfer.plan import ParamPlan, TransferPolicy
+from fedtransfer.types import Metrics, Params, UpdateContext
 
 log = logging.getLogger(__name__)
 
@@ -142,17 +142,15 @@ def finish_client(
     delta: dict[str, Tensor] | None = None,
 ) -> Reply:
     """Everything a client does after it trains (shared by the serial and vectorised paths):
-    delta ▸ scale ▸ trim ▸ client transforms ▸ encode ▸ result, from its ``trained`` weights
+    delta ▸ scale ▸ client transforms ▸ encode ▸ result, from its ``trained`` weights
     (``delta``, the trained minus the global shared keys, when the caller has it already)."""
     if delta is None:
         delta = tree.sub(tree.select(trained, plan.shared), start.global_shared)
     if out.update_scale != 1.0:
         delta = scale_floats(delta, out.update_scale)
-    per_client = per_client_rank(recipe.policy)
-    if per_client is not None:
-        delta = per_client.trim(delta, task.client)
     try:
-        delta, transformed, metrics = _transform(recipe, delta, start.kept)
+        ctx = UpdateContext(start.global_shared, client=task.client, uplink=recipe.uplink)
+        delta, transformed, metrics = _transform(recipe, delta, start.kept, ctx)
         uplink = recipe.uplink.encode(delta).to_bytes()
         extras = recipe.uplink.encode(out.extras).to_bytes() if out.extras else b""
     except PayloadError as exc:
@@ -219,8 +217,9 @@ def _downlink(recipe: Recipe, data: bytes) -> dict[str, Tensor]:
 
 def _weights(plan: ParamPlan, task: ClientTask, recipe: Recipe) -> tuple[dict[str, Tensor], Params]:
     """The weights the client holds this round: its starting weights (verified at set-up), a
-    stage hand-over, its local keys, the decoded global shared keys — narrowed to its own slice
-    for heterogeneous ranks. Returns them and the global shared keys."""
+    stage hand-over, its local keys, the decoded global shared keys — then the recipe's
+    ``client_start`` steps (HetLoRA narrows them to the client's own slice). Returns them and
+    the global shared keys as the client holds them."""
     frozen: Params = task.frozen
     local = task.local
     received: dict[str, Tensor] = {}  # set-up (new clients) or hand-over (clients behind)
@@ -233,9 +232,10 @@ def _weights(plan: ParamPlan, task: ClientTask, recipe: Recipe) -> tuple[dict[st
         frozen = {**frozen, **more_frozen}
     global_shared = _downlink(recipe, task.downlink)
     weights = {**frozen, **local, **global_shared}
-    per_client = per_client_rank(recipe.policy)
-    if per_client is not None:  # the client holds its own slice
-        weights = per_client.truncate(weights, task.client)
+    if recipe.client_start:
+        ctx = UpdateContext(global_shared, client=task.client)
+        for step in recipe.client_start:
+            weights = step.apply(weights, ctx)
         global_shared = {k: weights[k] for k in global_shared}
     return weights, global_shared
 
@@ -275,15 +275,16 @@ def _split_memory(memory: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[st
 
 
 def _transform(
-    recipe: Recipe, delta: dict[str, Tensor], memory: dict[str, Tensor]
+    recipe: Recipe, delta: dict[str, Tensor], memory: dict[str, Tensor], ctx: UpdateContext
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Metrics]:
-    """Run the client transforms in order; their states are kept under ``transform/<i>/``."""
+    """Run the client transforms in order; their states are kept under ``transform/<i>/``
+    (``init`` the first time a client holds none for a transform)."""
     kept: dict[str, Tensor] = {}
     metrics: Metrics = {}
     for i, t in enumerate(recipe.client_transforms):
         prefix = f"{TRANSFORM_MEMORY}{i}/"
         state = {k[len(prefix) :]: v for k, v in memory.items() if k.startswith(prefix)}
-        out = t.apply(delta, state, uplink=recipe.uplink)
+        out = t.apply(delta, state or t.init(ctx.params), ctx)
         delta = out.value
         kept.update({prefix + k: v for k, v in out.state.items()})
         metrics.update({f"transform/{i}/{k}": v for k, v in out.metrics.items()})

@@ -54,13 +54,11 @@ class SecureAggregation:
     ) -> float:
         """The clipping range derived from the recipe's update-norm bound; every setting is
         checked here, before round 1."""
-        from fedtransfer.transfer.plan import per_client_rank
-
-        c = norm_bound(recipe)  # the per-client steps are checked there
-        if recipe.objective.extras_like(params, plan) or per_client_rank(recipe.policy):
+        c = norm_bound(recipe)  # the per-client steps (a rank pad …) are refused there
+        if recipe.objective.extras_like(params, plan):
             raise ConfigError(
-                f"secure aggregation: {recipe.objective!r} / {recipe.policy!r} send more than "
-                "one update per client (extras or per-client ranks)"
+                f"secure aggregation: {recipe.objective!r} sends more than one update per "
+                "client (objective extras)"
             )
         counters = [k for k in plan.shared if not params[k].dtype.is_floating_point]
         if counters:

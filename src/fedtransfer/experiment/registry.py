@@ -11,7 +11,7 @@ from fedtransfer.client.drift import Dyn, Nova, Scaffold
 from fedtransfer.client.ncm import NearestClassMean
 from fedtransfer.client.objectives import Objective, Plain, Prox
 from fedtransfer.client.personalization import Ditto, Rep
-from fedtransfer.client.transforms import ClientTransform, ErrorFeedback
+from fedtransfer.client.transforms import ErrorFeedback
 from fedtransfer.codecs import BFloat16, Codec, Exact, Float16, Float32, Int8, TopK
 from fedtransfer.data.bundled import Digits, MNIST5k, Source
 from fedtransfer.data.datasets import (
@@ -80,6 +80,8 @@ from fedtransfer.transfer.policies import (
     PersonalHead,
     Rules,
 )
+from fedtransfer.transfer.ranks import RankNarrow, RankPad, RankTrim
+from fedtransfer.types import StartStep
 
 GROUPS: dict[Any, dict[str, type]] = {
     TransferPolicy: {
@@ -118,7 +120,11 @@ GROUPS: dict[Any, dict[str, type]] = {
         "adam": ServerAdam,
         "yogi": ServerYogi,
         "adagrad": ServerAdagrad,
+        "error_feedback": ErrorFeedback,
+        "rank_trim": RankTrim,
+        "rank_pad": RankPad,
     },
+    StartStep: {"rank_narrow": RankNarrow},
     Codec: {
         "float32": Float32,
         "exact": Exact,
@@ -163,7 +169,6 @@ GROUPS: dict[Any, dict[str, type]] = {
         "rep": Rep,
         "ncm": NearestClassMean,
     },
-    ClientTransform: {"error_feedback": ErrorFeedback},
     Attack: {
         "sign_flip": SignFlip,
         "scale": Scale,

@@ -2,34 +2,33 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fedtransfer.client.objectives import Objective, Plain
 from fedtransfer.client.personalization import Personalization
 from fedtransfer.client.train import LocalTraining
-from fedtransfer.client.transforms import ClientTransform
 from fedtransfer.codecs import Codec, Float32
 from fedtransfer.data.augment import RandomAffine
 from fedtransfer.data.bundled import Digits, MNIST5k, Source
 from fedtransfer.data.partition import Dirichlet, Partitioner
 from fedtransfer.errors import ConfigError
 from fedtransfer.experiment.config import dump
-from fedtransfer.experiment.factories import AlgorithmSpec, ScheduleSpec, overridden
+from fedtransfer.experiment.factories import AlgorithmSpec, ScheduleSpec
+from fedtransfer.experiment.spellings import PIPELINE_KEYS, RECIPE_KEYS, former_spellings, unfolded
 from fedtransfer.models import CNN, ModelFactory
 from fedtransfer.recipe import Recipe
 from fedtransfer.robustness.threat import Threat
 from fedtransfer.rounds.buffered import FedBuff
 from fedtransfer.rounds.schedule import Schedule, as_schedule
 from fedtransfer.server.aggregate import Aggregator, Mean
-from fedtransfer.server.optimizers import ServerSGD, UpdateTransform
+from fedtransfer.server.optimizers import ServerSGD
 from fedtransfer.server.pipeline import ServerPipeline
 from fedtransfer.server.sample import Sampler, Uniform
 from fedtransfer.transfer.plan import TransferPolicy
 from fedtransfer.transfer.policies import Full, HeadOnly
 from fedtransfer.transfer.pretrain import PretrainSpec
+from fedtransfer.types import StartStep, UpdateTransform
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,8 @@ class ArmConfig:
     post: tuple[UpdateTransform, ...] | None = None
     downlink: Codec | None = None
     uplink: Codec | None = None
-    client_transforms: tuple[ClientTransform, ...] | None = None
+    client_start: tuple[StartStep, ...] | None = None
+    client_transforms: tuple[UpdateTransform, ...] | None = None
     per_client: tuple[UpdateTransform, ...] | None = None
     algorithm: AlgorithmSpec | None = None
     fedbuff: FedBuff | None = None
@@ -133,21 +133,7 @@ def check_run_name(name: str) -> str:
     return name
 
 
-ARM_FIELDS = (
-    "policy",
-    "training",
-    "objective",
-    "sampler",
-    "aggregator",
-    "post",
-    "downlink",
-    "uplink",
-    "client_transforms",
-    "per_client",
-    "algorithm",
-    "fedbuff",
-    "schedule",
-)
+ARM_FIELDS = (*RECIPE_KEYS, "algorithm", "fedbuff", "schedule")
 
 
 def inherit_arm_settings(data: dict[str, Any]) -> dict[str, Any]:
@@ -157,13 +143,15 @@ def inherit_arm_settings(data: dict[str, Any]) -> dict[str, Any]:
     (momentum, batch size …); a component with a different ``kind:`` replaces it whole.
     """
     arms = data.get("arms")
-    _former_spellings(data, "")
+    unfolded(data, "")
+    former_spellings(data, "")
     if not isinstance(arms, list):
         return data
     for i, arm in enumerate(arms):
         if not isinstance(arm, dict):
             continue
-        _former_spellings(arm, f"arms.{i}.")
+        unfolded(arm, f"arms.{i}.")
+        former_spellings(arm, f"arms.{i}.")
         for name in ARM_FIELDS:
             mine, base = arm.get(name), data.get(name)
             if base is None:
@@ -173,82 +161,6 @@ def inherit_arm_settings(data: dict[str, Any]) -> dict[str, Any]:
             if mine.get("kind", base.get("kind")) == base.get("kind"):
                 arm[name] = {**base, **mine}
     return data
-
-
-def _former_spellings(data: dict[str, Any], where: str) -> None:
-    """Configs written before the redesign, read with a warning: ``local:`` (the local training
-    settings, now ``training:``: ``local`` names the keys a client keeps), ``server_optimizer:
-    X`` (now the pipeline's ``post: [X]``) and a staged policy (now ``schedule:``)."""
-    _respelled(
-        data,
-        where,
-        "local",
-        "training",
-        note=f"the local training settings are now written {where}training (local names the "
-        "keys each client keeps)",
-        combine=_merged,
-    )
-    _respelled(
-        data,
-        where,
-        "server_optimizer",
-        "post",
-        note=f"X is now written {where}post: [X] (the server pipeline's steps after the "
-        "aggregator)",
-        as_new=lambda old: [old],
-    )
-    policy = data.get("policy")
-    if isinstance(policy, dict) and policy.get("kind") == "stages":
-        _respelled(
-            data,
-            where,
-            "policy",
-            "schedule",
-            note=f"{{kind: stages, ...}} is now written {where}schedule: {{kind: stages, ...}} "
-            "(a stage changes the whole recipe, not just the policy)",
-            hint=f"move the stages to {where}schedule and drop {where}policy",
-        )
-    schedule = data.get("schedule")
-    if isinstance(schedule, dict) and isinstance(schedule.get("stages"), list):
-        for j, stage in enumerate(schedule["stages"]):
-            if isinstance(stage, dict):
-                _former_spellings(stage, f"{where}schedule.stages.{j}.")
-
-
-def _respelled(
-    data: dict[str, Any],
-    where: str,
-    old: str,
-    new: str,
-    *,
-    note: str,
-    as_new: Callable[[Any], Any] = lambda old: old,
-    combine: Callable[[Any, Any], Any] | None = None,
-    hint: str | None = None,
-) -> None:
-    """Read the former key ``old`` of ``data`` as ``new`` (its value ``as_new(value)``), with
-    a ``DeprecationWarning`` saying ``note``. Where ``new`` is set too, ``combine(old value,
-    new value)`` joins them, or a :class:`ConfigError` says they cannot be (``combine``
-    absent or returning None)."""
-    if old not in data:
-        return
-    value = as_new(data[old])
-    if new in data:
-        value = combine(data[old], data[new]) if combine is not None else None
-        if value is None:
-            raise ConfigError(
-                f"{where}{old}: {note}, and {where}{new} is set too; "
-                f"hint: {hint or f'drop {where}{old}'}"
-            )
-    warnings.warn(f"{where}{old}: {note}", DeprecationWarning, stacklevel=4)
-    del data[old]
-    data[new] = value
-
-
-def _merged(old: Any, new: Any) -> Any:
-    """A former mapping on top of the one now written (``--set local.lr=…`` on a new config),
-    or None if either is not a mapping."""
-    return {**new, **old} if isinstance(old, dict) and isinstance(new, dict) else None
 
 
 def _default_arms() -> tuple[ArmConfig, ...]:
@@ -287,7 +199,8 @@ class ExperimentConfig:
     post: tuple[UpdateTransform, ...] = field(default_factory=lambda: (ServerSGD(),))
     downlink: Codec = field(default_factory=Float32)
     uplink: Codec = field(default_factory=Float32)
-    client_transforms: tuple[ClientTransform, ...] = ()
+    client_start: tuple[StartStep, ...] = ()
+    client_transforms: tuple[UpdateTransform, ...] = ()
     per_client: tuple[UpdateTransform, ...] = ()
     algorithm: AlgorithmSpec | None = None
     fedbuff: FedBuff | None = None
@@ -338,22 +251,11 @@ class ExperimentConfig:
         its named ``algorithm`` (the arm's, else the experiment's) if any, which sets the
         objective and server optimiser; what a schedule's stages start from (see
         :meth:`schedule_of`)."""
-        pipeline = ServerPipeline(
-            per_client=_pick(arm.per_client, self.per_client),
-            aggregator=_pick(arm.aggregator, self.aggregator),
-            post=_pick(arm.post, self.post),
+        mine = {k: _pick(getattr(arm, k), getattr(self, k)) for k in RECIPE_KEYS}
+        recipe = Recipe(
+            **{k: v for k, v in mine.items() if k not in PIPELINE_KEYS},
+            pipeline=ServerPipeline(**{k: mine[k] for k in PIPELINE_KEYS}),
         )
-        mine = Recipe(
-            policy=self.policy,
-            training=self.training,
-            objective=self.objective,
-            downlink=self.downlink,
-            uplink=self.uplink,
-            client_transforms=self.client_transforms,
-            pipeline=pipeline,
-            sampler=self.sampler,
-        )
-        recipe: Recipe = overridden(mine, arm)
         algorithm = _pick(arm.algorithm, self.algorithm)
         return recipe if algorithm is None else algorithm.build(recipe)
 

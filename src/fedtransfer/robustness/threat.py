@@ -21,7 +21,8 @@ from fedtransfer.rounds.messages import Reply, Request, Send
 from fedtransfer.rounds.simulate import InProcess
 from fedtransfer.seeding import generator as seeded_generator
 from fedtransfer.state import ServerState
-from fedtransfer.transfer.plan import per_client_rank
+from fedtransfer.transfer.ranks import slots_of
+from fedtransfer.types import UpdateContext
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +100,18 @@ class Threat:
     ) -> list[Reply]:
         """The replies with the malicious clients' updates replaced; the attack sees every
         update that decodes (in the global shapes), in the cohort's order."""
-        per_client = per_client_rank(recipe.policy)
+        slots = slots_of(recipe)  # heterogeneous LoRA ranks: the attack sees global shapes
         decoded: dict[str, dict[str, Tensor]] = {}
         for rep in replies:
             if rep.error:
                 continue
             try:
                 update = recipe.uplink.decode(Payload.from_bytes(rep.uplink))
+                if slots is not None:
+                    update = slots[0].pad(update, rep.client)
             except (FedTransferError, RuntimeError, TypeError, ValueError, OverflowError):
                 continue  # the round rejects it
-            decoded[rep.client] = per_client.pad(update, rep.client) if per_client else update
+            decoded[rep.client] = update
         if not decoded:
             return replies
         clients = list(decoded)
@@ -124,8 +127,8 @@ class Threat:
                 out.append(rep)
                 continue
             update = new[rep.client]
-            if per_client is not None:
-                update = per_client.trim(update, rep.client)
+            if slots is not None:
+                update = slots[1].apply(update, {}, UpdateContext({}, client=rep.client)).value
             try:
                 out.append(replace(rep, uplink=recipe.uplink.encode(update).to_bytes()))
             except PayloadError as exc:

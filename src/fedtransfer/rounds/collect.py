@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -16,8 +16,8 @@ from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.messages import NO_REPLY, Reply
 from fedtransfer.server.validate import validate_update
 from fedtransfer.state import ServerState
-from fedtransfer.transfer.plan import ParamPlan, per_client_rank
-from fedtransfer.types import State
+from fedtransfer.transfer.plan import ParamPlan
+from fedtransfer.types import Metrics, State, UpdateContext
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,14 @@ class Accepted:
 @dataclass(frozen=True, eq=False)
 class Collected:
     """A round's replies (in the order they were collected), the accepted updates among them,
-    and the rejections as ``(client, reason)``."""
+    the rejections as ``(client, reason)``, and the server pipeline's state and metrics after
+    its per-client steps saw the accepted updates (``server``, ``metrics``)."""
 
     replies: tuple[Reply, ...]
     accepted: tuple[Accepted, ...]
     rejected: tuple[tuple[str, str], ...]
+    server: State = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=dict)
 
     @property
     def bytes_up(self) -> int:
@@ -78,47 +81,52 @@ def collect(
     *,
     plan: ParamPlan,
 ) -> Collected:
-    """Decode and validate ``replies`` for round ``state.round + 1``."""
+    """Decode ▸ admit (the pipeline's per-client steps) ▸ validate ``replies`` for round
+    ``state.round + 1``. A reply that fails any of them is its client's rejection, and the
+    per-client steps' state is kept only for the updates accepted."""
     r = state.round + 1
-    received, rejected = _decode(recipe, replies, r)
     extras_ref = recipe.objective.extras_like(state.params, plan)
+    pipeline = recipe.pipeline
+    server, summed = state.server, Metrics()
     kept: list[Accepted] = []
-    for a in received:
-        client = a.reply.client
+    rejected: list[tuple[str, str]] = []
+    for rep in replies:
+        client = rep.client
+        if rep.error:
+            rejected.append((client, f"client {client}, round {r}: {rep.error}"))
+            continue
         try:
+            update, extras = _decoded(recipe, rep)
+        except (FedTransferError, RuntimeError, TypeError, ValueError, OverflowError) as exc:
+            # whatever a client sends, a bad payload is that client's rejection, not the round's end
+            why = f"client {client}, round {r}: payload does not decode: {exc}"
+            log.warning("rejected update: %s", why)
+            rejected.append((client, why))
+            continue
+        try:
+            admitted = pipeline.admit(update, server, UpdateContext(state.params, client=client))
             validate_update(
-                a.update, a.reply.num_examples, reference=state.params, client=client, round=r
+                admitted.value, rep.num_examples, reference=state.params, client=client, round=r
             )
-            validate_update(a.extras, 1, reference=extras_ref, client=client, round=r)
+            validate_update(extras, 1, reference=extras_ref, client=client, round=r)
         except UpdateRejected as exc:
             log.warning("rejected update: %s", exc)
             rejected.append((client, str(exc)))
             continue
-        kept.append(a)
-    return Collected(tuple(replies), tuple(kept), tuple(rejected))
-
-
-def _decode(
-    recipe: Recipe, replies: Sequence[Reply], r: int
-) -> tuple[list[Accepted], list[tuple[str, str]]]:
-    """Decode every reply's update and extras; a payload that does not decode is a rejection."""
-    received: list[Accepted] = []
-    rejected: list[tuple[str, str]] = []
-    per_client = per_client_rank(recipe.policy)
-    for rep in replies:
-        if rep.error:
-            rejected.append((rep.client, f"client {rep.client}, round {r}: {rep.error}"))
-            continue
-        try:
-            update = recipe.uplink.decode(Payload.from_bytes(rep.uplink))
-            if per_client is not None:  # heterogeneous ranks: back to global shapes
-                update = per_client.pad(update, rep.client)
-            extras = recipe.uplink.decode(Payload.from_bytes(rep.extras)) if rep.extras else {}
         except (FedTransferError, RuntimeError, TypeError, ValueError, OverflowError) as exc:
-            # whatever a client sends, a bad payload is that client's rejection, not the round's end
-            why = f"client {rep.client}, round {r}: payload does not decode: {exc}"
+            why = f"client {client}, round {r}: a per-client server step refused it: {exc}"
             log.warning("rejected update: %s", why)
-            rejected.append((rep.client, why))
+            rejected.append((client, why))
             continue
-        received.append(Accepted(rep, update, extras))
-    return received, rejected
+        kept.append(Accepted(rep, admitted.value, extras))
+        server = admitted.state
+        for k, v in admitted.metrics.items():
+            summed[k] = summed.get(k, 0.0) + v
+    return Collected(tuple(replies), tuple(kept), tuple(rejected), server, summed)
+
+
+def _decoded(recipe: Recipe, rep: Reply) -> tuple[dict[str, Tensor], State]:
+    """A reply's update and objective extras, as the uplink codec decodes them."""
+    update = recipe.uplink.decode(Payload.from_bytes(rep.uplink))
+    extras = recipe.uplink.decode(Payload.from_bytes(rep.extras)) if rep.extras else {}
+    return update, extras

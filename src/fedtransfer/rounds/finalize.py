@@ -53,12 +53,14 @@ def aggregate(
     population_size: int,
     scales: Sequence[float] | None = None,
 ) -> Step:
-    """The accepted updates through the recipe's pipeline (``scales`` multiply each update
-    first: FedBuff's staleness weights). With none accepted, the global parameters and server
-    state are unchanged."""
+    """The accepted updates (already through the per-client steps, in :func:`collect`) through
+    the rest of the recipe's pipeline; ``scales`` multiply each of them first (FedBuff's
+    staleness weights). With none accepted, the global parameters and server state are
+    unchanged."""
     metrics = _client_metrics([a.reply for a in got.accepted])
     if not got.accepted:
         return Step(state.params, state.server, metrics)
+    metrics.update({f"server/{k}": v for k, v in got.metrics.items()})
     updates = [a.update for a in got.accepted]
     if scales is not None:
         updates = [scale_floats(u, s) for u, s in zip(updates, scales, strict=True)]
@@ -66,7 +68,7 @@ def aggregate(
         updates,
         [float(a.reply.num_examples) for a in got.accepted],
         params=state.params,
-        state=state.server,
+        state=got.server,
         objective=recipe.objective,
         extras=[a.extras for a in got.accepted],
         population_size=population_size,

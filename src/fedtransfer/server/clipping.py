@@ -22,7 +22,7 @@ from fedtransfer.server.robust import (
     _participants,
     _unflat,
 )
-from fedtransfer.types import Out, Params, State
+from fedtransfer.types import Out, Params, State, UpdateContext
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,15 @@ class ClipNorm:
     its floating tensors, in float64 (integer tensors pass through). A per-client step of the
     :class:`~fedtransfer.server.pipeline.ServerPipeline` (``per_client=(ClipNorm(c),)``), so
     the clip radius is a setting of the pipeline that secure aggregation and differential
-    privacy read, not a property of an aggregator. The ``clipped`` metric is 1 for a clipped
-    update.
+    privacy read, not a property of an aggregator; the same transform clips on the client as
+    a client transform. The scale is computed and applied in float64, the result rounded back
+    to each tensor's dtype (an update within the bound is returned unchanged). The ``clipped``
+    metric is 1 for a clipped update.
 
     >>> import torch
-    >>> ClipNorm(c=1.0).apply({"w": torch.tensor([3.0, 4.0])}, {}, {}).value
-    {'w': tensor([0.6000, 0.8000], dtype=torch.float64)}
+    >>> from fedtransfer.types import UpdateContext
+    >>> ClipNorm(c=1.0).apply({"w": torch.tensor([3.0, 4.0])}, {}, UpdateContext({})).value
+    {'w': tensor([0.6000, 0.8000])}
     """
 
     c: float = 1.0
@@ -99,14 +102,16 @@ class ClipNorm:
     def init(self, params: Params) -> State:
         return {}
 
-    def apply(self, update: Params, state: State, params: Params) -> Out[dict[str, Tensor]]:
+    def apply(self, update: Params, state: State, ctx: UpdateContext) -> Out[dict[str, Tensor]]:
         norm = tree.global_norm(update)
-        scale = 1.0 if norm <= self.c else self.c / norm
+        if norm <= self.c:
+            return Out(dict(update), state, {"clipped": 0.0})
+        scale = self.c / norm
         value = {
-            k: v.detach().double() * scale if v.dtype.is_floating_point else v
+            k: (v.detach().double() * scale).to(v.dtype) if v.dtype.is_floating_point else v
             for k, v in update.items()
         }
-        return Out(value, state, {"clipped": float(not norm <= self.c)})
+        return Out(value, state, {"clipped": 1.0})
 
 
 @dataclass(frozen=True)
@@ -139,7 +144,7 @@ class NormBound:
         ups, ws = _participants(repr(self), updates, weights)
         keys = _floating(ups[0])
         clip = ClipNorm(self.c)
-        clipped = [clip.apply(tree.select(u, keys), {}, {}) for u in ups]
+        clipped = [clip.apply(tree.select(u, keys), {}, UpdateContext({})) for u in ups]
         mean = Mean().aggregate([c.value for c in clipped], ws, {}).value
         metrics = {
             "clients": float(len(ups)),

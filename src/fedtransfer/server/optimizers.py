@@ -12,24 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol, get_args, runtime_checkable
+from typing import ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from fedtransfer.errors import ConfigError
-from fedtransfer.types import Out, Params, State
+from fedtransfer.types import Out, Params, State, UpdateContext, UpdateTransform
 
-
-@runtime_checkable
-class UpdateTransform(Protocol):
-    """A one-to-one step on an update: ``init(params) -> state``, ``apply(update, state, params)``."""
-
-    def init(self, params: Params) -> State:
-        """Initial state for shared parameters ``params``."""
-
-    def apply(self, update: Params, state: State, params: Params) -> Out[dict[str, Tensor]]:
-        """The transformed update and the new state."""
+__all__ = ["ServerAdagrad", "ServerAdam", "ServerSGD", "ServerYogi", "UpdateTransform"]
 
 
 def _floats(params: Params) -> list[str]:
@@ -41,7 +32,9 @@ class ServerSGD:
     """θ ← θ + lr · v with v ← momentum · v + Δ. ``ServerSGD()`` is plain FedAvg.
 
     >>> import torch
-    >>> ServerSGD(lr=0.5).apply({"w": torch.tensor([2.0])}, {}, {"w": torch.zeros(1)}).value
+    >>> from fedtransfer.types import UpdateContext
+    >>> step = ServerSGD(lr=0.5).apply({"w": torch.tensor([2.0])}, {}, UpdateContext({}))
+    >>> step.value
     {'w': tensor([1.])}
     """
 
@@ -59,7 +52,7 @@ class ServerSGD:
             return {}
         return {f"v/{k}": torch.zeros_like(params[k]) for k in _floats(params)}
 
-    def apply(self, update: Params, state: State, params: Params) -> Out[dict[str, Tensor]]:
+    def apply(self, update: Params, state: State, ctx: UpdateContext) -> Out[dict[str, Tensor]]:
         out: dict[str, Tensor] = dict(update)
         new_state: State = {}
         for k in _floats(update):
@@ -103,7 +96,7 @@ class _Adaptive:
         """This step's server learning rate and the state that tracks it (none here)."""
         return self.lr, {}
 
-    def apply(self, update: Params, state: State, params: Params) -> Out[dict[str, Tensor]]:
+    def apply(self, update: Params, state: State, ctx: UpdateContext) -> Out[dict[str, Tensor]]:
         out: dict[str, Tensor] = dict(update)
         lr, new_state = self._step_size(state)
         for k in _floats(update):

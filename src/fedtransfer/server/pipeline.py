@@ -1,5 +1,5 @@
-"""``ServerPipeline``: per-client steps (``ClipNorm``) ▸ aggregator ▸ the objective's server
-half ▸ post (server optimiser).
+"""``ServerPipeline``: per-client steps (``ClipNorm``, HetLoRA's rank pad) ▸ aggregator ▸ the
+objective's server half ▸ post (server optimiser).
 
 The server half of a client objective (SCAFFOLD's control variate, FedDyn's correction …) is
 a step of this pipeline like any other, seen through :class:`ServerHalf`: the server knows
@@ -14,8 +14,8 @@ from typing import Protocol
 from torch import Tensor
 
 from fedtransfer.server.aggregate import Aggregator, Mean
-from fedtransfer.server.optimizers import ServerSGD, UpdateTransform
-from fedtransfer.types import Metrics, Out, Params, State
+from fedtransfer.server.optimizers import ServerSGD
+from fedtransfer.types import Metrics, Out, Params, State, UpdateContext, UpdateTransform
 
 
 class ServerHalf(Protocol):
@@ -45,13 +45,37 @@ def _put(into: State, prefix: str, part: State) -> None:
     into.update({prefix + k: v for k, v in part.items()})
 
 
+def _through(
+    steps: Sequence[UpdateTransform],
+    name: str,
+    value: dict[str, Tensor],
+    ctx: UpdateContext,
+    state: State,
+    new_state: State,
+    metrics: Metrics,
+) -> dict[str, Tensor]:
+    """``value`` through ``steps`` in order, step ``i`` reading its state from ``state`` under
+    ``<name>/<i>/`` and writing it, and its metrics, into ``new_state`` and ``metrics``."""
+    for i, t in enumerate(steps):
+        out = t.apply(value, _sub(state, f"{name}/{i}/"), ctx)
+        value = out.value
+        _put(new_state, f"{name}/{i}/", out.state)
+        metrics.update({f"{name}/{i}/{k}": v for k, v in out.metrics.items()})
+    return value
+
+
 @dataclass(frozen=True)
 class ServerPipeline:
-    """Everything the server does with the valid updates of a round.
+    """Everything the server does with the updates of a round, in two parts.
 
-    ``apply`` returns the *step* to add to the global shared parameters. State is one flat
-    mapping, namespaced ``per_client/<i>/``, ``aggregator/``, ``objective/`` (the server half of
-    the recipe's client objective, e.g. SCAFFOLD's control variate) and ``post/<i>/``.
+    :meth:`admit` runs the per-client steps on one client's decoded update (HetLoRA's rank
+    pad, ``ClipNorm``), before it is validated: the round keeps the state it returns only for
+    an update it accepts. :meth:`apply` takes the accepted updates through the aggregator, the
+    objective's server half and the post steps, and returns the *step* to add to the global
+    shared parameters. State is one flat mapping, namespaced ``per_client/<i>/``,
+    ``aggregator/``, ``objective/`` (the server half of the recipe's client objective, e.g.
+    SCAFFOLD's control variate) and ``post/<i>/``; every step is an
+    :class:`~fedtransfer.types.UpdateTransform`.
 
     >>> import torch
     >>> pipe = ServerPipeline()
@@ -73,6 +97,19 @@ class ServerPipeline:
             _put(state, f"post/{i}/", t.init(params))
         return state
 
+    def admit(self, update: Params, state: State, ctx: UpdateContext) -> Out[dict[str, Tensor]]:
+        """One client's update (``ctx.client``) through the per-client steps, with the whole
+        pipeline state in and out (only the ``per_client/`` parts change); metrics are named
+        ``per_client/<i>/<name>``."""
+        if not self.per_client:
+            return Out(dict(update), state)
+        new_state: State = dict(state)
+        metrics: Metrics = {}
+        value = _through(
+            self.per_client, "per_client", dict(update), ctx, state, new_state, metrics
+        )
+        return Out(value, new_state, metrics)
+
     def apply(
         self,
         updates: Sequence[Params],
@@ -84,25 +121,15 @@ class ServerPipeline:
         extras: Sequence[State] = (),
         population_size: int = 0,
     ) -> Out[dict[str, Tensor]]:
-        """The step for ``updates`` (already validated); ``extras`` are the clients' objective
-        extras in the same order, ``population_size`` the number of clients in the federation."""
-        new_state: State = {}
+        """The step for ``updates`` (already admitted and validated); ``extras`` are the
+        clients' objective extras in the same order, ``population_size`` the number of
+        clients in the federation. The ``per_client/`` state passes through unchanged."""
+        new_state: State = {k: v for k, v in state.items() if k.startswith("per_client/")}
         metrics: Metrics = {}
-        prepared: list[Params] = list(updates)
-        for i, t in enumerate(self.per_client):
-            sub = _sub(state, f"per_client/{i}/")
-            summed: Metrics = {}
-            for j, u in enumerate(prepared):
-                out = t.apply(u, sub, params)
-                prepared[j], sub = out.value, out.state
-                for k, v in out.metrics.items():
-                    summed[k] = summed.get(k, 0.0) + v
-            _put(new_state, f"per_client/{i}/", sub)
-            metrics.update({f"per_client/{i}/{k}": v for k, v in summed.items()})
-        agg = self.aggregator.aggregate(prepared, weights, _sub(state, "aggregator/"))
+        agg = self.aggregator.aggregate(updates, weights, _sub(state, "aggregator/"))
         _put(new_state, "aggregator/", agg.state)
         metrics.update({f"aggregator/{k}": v for k, v in agg.metrics.items()})
-        # per-client steps may widen dtypes (ClipNorm works in float64): the step is the model's
+        # an aggregator may widen dtypes (robust ones work in float64): the step is the model's
         step: dict[str, Tensor] = {
             k: v.to(params[k].dtype) if k in params and v.dtype != params[k].dtype else v
             for k, v in agg.value.items()
@@ -110,7 +137,7 @@ class ServerPipeline:
         if objective is not None:
             adjusted = objective.server_apply(
                 step,
-                updates=prepared,
+                updates=updates,
                 extras=extras,
                 weights=weights,
                 state=_sub(state, "objective/"),
@@ -120,9 +147,5 @@ class ServerPipeline:
             step = adjusted.value
             _put(new_state, "objective/", adjusted.state)
             metrics.update({f"objective/{k}": v for k, v in adjusted.metrics.items()})
-        for i, t in enumerate(self.post):
-            out = t.apply(step, _sub(state, f"post/{i}/"), params)
-            step = out.value
-            _put(new_state, f"post/{i}/", out.state)
-            metrics.update({f"post/{i}/{k}": v for k, v in out.metrics.items()})
+        step = _through(self.post, "post", step, UpdateContext(params), state, new_state, metrics)
         return Out(step, new_state, metrics)

@@ -8,7 +8,7 @@ codec is a recipe, so staged schedules are schedules of recipes
 from fedtransfer.transfer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtransfer.transfer.lora import Lora, LoRAConv2d, LoRALinear, merge
 from fedtransfer.transfer.peft import PeftAdapters
-from fedtransfer.transfer.plan import ParamPlan, PerClientRank, TransferPolicy
+from fedtransfer.transfer.plan import ParamPlan, TransferPolicy
 from fedtransfer.transfer.policies import (
     FrozenHead,
     Full,
@@ -35,7 +35,6 @@ __all__ = [
     "Lora",
     "ParamPlan",
     "PeftAdapters",
-    "PerClientRank",
     "PersonalHead",
     "PretrainSpec",
     "Rules",

@@ -1,21 +1,19 @@
-"""``Lora``: low-rank adapters as a transfer policy, with FFA-LoRA and heterogeneous ranks."""
+"""``Lora``: low-rank adapters as a transfer policy, with FFA-LoRA (heterogeneous client ranks
+are the wrappers of :mod:`fedtransfer.transfer.ranks`)."""
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import nn
 
-from fedtransfer.errors import PlanError, UpdateRejected
+from fedtransfer.errors import PlanError
 from fedtransfer.seeding import generator
 from fedtransfer.transfer.lora_modules import (
     LoRAConv2d,
     LoRALinear,
     LoRAModule,
-    lora_kind,
     merge,
     merged_state_dict,
     set_module,
@@ -41,9 +39,8 @@ class Lora:
     (``train=("head",)`` for a new classifier). ``lora_A`` and ``lora_B`` are shared, all else
     frozen. With ``ffa`` (FFA-LoRA, Sun et al., arXiv 2403.12313) ``lora_A`` stays frozen at its
     seeded initialisation, identical on every client, so averaging ``B`` averages the clients'
-    weight deltas ``B·A`` exactly. ``ranks`` gives clients different ranks (HetLoRA, Cho et al.,
-    arXiv 2401.06432): client ``c`` holds the first ``client_rank(c)`` slots and the server
-    zero-pads, so slots a client does not hold contribute a zero update to the weighted mean.
+    weight deltas ``B·A`` exactly. Clients of different ranks (HetLoRA) are a recipe wrapper:
+    :func:`fedtransfer.algorithms.hetlora`.
 
     A target ``type:Linear`` / ``type:Conv2d`` may be absent from a model (the default works
     on MLPs and CNNs alike) as long as the targets together select some layer; any other
@@ -63,7 +60,6 @@ class Lora:
     targets: tuple[str, ...] = _KIND_SELECTORS
     train: tuple[str, ...] = ()
     ffa: bool = False
-    ranks: tuple[int, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -87,22 +83,6 @@ class Lora:
             raise PlanError(f"Lora: ffa must be True or False, got {self.ffa!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise PlanError(f"Lora: seed must be an integer, got {self.seed!r}")
-        self._check_ranks()
-
-    def _check_ranks(self) -> None:
-        ranks = self.ranks
-        if not isinstance(ranks, tuple) or not all(
-            isinstance(r, int) and not isinstance(r, bool) for r in ranks
-        ):
-            raise PlanError(f"Lora: ranks must be a tuple of integers, got {ranks!r}")
-        bad = [r for r in ranks if not 1 <= r <= self.rank]
-        if bad:
-            raise PlanError(f"Lora: ranks {bad} are outside 1..rank={self.rank}")
-        if ranks and max(ranks) != self.rank:
-            raise PlanError(
-                f"Lora: max(ranks) = {max(ranks)} but rank = {self.rank}; the global adapter "
-                f"has the largest client rank, hint: Lora(rank={max(ranks)}, ranks={ranks})"
-            )
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Wrap every target layer in place (idempotent) and return the model.
@@ -179,99 +159,6 @@ class Lora:
                 f"the model's Linear/Conv2d layers are {wrappable[:10]}"
             )
         return paths
-
-    def client_rank(self, client: str) -> int:
-        """Client ``client``'s adapter rank: ``ranks[sha256(client) mod len(ranks)]``, or
-        ``rank`` when ``ranks`` is empty."""
-        if not self.ranks:
-            return self.rank
-        digest = hashlib.sha256(client.encode("utf-8")).digest()
-        return self.ranks[int.from_bytes(digest[:8], "big") % len(self.ranks)]
-
-    def truncate(self, weights: Mapping[str, Tensor], client: str) -> dict[str, Tensor]:
-        """``weights`` with ``lora_A`` rows and ``lora_B`` columns from ``client_rank(client)``
-        on set to zero: the client's adapter is exactly its rank, and since both slices are
-        zero their gradients are zero, so SGD leaves them zero. Pass frozen and shared keys
-        alike (under ``ffa`` the ``lora_A`` rows are frozen keys)."""
-        r, out = self.client_rank(client), dict(weights)
-        if not self.ranks:
-            return out
-        for key, value in weights.items():
-            kind = lora_kind(key)
-            if kind is not None:
-                narrowed = value.detach().clone()
-                if kind == "lora_A":
-                    narrowed[r:] = 0
-                else:
-                    narrowed[:, r:] = 0
-                out[key] = narrowed
-        return out
-
-    def trim(self, update: Mapping[str, Tensor], client: str) -> dict[str, Tensor]:
-        """``update`` with ``lora_A`` cut to its first ``client_rank(client)`` rows and
-        ``lora_B`` to as many columns; other keys unchanged."""
-        r, out = self.client_rank(client), dict(update)
-        if not self.ranks:
-            return out
-        for key, value in update.items():
-            kind = lora_kind(key)
-            if kind == "lora_A":
-                out[key] = value[:r].clone()
-            elif kind == "lora_B":
-                out[key] = value[:, :r].clone()
-        return out
-
-    def pad(
-        self,
-        update: Mapping[str, Tensor],
-        client: str,
-        *,
-        reference: Mapping[str, Tensor] | None = None,
-    ) -> dict[str, Tensor]:
-        """A trimmed update back at full rank, zeros in the slots ``client`` does not hold.
-
-        Raises :class:`UpdateRejected` when a LoRA key's shape is not the trimmed shape for
-        this client (checked against ``reference``'s full shapes when given).
-        """
-        r, out = self.client_rank(client), dict(update)
-        if not self.ranks:
-            return out
-        for key, value in update.items():
-            kind = lora_kind(key)
-            if kind is None:
-                continue
-            expected = self._trimmed_shape(kind, key, value, r, reference)
-            if not isinstance(value, Tensor) or tuple(value.shape) != expected:
-                seen = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise UpdateRejected(
-                    f"client {client}: {key!r} has shape {seen}, expected {expected} (a rank-{r} "
-                    f"slice of the rank-{self.rank} adapter)",
-                    client=client,
-                )
-            if kind == "lora_A":
-                out[key] = value.new_zeros((self.rank, value.shape[1]))
-                out[key][:r] = value
-            else:
-                out[key] = value.new_zeros((value.shape[0], self.rank))
-                out[key][:, :r] = value
-        return out
-
-    def _trimmed_shape(
-        self,
-        kind: str,
-        key: str,
-        value: object,
-        r: int,
-        reference: Mapping[str, Tensor] | None,
-    ) -> tuple[int, ...]:
-        """The exact shape client rank ``r`` must send for ``key``."""
-        if reference is not None and key in reference:
-            full = tuple(reference[key].shape)
-        elif isinstance(value, Tensor) and value.ndim == 2:
-            full = (self.rank, value.shape[1]) if kind == "lora_A" else (value.shape[0], self.rank)
-        else:
-            full = (self.rank, -1) if kind == "lora_A" else (-1, self.rank)
-        return (r, *full[1:]) if kind == "lora_A" else (*full[:-1], r)
 
 
 def _key(path: str, name: str) -> str:

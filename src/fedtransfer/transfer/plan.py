@@ -133,38 +133,3 @@ class TransferPolicy(Protocol):
 
     def plan(self, model: nn.Module) -> ParamPlan:
         """Label every state-dict key of ``model``."""
-
-
-@runtime_checkable
-class PerClientRank(Protocol):
-    """A policy whose clients hold different-size slices of the shared keys (heterogeneous LoRA
-    ranks). The same global keys and shapes everywhere; each client:
-
-    * ``truncate(weights, client)`` — narrows the received global weights to its own slice
-      (slots it does not hold become zero), before training;
-    * ``trim(update, client)`` — cuts its update down to the slice it sends;
-
-    and the server, before validating, ``pad(update, client)`` — restores the global shapes,
-    zeros where the client holds nothing (raises ``UpdateRejected`` for wrong shapes).
-    """
-
-    def truncate(self, weights: Mapping[str, Tensor], client: str) -> dict[str, Tensor]:
-        """The weights as client ``client`` holds them."""
-
-    def trim(self, update: Mapping[str, Tensor], client: str) -> dict[str, Tensor]:
-        """The part of ``update`` that client ``client`` sends."""
-
-    def pad(self, update: Mapping[str, Tensor], client: str) -> dict[str, Tensor]:
-        """A trimmed update back in global shapes."""
-
-
-_PER_CLIENT_RANK: dict[type, bool] = {}
-
-
-def per_client_rank(policy: object) -> PerClientRank | None:
-    """``policy`` if it is a :class:`PerClientRank`, else ``None`` (decided once per class: a
-    protocol ``isinstance`` costs microseconds, and the round asks for every client)."""
-    kind = type(policy)
-    if kind not in _PER_CLIENT_RANK:
-        _PER_CLIENT_RANK[kind] = isinstance(policy, PerClientRank)
-    return policy if _PER_CLIENT_RANK[kind] else None  # type: ignore[return-value]

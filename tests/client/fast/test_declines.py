@@ -234,8 +234,11 @@ def test_cohort_declines_are_logged(caplog: pytest.LogCaptureFixture) -> None:
 class FailingTransform:
     """A client transform that fails (after training, while the update is prepared)."""
 
+    def init(self, params: Any) -> dict[str, torch.Tensor]:
+        return {}
+
     def apply(
-        self, update: dict[str, torch.Tensor], state: dict[str, torch.Tensor], *, uplink: Any
+        self, update: dict[str, torch.Tensor], state: dict[str, torch.Tensor], ctx: Any
     ) -> Any:
         raise ValueError("transform failed")
 

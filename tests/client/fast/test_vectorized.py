@@ -23,6 +23,7 @@ from tests.client.fast.cohorts import (
 )
 
 from fedtransfer import LocalTraining, tree
+from fedtransfer.algorithms import hetlora
 from fedtransfer.client import ErrorFeedback
 from fedtransfer.client.fast import TOLERANCE
 from fedtransfer.client.fast.features import no_feature_cache
@@ -103,16 +104,19 @@ LORA_SGD = LocalTraining(lr=0.02, momentum=0.5, weight_decay=0.01, epochs=2, bat
 
 
 @pytest.mark.parametrize(
-    "policy",
+    ("policy", "ranks"),
     [
-        Lora(rank=2),
-        Lora(rank=4, ranks=(1, 2, 4)),  # clients of different ranks (zero slots stay zero)
-        Lora(rank=4, ranks=(1, 4), ffa=True, train=("head",)),  # per-client frozen keys
+        (Lora(rank=2), None),
+        (Lora(rank=4), (1, 2, 4)),  # clients of different ranks (zero slots stay zero)
+        (Lora(rank=4, ffa=True, train=("head",)), (1, 4)),  # per-client frozen keys
     ],
     ids=["lora", "lora-ranks", "ffa-lora-ranks"],
 )
-def test_vectorized_matches_serial_with_lora(policy: Lora, spy: Spy) -> None:
-    assert_close_runs(recipe_with(LORA_SGD, policy=policy), spy=spy)
+def test_vectorized_matches_serial_with_lora(
+    policy: Lora, ranks: tuple[int, ...] | None, spy: Spy
+) -> None:
+    recipe = recipe_with(LORA_SGD, policy=policy)
+    assert_close_runs(recipe if ranks is None else hetlora(recipe, ranks=ranks), spy=spy)
 
 
 def within_half_step(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> bool:
