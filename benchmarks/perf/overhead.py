@@ -57,7 +57,8 @@ QUIET = {
 
 def auto_runtime() -> Any:
     """The runtime fedtransfer picks by itself (``AutoRuntime`` when this build has it)."""
-    return ft.runtime.AutoRuntime() if hasattr(ft, "AutoRuntime") else ft.runtime.SerialRuntime()
+    has_auto = hasattr(ft.runtime, "AutoRuntime")
+    return ft.runtime.AutoRuntime() if has_auto else ft.runtime.SerialRuntime()
 
 
 # --------------------------------------------------------------------------- child process

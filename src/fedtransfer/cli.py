@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -188,6 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("interrupted; finished rounds are checkpointed: `fedtransfer resume RUN_DIR`")
         return 130
+    except OSError as exc:  # the disk, not the configuration: say which file and what to do
+        hint = "free some space" if exc.errno == errno.ENOSPC else "check the path"
+        where = f"{exc.filename}: " if exc.filename else ""
+        console.print(
+            f"[bold red]error:[/] {where}{exc.strerror or exc}; hint: {hint}, then `fedtransfer "
+            "resume RUN_DIR` (finished rounds are kept)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 2
 
 
 def _command(args: argparse.Namespace) -> str:

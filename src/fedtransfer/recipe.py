@@ -17,6 +17,7 @@ from fedtransfer.server.aggregate import Aggregator
 from fedtransfer.server.optimizers import ServerSGD
 from fedtransfer.server.pipeline import ServerPipeline
 from fedtransfer.server.sample import Sampler, Uniform
+from fedtransfer.server.validate import UpdateLimits
 from fedtransfer.transfer import ranks
 from fedtransfer.transfer.plan import ParamPlan, TransferPolicy
 from fedtransfer.transfer.policies import Full
@@ -57,6 +58,7 @@ class Recipe:
     client_transforms: tuple[UpdateTransform, ...] = ()
     pipeline: ServerPipeline = field(default_factory=ServerPipeline)
     sampler: Sampler = field(default_factory=Uniform)
+    limits: UpdateLimits = field(default_factory=UpdateLimits)
 
     def plan(self, model: nn.Module) -> ParamPlan:
         """The policy's plan for ``model`` after the policy's structural edits."""
@@ -88,6 +90,7 @@ class Recipe:
             ("uplink", self.uplink, Codec),
             ("pipeline.aggregator", self.pipeline.aggregator, Aggregator),
             ("sampler", self.sampler, Sampler),
+            ("limits", self.limits, UpdateLimits),
         ]
         groups: tuple[tuple[str, type, tuple[object, ...]], ...] = (
             ("pipeline.post", UpdateTransform, self.pipeline.post),
@@ -135,7 +138,15 @@ class Recipe:
             k: torch.zeros_like(v) for k, v in prepared.state_dict().items() if k in plan.shared
         }
         for name, codec in (("downlink", self.downlink), ("uplink", self.uplink)):
-            back = codec.decode(Payload.from_bytes(codec.encode(shared).to_bytes()))
+            payload = Payload.from_bytes(codec.encode(shared).to_bytes())
+            try:
+                back = codec.decode(payload, None)  # dtypes are checked below, named
+            except TypeError as exc:
+                raise CompatibilityError(
+                    f"Recipe.{name}: {type(codec).__name__}.decode(payload, expected) failed "
+                    f"({exc}); a codec decodes against what the receiver expects: hint: give "
+                    "decode an `expected: Params | None = None` argument (see Codec)"
+                ) from None
             wrong = [k for k in shared if k not in back or back[k].dtype != shared[k].dtype]
             if wrong:
                 k = wrong[0]

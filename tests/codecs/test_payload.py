@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedtransfer.codecs import Entry, Payload
+from fedtransfer.codecs import Entry, Float32, Payload
 from fedtransfer.codecs.payload import DTYPES, MAGIC, VERSION
 from fedtransfer.errors import PayloadError
 
@@ -177,3 +177,37 @@ def test_payload_non_finite_header_number_rejected():
     head = b'{"codec": "float32", "meta": {"x": NaN}, "tensors": []}'
     with pytest.raises(PayloadError, match="non-finite"):
         Payload.from_bytes(struct.pack("<4sBI", b"FTPL", 1, len(head)) + head)
+
+
+def _framed(head: bytes) -> bytes:
+    return struct.pack("<4sBI", MAGIC, VERSION, len(head)) + head
+
+
+@pytest.mark.parametrize(
+    ("head", "match"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nests deeper than 16 levels"),
+        (b'{"codec":"x","meta":{"a":' + b"[" * 17 + b"]" * 17 + b'},"tensors":[]}', "nests deeper"),
+        (b'{"codec":"x","meta":{"n":' + b"9" * 5000 + b'},"tensors":[]}', r"5000\+ digits"),
+        (
+            b'{"codec":"x","meta":{},"tensors":[{"key":"w","dtype":"float32","shape":[1'
+            + b"0" * 60
+            + b'],"meta":{}}]}',
+            "digits",
+        ),
+    ],
+    ids=["100000-deep", "17-deep-meta", "5000-digit-int", "60-digit-dimension"],
+)
+def test_from_bytes_bounds_header_depth_and_number_size_before_parsing(
+    head: bytes, match: str
+) -> None:
+    """Without the bounds, json.loads raises RecursionError or ValueError, not PayloadError."""
+    with pytest.raises(PayloadError, match=match):
+        Payload.from_bytes(_framed(head))
+
+
+def test_from_bytes_counts_brackets_and_digits_outside_strings_only() -> None:
+    """A key or codec name may hold brackets and digits: only the JSON's own shape counts."""
+    key = "[" * 40 + "9" * 60
+    payload = Payload.from_bytes(Float32().encode({key: torch.ones(2)}).to_bytes())
+    assert Float32().decode(payload)[key].tolist() == [1.0, 1.0]

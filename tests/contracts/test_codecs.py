@@ -361,3 +361,54 @@ def test_float32_decode_rejects_entry_meta() -> None:
 def test_float32_encode_sends_floating_tensors_as_float32() -> None:
     payload = Float32().encode({"w": torch.ones(2, dtype=torch.float64), "n": torch.tensor(1)})
     assert [e.tensor.dtype for e in payload.entries] == [torch.float32, torch.int64]
+
+
+# --- decode against what the receiver expects ------------------------------------------------
+
+
+def _expected(codec: Codec) -> dict[str, Tensor]:
+    """What a receiver of ``_params`` holds: its tensors in their own dtypes (Float32 sends
+    floating tensors as float32)."""
+    params = _params(codec)
+    if isinstance(codec, Float32):
+        return {k: v.float() if v.dtype.is_floating_point else v for k, v in params.items()}
+    return params
+
+
+def test_codec_decode_with_expected_returns_what_it_returns_without(codec: Codec) -> None:
+    payload = codec.encode(_params(codec))
+    assert tree.equal(codec.decode(payload, _expected(codec)), codec.decode(payload))
+
+
+def test_codec_decode_refuses_a_key_the_receiver_does_not_have(codec: Codec) -> None:
+    params = {**_params(codec), "bogus": torch.ones(3)}
+    with pytest.raises(PayloadError, match=r"'bogus' is not one the receiver has"):
+        codec.decode(codec.encode(params), _expected(codec))
+
+
+def test_codec_decode_refuses_a_payload_that_lacks_an_expected_key(codec: Codec) -> None:
+    params = _params(codec)
+    del params["fc.bias"]
+    with pytest.raises(PayloadError, match=r"lacks tensors \['fc.bias'\]"):
+        codec.decode(codec.encode(params), _expected(codec))
+
+
+def test_codec_decode_refuses_more_elements_or_another_rank_than_expected(codec: Codec) -> None:
+    expected = _expected(codec)
+    for wrong in (torch.randn(5, 3), torch.randn(4, 2, 3, 3, 2), torch.randn(4, 2, 3, 4)):
+        params = {**_params(codec), "conv.weight": wrong}
+        with pytest.raises(PayloadError, match=r"'conv.weight' claims shape"):
+            codec.decode(codec.encode(params), expected)
+
+
+def test_codec_decode_accepts_fewer_elements_for_a_per_client_step_to_widen(codec: Codec) -> None:
+    """A HetLoRA slice is smaller than the global tensor; the exact shape is validated later."""
+    params = {**_params(codec), "conv.weight": torch.randn(2, 2, 3, 3)}
+    out = codec.decode(codec.encode(params), _expected(codec))
+    assert out["conv.weight"].shape == (2, 2, 3, 3)
+
+
+def test_codec_decode_refuses_another_dtype_than_expected(codec: Codec) -> None:
+    expected = {**_expected(codec), "bn.num_batches_tracked": torch.tensor(1, dtype=torch.int32)}
+    with pytest.raises(PayloadError, match=r"decodes to torch.int64, expected torch.int32"):
+        codec.decode(codec.encode(_params(codec)), expected)

@@ -20,6 +20,7 @@ from fedtransfer.experiment.spellings import PIPELINE_KEYS, RECIPE_KEYS
 from fedtransfer.recipe import Recipe
 from fedtransfer.server import ClipNorm, Median, ServerSGD, Uniform
 from fedtransfer.server.pipeline import ServerPipeline
+from fedtransfer.server.validate import UpdateLimits
 from fedtransfer.transfer import HeadOnly
 from fedtransfer.transfer.lora import Lora
 from fedtransfer.transfer.ranks import RankNarrow
@@ -50,6 +51,7 @@ def test_every_recipe_field_reaches_the_recipe_of_an_arm() -> None:
         "per_client": (ClipNorm(3.0),),
         "aggregator": Median(),
         "post": (ServerSGD(lr=0.5),),
+        "limits": UpdateLimits(max_update_norm=5.0),
     }
     assert set(values) == set(RECIPE_KEYS)
     recipe = ExperimentConfig().recipe(ArmConfig(name="a", **values))  # type: ignore[arg-type]

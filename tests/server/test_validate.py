@@ -100,16 +100,20 @@ def _weight(value: float) -> Tamper:
 
 
 CASES: dict[str, tuple[Tamper, str]] = {
-    "missing-key": (_rewrite(_drop_key), "missing ['body.1.weight']"),
-    "extra-key": (_rewrite(_add_key), "unexpected ['bogus.weight']"),
+    # refused by the decoder, which reads only what the plan expects
+    "missing-key": (_rewrite(_drop_key), "lacks tensors ['body.1.weight']"),
+    "extra-key": (_rewrite(_add_key), "'bogus.weight' is not one the receiver has"),
     "wrong-shape": (_rewrite(_reshape), "shape"),
-    "wrong-dtype": (_rewrite(_to_int), "dtype torch.int32"),
+    "wrong-dtype": (_rewrite(_to_int), "decodes to torch.int32, expected torch.float32"),
     "nan": (_rewrite(_poison(float("nan"))), "non-finite"),
     "inf": (_rewrite(_poison(float("inf"))), "non-finite"),
     "undecodable-bytes": (_garble, "does not decode"),
     "zero-weight": (_weight(0), "must be > 0"),
     "negative-weight": (_weight(-5), "must be > 0"),
     "nan-weight": (_weight(float("nan")), "not a finite number"),
+    # a Python int no float holds: float() raises OverflowError, which must not end the round
+    "huge-int-weight": (_weight(10**400), "not a finite number"),  # type: ignore[arg-type]
+    "string-weight": (_weight("9" * 400), "not a finite number"),  # type: ignore[arg-type]
 }
 
 
@@ -211,8 +215,8 @@ class PoisoningCodec:
         _poison(float("nan"))(poisoned)
         return self.inner.encode(poisoned)
 
-    def decode(self, payload: Payload) -> dict[str, Tensor]:
-        return self.inner.decode(payload)
+    def decode(self, payload: Payload, expected: Any = None) -> dict[str, Tensor]:
+        return self.inner.decode(payload, expected)
 
 
 def test_run_round_with_poisoning_uplink_codec_rejects_all_and_keeps_state(
@@ -297,7 +301,23 @@ def test_validate_update_rejects_nonpositive_weight(weight: float) -> None:
         _check(_reference(), weight)
 
 
-@pytest.mark.parametrize("weight", [math.nan, math.inf, -math.inf, True, "10", None])
+@pytest.mark.parametrize(
+    "weight",
+    [math.nan, math.inf, -math.inf, True, "10", None, 10**400, -(10**400), 10**5000, "9" * 400],
+    ids=[
+        "nan",
+        "inf",
+        "-inf",
+        "bool",
+        "str",
+        "none",
+        "int-400-digits",
+        "-int-400-digits",
+        "int-5000-digits",
+        "str-400-digits",
+    ],
+)
 def test_validate_update_rejects_non_finite_or_non_numeric_weight(weight: object) -> None:
-    with pytest.raises(UpdateRejected, match="not a finite number"):
+    with pytest.raises(UpdateRejected, match="not a finite number") as info:
         _check(_reference(), weight)
+    assert len(str(info.value)) < 200  # a hostile value is named, not printed whole

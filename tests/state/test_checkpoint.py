@@ -93,7 +93,7 @@ def _round_name(path: Path) -> str:
 def test_save_state_writes_round_folder(trained: ServerState, tmp_path: Path) -> None:
     folder = save_state(trained, tmp_path)
     assert folder.parent == tmp_path and _round_name(folder) == "round-00001"
-    assert {p.name for p in folder.iterdir()} == {"state.json", "state.safetensors"}
+    assert {p.name for p in folder.iterdir()} == {"state.json", "state.safetensors", "digests.json"}
 
 
 def test_load_state_detects_modified_start_tensor(trained: ServerState, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from fedtransfer.codecs import Exact, Payload
 from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import CompatibilityError, FedTransferError, PayloadError
 from fedtransfer.recipe import Recipe
-from fedtransfer.rounds.messages import Reply
+from fedtransfer.rounds.messages import FAILED, Reply
 from fedtransfer.seeding import derive_seed, generator, global_cpu_seed
 from fedtransfer.transfer.plan import ParamPlan, TransferPolicy
 from fedtransfer.types import Metrics, Params, UpdateContext
@@ -81,14 +81,15 @@ def verify_start(setup: bytes, expected_sha256: str, *, client: str) -> dict[str
 
 
 def client_update(task: ClientTask, *, recipe: Recipe, model_fn: Callable[[], nn.Module]) -> Reply:
-    """Run one client's round; errors name the client and the round."""
+    """Run one client's round. If it raises (a label out of range, a model that does not fit
+    its data …), the reply carries the error (``FAILED`` + the reason), logged with the
+    client and the round: that client's rejection, not the end of the round."""
     try:
         return _client_update(task, recipe, model_fn)
-    except FedTransferError as exc:
-        log.error("client %s, round %d failed: %s", task.client, task.round, exc)
-        raise
     except Exception as exc:
-        raise RuntimeError(f"client {task.client}, round {task.round} failed: {exc!r}") from exc
+        why = f"{type(exc).__name__}: {exc}" if isinstance(exc, FedTransferError) else repr(exc)
+        log.error("client %s, round %d failed: %s", task.client, task.round, why, exc_info=exc)
+        return Reply(task.client, b"", 0, error=FAILED + why)
 
 
 def _client_update(task: ClientTask, recipe: Recipe, model_fn: Callable[[], nn.Module]) -> Reply:

@@ -15,7 +15,11 @@ class Codec(Protocol):
     """Turns parameters into a :class:`Payload` and back.
 
     ``decode`` validates everything it reads and raises
-    :class:`~fedtransfer.errors.PayloadError` on anything unexpected. ``error_bound`` is the
+    :class:`~fedtransfer.errors.PayloadError` on anything unexpected. Given ``expected`` (the
+    receiver's own tensors for these keys: the plan's shared parameters on the server), it
+    refuses a key the receiver does not have, another dtype or more elements than its own
+    *before* allocating anything for it, so a payload's claims cannot make it allocate more
+    than the update it should be. ``error_bound`` is the
     declared round-trip bound on ``|decode(encode(x)) - x|``, relative to each tensor's largest
     magnitude (0 for lossless codecs).
     """
@@ -27,5 +31,5 @@ class Codec(Protocol):
     def encode(self, params: Params) -> Payload:
         """Encode ``params`` for the wire."""
 
-    def decode(self, payload: Payload) -> dict[str, Tensor]:
-        """Decode and validate ``payload``."""
+    def decode(self, payload: Payload, expected: Params | None = None) -> dict[str, Tensor]:
+        """Decode and validate ``payload`` (against ``expected``, when given)."""

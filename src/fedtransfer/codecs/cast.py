@@ -19,7 +19,16 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fedtransfer.codecs.checks import CORRUPT_HINT, check_header, is_int, meta_dtype, plain
+from fedtransfer.codecs.checks import (
+    CORRUPT_HINT,
+    check_expected,
+    check_header,
+    check_keys,
+    chunked,
+    is_int,
+    meta_dtype,
+    plain,
+)
 from fedtransfer.codecs.payload import Entry, Payload, dtype_name
 from fedtransfer.errors import PayloadError
 from fedtransfer.types import Params
@@ -44,9 +53,10 @@ class Exact:
     def encode(self, params: Params) -> Payload:
         return Payload("exact", tuple(Entry(k, v.detach()) for k, v in params.items()))
 
-    def decode(self, payload: Payload) -> dict[str, Tensor]:
+    def decode(self, payload: Payload, expected: Params | None = None) -> dict[str, Tensor]:
         check_header(payload, codec="exact", meta={}, where="Exact.decode")
-        return {e.key: plain(e, "Exact.decode") for e in payload.entries}
+        check_keys([e.key for e in payload.entries], expected, "Exact.decode")
+        return {e.key: plain(e, "Exact.decode", expected) for e in payload.entries}
 
 
 @dataclass(frozen=True)
@@ -74,15 +84,16 @@ class Float32:
             entries.append(Entry(k, v))
         return Payload("float32", tuple(entries))
 
-    def decode(self, payload: Payload) -> dict[str, Tensor]:
+    def decode(self, payload: Payload, expected: Params | None = None) -> dict[str, Tensor]:
         check_header(payload, codec="float32", meta={}, where="Float32.decode")
+        check_keys([e.key for e in payload.entries], expected, "Float32.decode")
         for e in payload.entries:
             if e.tensor.dtype.is_floating_point and e.tensor.dtype != torch.float32:
                 raise PayloadError(
                     f"Float32.decode: tensor {e.key!r} is stored as {e.tensor.dtype}, expected "
                     f"torch.float32; {CORRUPT_HINT}"
                 )
-        return {e.key: plain(e, "Float32.decode") for e in payload.entries}
+        return {e.key: plain(e, "Float32.decode", expected) for e in payload.entries}
 
 
 @dataclass(frozen=True)
@@ -105,13 +116,14 @@ class _Narrow:
         )
         return Payload(self._name, entries)
 
-    def decode(self, payload: Payload) -> dict[str, Tensor]:
+    def decode(self, payload: Payload, expected: Params | None = None) -> dict[str, Tensor]:
         where = f"{type(self).__name__}.decode"
         check_header(payload, codec=self._name, meta={}, where=where)
+        check_keys([e.key for e in payload.entries], expected, where)
         out: dict[str, Tensor] = {}
         for e in payload.entries:
             if not e.tensor.dtype.is_floating_point:
-                out[e.key] = plain(e, where)
+                out[e.key] = plain(e, where, expected)
                 continue
             if e.tensor.dtype != self._wire:
                 raise PayloadError(
@@ -125,7 +137,8 @@ class _Narrow:
                     f"{where}: tensor {e.key!r} has exponent {exp!r}, expected an integer in "
                     f"[{_MIN_EXP}, 0]; {CORRUPT_HINT}"
                 )
-            out[e.key] = restore(e.tensor.double() * 2.0**exp, dtype)
+            check_expected(e.key, e.tensor.shape, dtype, expected, where)
+            out[e.key] = _widened(e.tensor, exp, dtype)
         return out
 
     def _narrow(self, key: str, x: Tensor) -> Entry:
@@ -211,6 +224,14 @@ def narrow(values: Tensor, dtype: torch.dtype) -> Tensor:
     even = (near.view(torch.int32) & 1) == 0
     toward = torch.where(values > near.double(), math.inf, -math.inf).to(torch.float32)
     return torch.where(inexact & even, torch.nextafter(near, toward), near).to(dtype)
+
+
+def _widened(wire: Tensor, exp: int, dtype: torch.dtype) -> Tensor:
+    """``wire · 2**exp`` in ``dtype``, computed in float64 a chunk at a time."""
+    flat, unit = wire.reshape(-1), 2.0**exp
+    return chunked(
+        flat.numel(), dtype, lambda part: restore(flat[part].double() * unit, dtype)
+    ).reshape(wire.shape)
 
 
 def restore(values: Tensor, dtype: torch.dtype) -> Tensor:

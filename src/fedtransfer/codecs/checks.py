@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,13 +38,14 @@ def check_header(payload: Payload, *, codec: str, meta: Mapping[str, Any], where
         )
 
 
-def plain(entry: Entry, where: str) -> Tensor:
-    """A tensor that travelled as-is; it must carry no meta."""
+def plain(entry: Entry, where: str, expected: Params | None = None) -> Tensor:
+    """A tensor that travelled as-is; it must carry no meta (and be one ``expected``)."""
     if entry.meta:
         raise PayloadError(
             f"{where}: {entry.tensor.dtype} tensor {entry.key!r} carries meta {dict(entry.meta)}, "
             f"expected none (it travels as-is); {CORRUPT_HINT}"
         )
+    check_expected(entry.key, entry.tensor.shape, entry.tensor.dtype, expected, where)
     return entry.tensor
 
 
@@ -112,3 +114,65 @@ def pairs(payload: Payload, suffix: str, where: str) -> Iterator[tuple[Entry, En
             )
         yield entry, nxt
         i += 2
+
+
+def check_expected(
+    key: str,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    expected: Params | None,
+    where: str,
+) -> None:
+    """Refuse, before anything is allocated for it, a tensor the receiver does not expect
+    (``expected``: its own tensors, e.g. the plan's shared parameters; ``None`` expects
+    anything): a key it does not have, another dtype, another number of dimensions, or more
+    elements than its own (fewer may come: a per-client step may widen a slice, as HetLoRA's
+    rank pad does; the exact shape is validated after)."""
+    if expected is None:
+        return
+    ref = expected.get(key)
+    if ref is None:
+        raise PayloadError(
+            f"{where}: tensor {key!r} is not one the receiver has (it expects "
+            f"{_some(list(expected))}); {CORRUPT_HINT}"
+        )
+    if dtype != ref.dtype:
+        raise PayloadError(
+            f"{where}: tensor {key!r} decodes to {dtype}, expected {ref.dtype}; {CORRUPT_HINT}"
+        )
+    if len(shape) != ref.dim() or math.prod(shape) > ref.numel():
+        raise PayloadError(
+            f"{where}: tensor {key!r} claims shape {list(shape)}, expected at most "
+            f"{list(ref.shape)} ({ref.numel()} elements); {CORRUPT_HINT}"
+        )
+
+
+def check_keys(keys: Sequence[str], expected: Params | None, where: str) -> None:
+    """Refuse a payload that lacks some of the ``expected`` keys (its extra ones are refused
+    entry by entry, by :func:`check_expected`)."""
+    if expected is None:
+        return
+    missing = [k for k in expected if k not in set(keys)]
+    if missing:
+        raise PayloadError(f"{where}: payload lacks tensors {_some(missing)}; {CORRUPT_HINT}")
+
+
+def _some(keys: list[str]) -> str:
+    return repr(keys[:5])[:-1] + (f", … {len(keys) - 5} more]" if len(keys) > 5 else "]")
+
+
+CHUNK = 1 << 18
+"""Elements decoded at a time by codecs that compute in float64, so their temporaries stay a
+few MiB whatever the tensor's size."""
+
+
+def chunked(count: int, dtype: torch.dtype, fill: Callable[[slice], Tensor]) -> Tensor:
+    """A flat tensor of ``count`` elements in ``dtype``, filled ``CHUNK`` elements at a time by
+    ``fill(slice)`` (elementwise arithmetic, so the result is the same as in one piece)."""
+    if count <= CHUNK:
+        return fill(slice(0, count)).to(dtype)
+    out = torch.empty(count, dtype=dtype)
+    for start in range(0, count, CHUNK):
+        part = slice(start, min(start + CHUNK, count))
+        out[part] = fill(part)
+    return out

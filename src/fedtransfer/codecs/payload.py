@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import struct
 import threading
 from collections import OrderedDict
@@ -37,6 +38,15 @@ _PREFIX = struct.Struct("<4sBI")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_DIMS = 16
 MAX_ELEMENTS = 1 << 40
+MAX_HEADER_DEPTH = 16
+"""How deeply a header's JSON may nest (a real one nests 4 deep: header ▸ tensors ▸ spec ▸ meta)."""
+MAX_NUMBER_DIGITS = 40
+"""The longest run of digits a header's number may have (a shape of ``MAX_ELEMENTS`` has 13;
+a float's repr, 17 and its exponent)."""
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(rb"[\[\]{}]")
+_DIGITS = re.compile(rb"[0-9]{%d,}" % (MAX_NUMBER_DIGITS + 1))
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -280,11 +290,37 @@ def _parse_header_cached(raw: bytes) -> tuple[dict[str, Any], _Layout]:
     return header, layout
 
 
+def _check_shape_of_json(raw: bytes) -> None:
+    """Refuse, before parsing, a header nested deeper than :data:`MAX_HEADER_DEPTH` or holding
+    a number of more than :data:`MAX_NUMBER_DIGITS` digits (outside its strings): either would
+    make the JSON parser itself fail (a ``RecursionError``, Python's integer digit limit)."""
+    bare = _STRING.sub(b'""', raw)
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(bare):
+        depth += 1 if bracket in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+        if deepest > MAX_HEADER_DEPTH:
+            raise PayloadError(
+                f"payload header nests deeper than {MAX_HEADER_DEPTH} levels (garbled payload)"
+            )
+    long = _DIGITS.search(bare)
+    if long is not None:
+        raise PayloadError(
+            f"payload header holds a number of {len(long.group())}+ digits, more than the "
+            f"{MAX_NUMBER_DIGITS} any real header has (garbled payload)"
+        )
+
+
 def _parse_header(raw: bytes) -> dict[str, Any]:
+    _check_shape_of_json(raw)
     try:
-        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        header = json.loads(
+            raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_twins
+        )
     except (UnicodeDecodeError, json.JSONDecodeError, PayloadError) as exc:
         raise PayloadError(f"payload header is not valid UTF-8 JSON: {exc}") from None
+    except (RecursionError, ValueError) as exc:  # bounded above; a last line of defence
+        raise PayloadError(f"payload header cannot be parsed: {exc}") from None
     if not isinstance(header, dict) or set(header) != {"codec", "meta", "tensors"}:
         raise PayloadError(
             "payload header must be an object with exactly the keys codec, meta, tensors; "
@@ -298,6 +334,16 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
     for i, spec in enumerate(header["tensors"]):
         _check_spec(i, spec, seen)
     return header
+
+
+def _no_twins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused if it names a key twice (parsers disagree on which one counts)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twin = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise PayloadError(f"payload header names the key {twin!r} twice in one object")
+    return out
 
 
 def _reject_constant(name: str) -> Any:

@@ -12,8 +12,11 @@ from torch import Tensor
 from fedtransfer.codecs.cast import restore
 from fedtransfer.codecs.checks import (
     CORRUPT_HINT,
+    check_expected,
     check_finite,
     check_header,
+    check_keys,
+    chunked,
     companions,
     meta_dtype,
     pairs,
@@ -102,12 +105,17 @@ class Int8:
             entries += [Entry(k, q, {"dtype": dtype_name(v.dtype)}), Entry(k + RANGE, rows)]
         return Payload("int8", tuple(entries), {"granularity": self.granularity})
 
-    def decode(self, payload: Payload) -> dict[str, Tensor]:
+    def decode(self, payload: Payload, expected: Params | None = None) -> dict[str, Tensor]:
         where = "Int8.decode"
         check_header(payload, codec="int8", meta={"granularity": self.granularity}, where=where)
         out: dict[str, Tensor] = {}
         for entry, rows in pairs(payload, RANGE, where):
-            out[entry.key] = plain(entry, where) if rows is None else self._dequantize(entry, rows)
+            out[entry.key] = (
+                plain(entry, where, expected)
+                if rows is None
+                else self._dequantize(entry, rows, expected)
+            )
+        check_keys(list(out), expected, where)
         return out
 
     def _quantize(self, key: str, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,7 +156,7 @@ class Int8:
         rand = torch.rand(x.numel(), generator=gen, dtype=torch.float64)
         return rand.reshape(_channels(x.shape, self.granularity), -1)
 
-    def _dequantize(self, entry: Entry, rows: Entry) -> Tensor:
+    def _dequantize(self, entry: Entry, rows: Entry, expected: Params | None) -> Tensor:
         where = "Int8.decode"
         codes = entry.tensor
         if codes.dtype != torch.uint8:
@@ -157,6 +165,7 @@ class Int8:
                 f"codes; {CORRUPT_HINT}"
             )
         dtype = meta_dtype(entry, frozenset({"dtype"}), where)
+        check_expected(entry.key, codes.shape, dtype, expected, where)
         kind = torch.float64 if dtype == torch.float64 else torch.float32
         channels = _channels(codes.shape, self.granularity)
         if rows.tensor.dtype != kind or tuple(rows.tensor.shape) != (channels, 2):
@@ -176,8 +185,13 @@ class Int8:
             )
         if codes.numel() == 0:
             return torch.zeros(codes.shape, dtype=dtype)
-        values = lo[:, None] + codes.reshape(channels, -1).double() * scale[:, None]
-        return restore(values, dtype).reshape(codes.shape)
+        flat, per = codes.reshape(-1), codes.numel() // channels
+
+        def fill(part: slice) -> Tensor:  # lo + code · scale, in float64, a chunk at a time
+            row = torch.arange(part.start, part.stop) // per if channels > 1 else 0
+            return restore(lo[row] + flat[part].double() * scale[row], dtype)
+
+        return chunked(codes.numel(), dtype, fill).reshape(codes.shape)
 
 
 def _channels(shape: torch.Size, granularity: str) -> int:

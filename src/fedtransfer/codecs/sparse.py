@@ -12,8 +12,10 @@ from torch import Tensor
 
 from fedtransfer.codecs.checks import (
     CORRUPT_HINT,
+    check_expected,
     check_finite,
     check_header,
+    check_keys,
     companions,
     is_int,
     pairs,
@@ -97,13 +99,17 @@ class TopK:
             entries += [Entry(k, values, {"shape": list(v.shape)}), Entry(k + INDICES, indices)]
         return Payload("topk", tuple(entries), {"ratio": self.ratio})
 
-    def decode(self, payload: Payload) -> dict[str, Tensor]:
-        check_header(payload, codec="topk", meta={"ratio": self.ratio}, where="TopK.decode")
+    def decode(self, payload: Payload, expected: Params | None = None) -> dict[str, Tensor]:
+        where = "TopK.decode"
+        check_header(payload, codec="topk", meta={"ratio": self.ratio}, where=where)
         out: dict[str, Tensor] = {}
-        for entry, indices in pairs(payload, INDICES, "TopK.decode"):
+        for entry, indices in pairs(payload, INDICES, where):
             out[entry.key] = (
-                plain(entry, "TopK.decode") if indices is None else self._scatter(entry, indices)
+                plain(entry, where, expected)
+                if indices is None
+                else self._scatter(entry, indices, expected)
             )
+        check_keys(list(out), expected, where)
         return out
 
     def _select(self, key: str, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,7 +133,7 @@ class TopK:
             kept = torch.cat([above, ties]).sort().values
         return flat[kept].clone(), kept.to(torch.int32)
 
-    def _scatter(self, entry: Entry, indices: Entry) -> Tensor:
+    def _scatter(self, entry: Entry, indices: Entry, expected: Params | None) -> Tensor:
         values, idx = entry.tensor, indices.tensor
         if not values.dtype.is_floating_point or values.dim() != 1:
             raise PayloadError(
@@ -135,6 +141,7 @@ class TopK:
                 f"{list(values.shape)}, expected 1-D floating values; {CORRUPT_HINT}"
             )
         shape = _shape(entry)
+        check_expected(entry.key, shape, values.dtype, expected, "TopK.decode")
         numel, count = math.prod(shape), values.numel()
         if idx.dtype != torch.int32 or tuple(idx.shape) != (count,):
             raise PayloadError(

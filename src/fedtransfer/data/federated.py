@@ -35,6 +35,25 @@ class TensorData:
         return TensorData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
 
 
+def check_labels(y: Tensor, num_classes: int, *, where: str) -> None:
+    """Raise :class:`~fedtransfer.errors.FedTransferError` unless integer class labels ``y``
+    lie in ``[0, num_classes)``, naming ``where`` and the first label seen out of range (one
+    would end a client's training with an IndexError). Other targets (soft labels for a
+    custom loss: floating or several per example) are the loss's to check."""
+    from fedtransfer.errors import FedTransferError
+
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1 or not y.numel():
+        return
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise FedTransferError(
+            f"{where}: label {bad} is outside [0, {num_classes}) (num_classes = {num_classes}); "
+            "hint: check the source's labels, or the number of classes the model and data "
+            "are given"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class FederatedDataset:
     """The population: each client's private train and test data, by client id."""
@@ -48,6 +67,10 @@ class FederatedDataset:
             raise ValueError(
                 "FederatedDataset: train and test must have the same client ids in order"
             )
+        for split, parts in (("train", self.train), ("test", self.test)):
+            if isinstance(parts, dict):  # a lazy population is checked as each client is read
+                for client, data in parts.items():
+                    check_labels(data.y, self.num_classes, where=f"client {client!r} ({split})")
 
     @property
     def clients(self) -> tuple[str, ...]:

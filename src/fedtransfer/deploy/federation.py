@@ -44,13 +44,21 @@ def deployed_round(
     send: Send,
     *,
     model_fn: Callable[[], nn.Module],
+    example_counts: Callable[[str], float | None] | None = None,
 ) -> tuple[ServerState, RoundReport]:
     """Round ``state.round + 1`` of ``recipe`` among ``clients`` over a transport: the
     simulator's :func:`~fedtransfer.rounds.spine.open_round` (stage, cohort) and
-    :func:`~fedtransfer.rounds.spine.server_round` around ``send``."""
+    :func:`~fedtransfer.rounds.spine.server_round` around ``send`` (``example_counts``: what
+    each client reported when it connected, the bound of the weight it may claim)."""
     _, state, cohort = open_round(recipe, state, clients, model_fn=model_fn)
     return server_round(
-        recipe, state, cohort, send, model_fn=model_fn, population_size=len(clients)
+        recipe,
+        state,
+        cohort,
+        send,
+        model_fn=model_fn,
+        population_size=len(clients),
+        example_counts=example_counts,
     )
 
 

@@ -56,7 +56,14 @@ def serve(
         if secure is not None:
             uplink = schedule.recipe_at(state.round + 1).uplink
             send = secure_sum(secure, uplink=uplink, params=state.params)
-        state, rep = deployed_round(schedule, state, clients, send, model_fn=cfg.model)
+        state, rep = deployed_round(
+            schedule,
+            state,
+            clients,
+            send,
+            model_fn=cfg.model,
+            example_counts=lambda c: float(nodes[c][2]) if c in nodes else None,
+        )
         save_state(state, folder)
         record = {
             "round": state.round,

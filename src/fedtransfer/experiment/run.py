@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from torch import nn
 
 from fedtransfer import tree
 from fedtransfer.data.federated import FederatedDataset, federate
 from fedtransfer.data.partition import Natural
-from fedtransfer.errors import CompatibilityError, ConfigError
+from fedtransfer.errors import CompatibilityError, ConfigError, FedTransferError
 from fedtransfer.experiment import config as cfgio
 from fedtransfer.experiment import report
 from fedtransfer.experiment.baselines import IsolatedRound, train_isolated
 from fedtransfer.experiment.evaluation import evaluate_arm
+from fedtransfer.experiment.preflight import preflight
 from fedtransfer.experiment.schema import (
     ArmConfig,
     ExperimentConfig,
@@ -78,15 +82,25 @@ def build_population(config: ExperimentConfig) -> FederatedDataset:
         )
     data = config.data.source.load()
     labels = data.y.numpy()
-    parts = config.data.partition(labels, config.data.num_clients, config.seed)
-    num_classes = int(labels.max()) + 1
-    return federate(
-        data,
-        parts,
-        num_classes=num_classes,
-        test_fraction=config.data.test_fraction,
-        seed=config.seed,
-    )
+    n, examples = config.data.num_clients, len(labels)
+    try:
+        parts = config.data.partition(labels, n, config.seed)
+        return federate(
+            data,
+            parts,
+            num_classes=int(labels.max()) + 1,
+            test_fraction=config.data.test_fraction,
+            seed=config.seed,
+        )
+    except FedTransferError:
+        raise
+    except ValueError as exc:  # an infeasible partition: named by its settings, before training
+        raise ConfigError(
+            f"data: {config.data.partition!r} cannot give {n} clients a train and a test "
+            f"example each from the {examples} examples of {type(config.data.source).__name__}: "
+            f"{exc}; hint: lower data.num_clients (at most {examples // 2}) or relax the "
+            "partition"
+        ) from None
 
 
 def new_run_dir(runs_dir: str | os.PathLike[str], name: str, *, overwrite: bool = False) -> Path:
@@ -182,13 +196,27 @@ def load_config(
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist; hint: see configs/default.yaml")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{p}: not a text file (byte {exc.start} is not UTF-8); hint: pass a YAML "
+                "experiment file such as configs/default.yaml"
+            ) from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(
+                f"{p}: nested too deeply to be an experiment config (a real one nests a few levels)"
+            ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
-    data = inherit_arm_settings(cfgio.apply_overrides(data, list(overrides)))
-    return cfgio.parse(ExperimentConfig, data)
+    try:
+        data = inherit_arm_settings(cfgio.apply_overrides(data, list(overrides)))
+        return cfgio.parse(ExperimentConfig, data)
+    except RecursionError:
+        raise ConfigError(
+            "the config (or an override) is nested too deeply to be an experiment config"
+        ) from None
 
 
 @dataclass
@@ -199,11 +227,18 @@ class _Run:
     runtime: Runtime
 
     def execute(self) -> dict[str, Any]:
+        manifest = self._manifest()
+        try:
+            return self._execute(manifest)
+        except BaseException as exc:
+            _mark_stopped(self.root, manifest, exc)
+            raise
+
+    def _execute(self, manifest: dict[str, Any]) -> dict[str, Any]:
         cfg = self.config
         population = build_population(cfg)
-        _check_classes(cfg, population)
+        preflight(cfg, population)
         atomic_write(self.root / "partition.json", json.dumps(report.partition_stats(population)))
-        manifest = self._manifest()
         checkpoint = (
             pretrained(cfg, self.root, manifest, self.observer) if cfg.needs_pretrained else None
         )
@@ -243,10 +278,12 @@ class _Run:
         schedule = cfg.schedule_of(arm)
         schedule.validate(model_fn(), population=population.clients)
         folder = self.root / "checkpoints" / arm.name
+        fresh = schedule.start(start_model(cfg, arm, checkpoint), seed=cfg.seed)
         if (folder / "latest.json").exists():
             state, history = load_state(folder), list(load_history(folder))
+            _check_start(arm.name, schedule, state, fresh, model_fn)
         else:
-            state = schedule.start(start_model(cfg, arm, checkpoint), seed=cfg.seed)
+            state = fresh
             history = [evaluate_arm(cfg, arm, schedule, state, population, None)]
             save_state(state, folder, history=history)
         self._write_metrics({**done, arm.name: history})
@@ -287,17 +324,49 @@ class _Run:
         atomic_write(self.root / METRICS_FILE, "".join(line + "\n" for line in lines))
 
 
-def _check_classes(cfg: ExperimentConfig, population: FederatedDataset) -> None:
-    """The model must have an output for every label the data holds; fail before any training."""
-    sample = population.train[population.clients[0]].x[:1]
-    model = cfg.model()
-    model.eval()
-    outputs = int(model(sample).shape[-1])
-    if outputs < population.num_classes:
-        raise CompatibilityError(
-            f"model: {cfg.model!r} has {outputs} outputs but the data has labels 0.."
-            f"{population.num_classes - 1}; hint: set model.num_classes={population.num_classes}"
+def _check_start(
+    arm: str,
+    schedule: Schedule,
+    state: ServerState,
+    fresh: ServerState,
+    model_fn: Callable[[], nn.Module],
+) -> None:
+    """A checkpoint resumes only the run it belongs to: its starting weights must be this
+    arm's (the pre-trained checkpoint's, or the seeded scratch model). After a stage began,
+    the starting weights include what was learnt, so the keys no stage shares are compared."""
+    held, ours = state.distribution, fresh.distribution
+    if held.stage == 0:
+        same = held.start_sha256 == ours.start_sha256
+    else:
+        prepared = schedule.prepare(model_fn())
+        shared = {k for _, r in schedule.stages for k in r.policy.plan(prepared).shared}
+        keep = [k for k in ours.start if k not in shared]
+        same = tree.sha256(tree.select(held.start, keep)) == tree.sha256(
+            tree.select(ours.start, keep)
         )
+    if not same:
+        raise CompatibilityError(
+            f"arm {arm!r}: the checkpoint's starting weights ({held.start_sha256[:12]}…) are not "
+            f"this arm's ({ours.start_sha256[:12]}…): a checkpoint of another arm or run; "
+            "hint: resume it in its own run directory, or start this arm afresh"
+        )
+
+
+def _mark_stopped(root: Path, manifest: dict[str, Any], exc: BaseException) -> None:
+    """Record in ``run.json`` why the run stopped: ``interrupted`` (Ctrl-C), ``disk-full``
+    (ENOSPC: free space, then ``fedtransfer resume``), or ``failed`` with the error. Best
+    effort: with the disk full even this may not be written."""
+    if isinstance(exc, KeyboardInterrupt):
+        status = "interrupted"
+    elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        status = "disk-full"
+    else:
+        status = "failed"
+    stopped = {**manifest, "status": status, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    try:
+        atomic_write(root / MANIFEST, json.dumps(stopped, indent=1))
+    except OSError:
+        log.error("could not record the run's status %r in %s", status, root / MANIFEST)
 
 
 def final_weights(run_dir: str | os.PathLike[str], arm: str) -> dict[str, Any]:

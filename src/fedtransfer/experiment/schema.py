@@ -25,6 +25,7 @@ from fedtransfer.server.aggregate import Aggregator, Mean
 from fedtransfer.server.optimizers import ServerSGD
 from fedtransfer.server.pipeline import ServerPipeline
 from fedtransfer.server.sample import Sampler, Uniform
+from fedtransfer.server.validate import UpdateLimits
 from fedtransfer.transfer.plan import TransferPolicy
 from fedtransfer.transfer.policies import Full, HeadOnly
 from fedtransfer.transfer.pretrain import PretrainSpec
@@ -112,6 +113,7 @@ class ArmConfig:
     client_start: tuple[StartStep, ...] | None = None
     client_transforms: tuple[UpdateTransform, ...] | None = None
     per_client: tuple[UpdateTransform, ...] | None = None
+    limits: UpdateLimits | None = None
     algorithm: AlgorithmSpec | None = None
     fedbuff: FedBuff | None = None
     schedule: ScheduleSpec | None = None
@@ -202,6 +204,7 @@ class ExperimentConfig:
     client_start: tuple[StartStep, ...] = ()
     client_transforms: tuple[UpdateTransform, ...] = ()
     per_client: tuple[UpdateTransform, ...] = ()
+    limits: UpdateLimits = field(default_factory=UpdateLimits)
     algorithm: AlgorithmSpec | None = None
     fedbuff: FedBuff | None = None
     schedule: ScheduleSpec | None = None

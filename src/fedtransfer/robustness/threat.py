@@ -106,7 +106,7 @@ class Threat:
             if rep.error:
                 continue
             try:
-                update = recipe.uplink.decode(Payload.from_bytes(rep.uplink))
+                update = recipe.uplink.decode(Payload.from_bytes(rep.uplink), state.params)
                 if slots is not None:
                     update = slots[0].pad(update, rep.client)
             except (FedTransferError, RuntimeError, TypeError, ValueError, OverflowError):

@@ -149,10 +149,18 @@ def run_buffered_step(
     ]
     pending.sort(key=lambda p: (p.arrival, p.result.client))
     arrived, still = pending[: fedbuff.buffer_size], pending[fedbuff.buffer_size :]
-    got = collect(recipe, state, [p.result for p in arrived], plan=out.plan)
+    got = collect(
+        recipe,
+        state,
+        [p.result for p in arrived],
+        plan=out.plan,
+        example_counts=clients.example_count,
+    )
     staleness = {p.result.client: state.round - p.version for p in arrived}
     scales = [fedbuff.staleness_weight(staleness[a.reply.client]) for a in got.accepted]
-    step = aggregate(recipe, state, got, population_size=len(population.clients), scales=scales)
+    got, step = aggregate(
+        recipe, state, got, population_size=len(population.clients), scales=scales
+    )
     step.metrics["async/staleness_mean"] = sum(staleness.values()) / max(len(staleness), 1)
     step.metrics["async/staleness_max"] = float(max(staleness.values(), default=0))
     step.metrics["attack/malicious"] = float(sum(p.result.client in malicious for p in arrived))

@@ -5,7 +5,7 @@ the end of the round)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -17,7 +17,7 @@ from fedtransfer.rounds.messages import NO_REPLY, Reply
 from fedtransfer.server.validate import validate_update
 from fedtransfer.state import ServerState
 from fedtransfer.transfer.plan import ParamPlan
-from fedtransfer.types import Metrics, State, UpdateContext
+from fedtransfer.types import Metrics, Params, State, UpdateContext
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,13 @@ def collect(
     replies: Sequence[Reply],
     *,
     plan: ParamPlan,
+    example_counts: Callable[[str], float | None] | None = None,
 ) -> Collected:
     """Decode ▸ admit (the pipeline's per-client steps) ▸ validate ``replies`` for round
-    ``state.round + 1``. A reply that fails any of them is its client's rejection, and the
-    per-client steps' state is kept only for the updates accepted."""
+    ``state.round + 1``, within the recipe's :class:`~fedtransfer.server.validate.UpdateLimits`
+    (``example_counts``: a client's example count as the server knows it, the bound of its
+    weight). A reply that fails any of them is its client's rejection, and the per-client
+    steps' state is kept only for the updates accepted."""
     r = state.round + 1
     extras_ref = recipe.objective.extras_like(state.params, plan)
     pipeline = recipe.pipeline
@@ -96,7 +99,7 @@ def collect(
             rejected.append((client, f"client {client}, round {r}: {rep.error}"))
             continue
         try:
-            update, extras = _decoded(recipe, rep)
+            update, extras = _decoded(recipe, rep, state.params, extras_ref)
         except (FedTransferError, RuntimeError, TypeError, ValueError, OverflowError) as exc:
             # whatever a client sends, a bad payload is that client's rejection, not the round's end
             why = f"client {client}, round {r}: payload does not decode: {exc}"
@@ -106,7 +109,13 @@ def collect(
         try:
             admitted = pipeline.admit(update, server, UpdateContext(state.params, client=client))
             validate_update(
-                admitted.value, rep.num_examples, reference=state.params, client=client, round=r
+                admitted.value,
+                rep.num_examples,
+                reference=state.params,
+                client=client,
+                round=r,
+                limits=recipe.limits,
+                known_weight=None if example_counts is None else example_counts(client),
             )
             validate_update(extras, 1, reference=extras_ref, client=client, round=r)
         except UpdateRejected as exc:
@@ -125,8 +134,13 @@ def collect(
     return Collected(tuple(replies), tuple(kept), tuple(rejected), server, summed)
 
 
-def _decoded(recipe: Recipe, rep: Reply) -> tuple[dict[str, Tensor], State]:
-    """A reply's update and objective extras, as the uplink codec decodes them."""
-    update = recipe.uplink.decode(Payload.from_bytes(rep.uplink))
-    extras = recipe.uplink.decode(Payload.from_bytes(rep.extras)) if rep.extras else {}
+def _decoded(
+    recipe: Recipe, rep: Reply, expected: Params, extras_expected: Params
+) -> tuple[dict[str, Tensor], State]:
+    """A reply's update and objective extras, as the uplink codec decodes them: only the keys,
+    dtypes and sizes the plan expects (refused before anything is allocated for them)."""
+    update = recipe.uplink.decode(Payload.from_bytes(rep.uplink), expected)
+    extras = (
+        recipe.uplink.decode(Payload.from_bytes(rep.extras), extras_expected) if rep.extras else {}
+    )
     return update, extras

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import Tensor
 
 from fedtransfer import tree
@@ -17,7 +19,9 @@ from fedtransfer.rounds.distribute import Outbound
 from fedtransfer.rounds.messages import Reply
 from fedtransfer.state import ClientHoldings, InFlight, ServerState
 from fedtransfer.state.clientstore import merged
-from fedtransfer.types import Metrics, State
+from fedtransfer.types import Metrics, Params, State
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,62 @@ def aggregate(
     *,
     population_size: int,
     scales: Sequence[float] | None = None,
-) -> Step:
+) -> tuple[Collected, Step]:
     """The accepted updates (already through the per-client steps, in :func:`collect`) through
     the rest of the recipe's pipeline; ``scales`` multiply each of them first (FedBuff's
     staleness weights). With none accepted, the global parameters and server state are
-    unchanged."""
+    unchanged.
+
+    A global model that would not be finite (finite updates can overflow: one client's
+    ``3e38`` in a float32 mean) is never committed: the clients with the largest values in
+    the keys that overflowed are rejected, naming why, and the rest aggregated again (none,
+    if that overflows too). Returns what was accepted in the end, and the step."""
+    step = _step(recipe, state, got, population_size, scales)
+    bad = _non_finite(step.params)
+    if not bad:
+        return got, step
+    drop = _offenders(got, bad)
+    log.warning(
+        "round %d: the aggregate of %s is not finite; rejecting %s",
+        state.round + 1,
+        bad[:3],
+        sorted(drop),
+    )
+    for attempt in (drop, {a.reply.client for a in got.accepted}):
+
+        def why(client: str) -> str:
+            return (
+                f"client {client}, round {state.round + 1}: the global model would not be "
+                f"finite ({bad[:3]} overflow) with this update, among the largest in those keys"
+            )
+
+        kept = Collected(
+            got.replies,
+            tuple(a for a in got.accepted if a.reply.client not in attempt),
+            got.rejected + tuple((c, why(c)) for c in sorted(attempt) if c in _clients(got)),
+            state.server,  # a rolled-back round keeps no per-client step state
+        )
+        kept_scales = None
+        if scales is not None:
+            kept_scales = [
+                s
+                for a, s in zip(got.accepted, scales, strict=True)
+                if a.reply.client not in attempt
+            ]
+        step = _step(recipe, state, kept, population_size, kept_scales)
+        if not _non_finite(step.params):
+            step.metrics["server/rolled_back"] = float(len(got.accepted) - len(kept.accepted))
+            return kept, step
+    raise AssertionError("unreachable: a round with no accepted update changes nothing")
+
+
+def _step(
+    recipe: Recipe,
+    state: ServerState,
+    got: Collected,
+    population_size: int,
+    scales: Sequence[float] | None,
+) -> Step:
     metrics = _client_metrics([a.reply for a in got.accepted])
     if not got.accepted:
         return Step(state.params, state.server, metrics)
@@ -75,6 +130,32 @@ def aggregate(
     )
     metrics.update({f"server/{k}": v for k, v in out.metrics.items()})
     return Step(tree.add(state.params, out.value), out.state, metrics)
+
+
+def _non_finite(params: Params) -> list[str]:
+    """The floating keys of ``params`` that hold a NaN or an inf."""
+    return [
+        k
+        for k, v in params.items()
+        if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())
+    ]
+
+
+def _clients(got: Collected) -> set[str]:
+    return {a.reply.client for a in got.accepted}
+
+
+def _offenders(got: Collected, keys: Sequence[str]) -> set[str]:
+    """The accepted clients whose largest magnitude in ``keys`` is within a factor 1000 of the
+    largest any client sent there: the ones that can make a weighted mean overflow."""
+    tops = {
+        a.reply.client: max(
+            float(a.update[k].double().abs().max()) for k in keys if a.update[k].numel()
+        )
+        for a in got.accepted
+    }
+    top = max(tops.values())
+    return {c for c, t in tops.items() if t >= top / 1000}
 
 
 def finalize(

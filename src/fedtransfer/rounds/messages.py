@@ -17,6 +17,10 @@ from fedtransfer.types import Metrics
 NO_REPLY = "no reply (the client failed or timed out)"
 """The rejection reason of a cohort client the :data:`Send` returned no reply for."""
 
+FAILED = "failed: "
+"""How the ``error`` of a client whose round raised begins (its training, a bad batch …):
+that client's rejection, never the end of the round."""
+
 
 @dataclass(frozen=True, eq=False)
 class Request:

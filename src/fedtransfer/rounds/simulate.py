@@ -6,16 +6,17 @@ request run as :func:`~fedtransfer.client.update.client_update` on a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from fedtransfer import errors
 from fedtransfer.client.job import ClientUpdate
 from fedtransfer.client.update import ClientTask, worker_model
 from fedtransfer.codecs import Payload
 from fedtransfer.data.federated import TensorData
 from fedtransfer.recipe import Recipe
-from fedtransfer.rounds.messages import Reply, Request
+from fedtransfer.rounds.messages import FAILED, Reply, Request
 from fedtransfer.runtime.serial import Runtime
 from fedtransfer.state import ServerState
 from fedtransfer.transfer.plan import ParamPlan
@@ -31,23 +32,36 @@ class InProcess:
     data: Callable[[str], TensorData]
     runtime: Runtime
     model_fn: Callable[[], nn.Module]
+    sizes: dict[str, int] = field(default_factory=dict)
+    """Each client's number of training examples, recorded as its task is made: what the
+    server knows of a simulated client's weight (:meth:`example_count`)."""
+
+    def example_count(self, client: str) -> float | None:
+        """The number of examples ``client`` trained on this round, if it was sent a task."""
+        n = self.sizes.get(client)
+        return None if n is None else float(n)
 
     def __call__(self, requests: Sequence[Request]) -> dict[str, Reply]:
         _, plan = worker_model(self.recipe.policy, self.model_fn)
         tasks = [self.task(q, plan) for q in requests]
         results = self.runtime.map(ClientUpdate(self.recipe, self.model_fn), tasks)
+        failed = [rep for rep in results if rep.error.startswith(FAILED)]
+        if failed and len(failed) == len(results):
+            raise _every_client_failed(failed, requests[0].round)
         return {rep.client: rep for rep in results}
 
     def task(self, request: Request, plan: ParamPlan) -> ClientTask:
         """``request`` as the task its simulated client runs."""
         c = request.client
         lacks = _keys(request.handover) if request.handover is not None else ()
+        data = self.data(c)
+        self.sizes[c] = len(data)
         return ClientTask(
             client=c,
             round=request.round,
             seed=request.seed,
             downlink=request.downlink,
-            data=self.data(c),
+            data=data,
             **holdings(self.state, plan, c, lacks),
             start_sha256=request.start_sha256,
             setup=request.setup,
@@ -55,6 +69,22 @@ class InProcess:
             broadcast=request.broadcast,
             handover=request.handover,
         )
+
+
+def _every_client_failed(failed: Sequence[Reply], round: int) -> Exception:
+    """Every client of the round raised: not a misbehaving client but a broken set-up (a
+    replaced checkpoint, a model that does not fit the data) — the first reason, as the
+    error it was (a :mod:`fedtransfer.errors` class, or ``RuntimeError``)."""
+    first = failed[0]
+    reason = first.error[len(FAILED) :]
+    name, _, message = reason.partition(": ")
+    kind = getattr(errors, name, None)
+    if not (isinstance(kind, type) and issubclass(kind, errors.FedTransferError)):
+        kind, message = RuntimeError, reason
+    return kind(
+        f"client {first.client}, round {round} failed: {message} (so did every client of "
+        f"the round: {len(failed)})"
+    )
 
 
 def holdings(

@@ -33,6 +33,7 @@ def server_round(
     *,
     model_fn: Callable[[], nn.Module],
     population_size: int,
+    example_counts: Callable[[str], float | None] | None = None,
 ) -> tuple[ServerState, RoundReport]:
     """Round ``state.round + 1`` of ``recipe`` (of the stage it is in, for a schedule; begun
     by :func:`open_round`) with ``cohort`` over ``send``.
@@ -40,15 +41,18 @@ def server_round(
     Only updates that decode and validate are aggregated; a client that does not answer is
     rejected like one whose update does not decode, and a round with none accepted leaves the
     global parameters and server state unchanged. ``population_size``: the clients of the
-    federation (objectives such as SCAFFOLD scale by it)."""
+    federation (objectives such as SCAFFOLD scale by it); ``example_counts``: what the server
+    knows of a client's example count (a reply may not claim a larger weight)."""
     began = time.perf_counter()
     schedule = as_schedule(recipe)
     current, model_fn = schedule.recipe_at(state.round + 1), schedule.prepared(model_fn)
     lacking = schedule.handover(state, cohort, model_fn=model_fn)
     out = distribute(current, state, cohort, model_fn=model_fn, handover=lacking)
     replies = send(out.requests)
-    got = collect(current, state, answered(cohort, replies), plan=out.plan)
-    step = aggregate(current, state, got, population_size=population_size)
+    got = collect(
+        current, state, answered(cohort, replies), plan=out.plan, example_counts=example_counts
+    )
+    got, step = aggregate(current, state, got, population_size=population_size)
     step.metrics["schedule/stage"] = float(state.distribution.stage)
     return finalize(
         state,
@@ -97,7 +101,13 @@ def run_round(
     if threat is not None:
         send = threat.around(clients, current, state, population=population, malicious=malicious)
     state, report = server_round(
-        recipe, state, cohort, send, model_fn=model_fn, population_size=len(population.clients)
+        recipe,
+        state,
+        cohort,
+        send,
+        model_fn=model_fn,
+        population_size=len(population.clients),
+        example_counts=clients.example_count,
     )
     n = float(sum(c in malicious for c in cohort))
     return state, replace(report, metrics={**report.metrics, "attack/malicious": n})

@@ -12,7 +12,7 @@ from fedtransfer.server.optimizers import (
 from fedtransfer.server.pipeline import ServerPipeline
 from fedtransfer.server.robust import Bulyan, Krum, Median, MultiKrum, TrimmedMean
 from fedtransfer.server.sample import AllClients, Uniform
-from fedtransfer.server.validate import validate_update
+from fedtransfer.server.validate import UpdateLimits, validate_update
 
 __all__ = [
     "Aggregator",
@@ -32,6 +32,7 @@ __all__ = [
     "ServerYogi",
     "TrimmedMean",
     "Uniform",
+    "UpdateLimits",
     "UpdateTransform",
     "validate_update",
 ]

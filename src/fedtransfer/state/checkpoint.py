@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
@@ -26,6 +28,14 @@ from fedtransfer.state.clientstore import (
     unpin,
 )
 from fedtransfer.state.server import ClientHoldings, Distribution, InFlight, Pending, ServerState
+
+DIGESTS = "digests.json"
+"""The sha256 of each file of a checkpoint folder (:data:`CONTENT`), written last and checked
+before anything is read."""
+CONTENT = ("state.safetensors", "state.json")
+_CHECKPOINT_NAME = re.compile(r"round-\d{5,}-[0-9a-f]{8}")
+
+log = logging.getLogger(__name__)
 
 FORMAT = "fedtransfer-state/1"
 FORMAT_STORES = "fedtransfer-state/2"
@@ -114,6 +124,7 @@ def save_state(
     if pools:
         meta["stores"] = _store_refs(state, root)
     _write_json(tmp / "state.json", meta)
+    _write_json(tmp / DIGESTS, {name: tree.file_sha256(tmp / name) for name in CONTENT})
     for stores in pools.values():  # after state.json: a stale folder with a pin names its stores
         pin(stores, final.name)
     _fsync_dir(tmp)
@@ -164,17 +175,68 @@ def _remove_checkpoint(folder: Path, name: str) -> None:
 
 
 def _latest(root: Path) -> tuple[Path, dict[str, Any]]:
-    """The folder ``latest.json`` points at and its ``state.json``."""
+    """The newest intact checkpoint folder and its ``state.json``: the one ``latest.json``
+    points at, or, if that one is damaged (its files do not match their recorded digests, or
+    do not parse), the newest kept one that is intact, with a warning naming both; a
+    :class:`CompatibilityError` listing what is wrong with each if none is."""
     pointer = root / "latest.json"
     if not pointer.exists():
         raise CompatibilityError(f"no checkpoint in {root}: latest.json is missing")
-    folder = root / json.loads(pointer.read_text())["checkpoint"]
-    meta = json.loads((folder / "state.json").read_text())
+    problems: list[str] = []
+    try:
+        named = json.loads(pointer.read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        named = None
+        problems.append(f"{pointer}: unreadable ({exc!r})")
+    if named is not None and not (isinstance(named, str) and _CHECKPOINT_NAME.fullmatch(named)):
+        raise CompatibilityError(
+            f"{pointer} names {named!r}, not a checkpoint folder of this directory "
+            "(round-NNNNN-xxxxxxxx); refusing to follow it outside its own arm"
+        )
+    kept = sorted((p for p in root.glob("round-*") if p.is_dir()), reverse=True)
+    order = ([root / named] if named is not None else []) + [p for p in kept if p.name != named]
+    for folder in order:
+        try:
+            meta = _intact(folder)
+        except CompatibilityError as exc:
+            problems.append(str(exc))
+            continue
+        if problems:
+            log.warning(
+                "checkpoint %s is damaged (%s); resuming from %s instead",
+                named,
+                problems[0],
+                folder.name,
+            )
+        return folder, meta
+    raise CompatibilityError(
+        f"no intact checkpoint in {root}: " + "; ".join(problems or ["no checkpoint folders"])
+    )
+
+
+def _intact(folder: Path) -> dict[str, Any]:
+    """``folder``'s ``state.json``, after checking every file against its recorded digest."""
+    try:
+        recorded = json.loads((folder / DIGESTS).read_text())
+    except (OSError, ValueError) as exc:
+        raise CompatibilityError(f"{folder.name}: {DIGESTS} unreadable ({exc})") from None
+    for name in CONTENT:
+        try:
+            seen = tree.file_sha256(folder / name)
+        except OSError as exc:
+            raise CompatibilityError(f"{folder.name}/{name}: unreadable ({exc})") from None
+        if not isinstance(recorded, dict) or seen != recorded.get(name):
+            raise CompatibilityError(
+                f"{folder.name}/{name}: sha256 {seen[:12]}… does not match the recorded "
+                f"{str(recorded.get(name) if isinstance(recorded, dict) else None)[:12]}… "
+                "(the file was damaged or edited)"
+            )
+    meta: dict[str, Any] = json.loads((folder / "state.json").read_text())
     if meta.get("format") not in (FORMAT, FORMAT_STORES):
         raise CompatibilityError(
             f"{folder}: format {meta.get('format')!r}, expected {FORMAT!r} or {FORMAT_STORES!r}"
         )
-    return folder, meta
+    return meta
 
 
 def load_history(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], ...]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ def save_checkpoint(
         **provenance,
         "format": FORMAT,
         "sha256": tree.sha256(tensors),
-        "file_sha256": _file_sha256(root / WEIGHTS),
+        "file_sha256": tree.file_sha256(root / WEIGHTS),
     }
     tmp_json = root / f".{PROVENANCE}.tmp"
     tmp_json.write_text(json.dumps(record, indent=1, sort_keys=True))
@@ -92,11 +91,3 @@ def load_checkpoint(
             f"{expected_sha256[:16]}…; this run started from different weights"
         )
     return Checkpoint(root, weights, digest, provenance)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
