@@ -70,6 +70,7 @@ def serve(
             "cohort": list(rep.cohort),
             "accepted": list(rep.accepted),
             "rejected": [c for c, _ in rep.rejected],
+            "rejected_reasons": {c: why for c, why in rep.rejected},
             "bytes_up": rep.bytes_up,
             "bytes_down": rep.bytes_down,
             "setup_bytes": rep.setup_bytes,
@@ -140,14 +141,18 @@ class _Transport:
     def __call__(self, requests: Sequence[Request]) -> dict[str, Reply]:
         msgs = [request_message(r, self.nodes[r.client][0]) for r in requests]
         self.down = [wire_nbytes(m) for m in msgs]
+        asked = {self.nodes[r.client][0]: r.client for r in requests}
         replies: dict[str, Reply] = {}
         for answer in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            client = asked.get(answer.metadata.src_node_id)
+            if client is None or client in replies:  # not asked this round, or answered twice
+                log.warning("deploy: dropped a reply from node %s", answer.metadata.src_node_id)
+                continue
             if answer.has_error():
-                log.warning("deploy: a client failed: %s", answer.error.reason)
+                log.warning("deploy: client %s failed: %s", client, answer.error.reason)
                 continue
             self.up.append(wire_nbytes(answer))
-            rep = reply_of(answer)
-            replies[rep.client] = rep
+            replies[client] = reply_of(answer, client=client)
         return replies
 
 
@@ -167,11 +172,18 @@ def _connect(grid: Grid, expected: int, timeout: float) -> dict[str, tuple[int, 
     for answer in grid.send_and_receive(msgs, timeout=timeout):
         if answer.has_error():
             raise FedTransferError(f"deploy: a client failed to start: {answer.error.reason}")
-        f = fields_of(answer)
-        name = str(f["client"])
+        node = answer.metadata.src_node_id
+        try:
+            f = fields_of(answer)
+            name, partition, count = str(f["client"]), int(f["partition"]), int(f["num_examples"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FedTransferError(
+                f"deploy: node {node} answered the query with malformed fields ({exc!r}); "
+                "hint: run the same fedtransfer version and config on every client"
+            ) from None
         if name in nodes:
             raise FedTransferError(f"deploy: two nodes hold client {name} (same partition-id)")
-        nodes[name] = (answer.metadata.src_node_id, int(f["partition"]), int(f["num_examples"]))
+        nodes[name] = (node, partition, count)
     return nodes
 
 

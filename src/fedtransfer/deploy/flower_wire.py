@@ -62,16 +62,49 @@ def request_from(f: Mapping[str, Any]) -> Request:
     )
 
 
-def reply_of(msg: Message) -> Reply:
-    f = fields_of(msg)
+def reply_of(msg: Message, *, client: str) -> Reply:
+    """The reply ``msg`` carries from the node that holds ``client`` (the identity comes from
+    the authenticated sender, never from the content). Parsed defensively: a malformed field,
+    or content that claims another client, is an error reply — that client's rejection."""
+    try:
+        f = fields_of(msg)
+        return _reply_from(f, client)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return Reply(client, b"", 0, error=f"malformed reply: {exc!r}"[:300])
+
+
+def _reply_from(f: Mapping[str, Any], client: str) -> Reply:
+    claimed = f.get("client")
+    if claimed != client:
+        raise ValueError(
+            f"its content names client {str(claimed)[:40]!r}, but its node holds {client!r}"
+        )
+    uplink, extras = f.get("uplink", b""), f.get("extras", b"")
+    if not isinstance(uplink, bytes) or not isinstance(extras, bytes):
+        raise ValueError("uplink and extras must be byte arrays")
+    metrics = json.loads(str(f.get("metrics", "{}")))
+    if not isinstance(metrics, dict) or not all(
+        isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+        for k, v in metrics.items()
+    ):
+        raise ValueError("metrics must be a JSON object of numbers")
     return Reply(
-        client=str(f["client"]),
-        uplink=f.get("uplink", b""),
-        num_examples=int(f["num_examples"]),
-        extras=f.get("extras", b""),
-        metrics=json.loads(str(f.get("metrics", "{}"))),
-        error=str(f.get("error", "")),
+        client=client,
+        uplink=uplink,
+        num_examples=_count(f.get("num_examples")),
+        extras=extras,
+        metrics={k: float(v) for k, v in metrics.items()},
+        error=str(f.get("error", ""))[:2000],
     )
+
+
+def _count(value: Any) -> int:
+    """An example count as a record holds it: an int (or a short string of digits)."""
+    if isinstance(value, str) and value.isdigit() and len(value) <= 18:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"num_examples {str(value)[:40]!r} is not a count")
 
 
 def wire_nbytes(msg: Message) -> int:

@@ -80,6 +80,7 @@ def evaluate_arm(
         "accepted": len(rr.accepted) if rr else 0,
         "rejected": len(rr.rejected) if rr else 0,
         "rejected_clients": [c for c, _ in rr.rejected] if rr else [],
+        "rejected_reasons": {c: why for c, why in rr.rejected} if rr else {},
         "train_loss": (_finite_or_none(done.metrics.get("client/train_loss")) if done else None),
         "round_metrics": (
             {k: v for k, v in done.metrics.items() if math.isfinite(v)} if done else {}
