@@ -41,6 +41,9 @@ def serve(
     torch.set_num_threads(int(run_config.get("threads", 1)))
     out, arm_name = Path(str(run_config["out-dir"])), str(run_config["arm"])
     timeout = float(run_config.get("timeout", 300))
+    # a round waits for its replies until the participation deadline (seconds), if one is set
+    deadline = cfg.participation.deadline if cfg.participation else None
+    deadline = timeout if deadline is None else deadline
     folder = out / "checkpoints" / arm_name
     _, schedule, state = start_state(cfg, out, arm_name)
     if (folder / "latest.json").exists():  # a restarted server never loses a finished round
@@ -51,7 +54,7 @@ def serve(
     log.info("deploy: %d clients online: %s", len(clients), clients)
     secure = _secure(grid, context, cfg, schedule, state, nodes, run_config, timeout)
     while state.round < cfg.rounds:
-        transport = _Transport(grid, nodes, timeout)
+        transport = _Transport(grid, nodes, deadline)
         send: Send = transport
         if secure is not None:
             uplink = schedule.recipe_at(state.round + 1).uplink

@@ -309,7 +309,13 @@ class _Run:
                 )
             else:
                 state, last = run_round(
-                    schedule, state, population, self.runtime, model_fn=model_fn, threat=cfg.threat
+                    schedule,
+                    state,
+                    population,
+                    self.runtime,
+                    model_fn=model_fn,
+                    threat=cfg.threat,
+                    participation=cfg.participation,
                 )
             record = evaluate_arm(cfg, arm, schedule, state, population, last)
             history.append(record)

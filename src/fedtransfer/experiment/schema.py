@@ -20,6 +20,7 @@ from fedtransfer.models import CNN, ModelFactory
 from fedtransfer.recipe import Recipe
 from fedtransfer.robustness.threat import Threat
 from fedtransfer.rounds.buffered import FedBuff
+from fedtransfer.rounds.participation import Participation
 from fedtransfer.rounds.schedule import Schedule, as_schedule
 from fedtransfer.server.aggregate import Aggregator, Mean
 from fedtransfer.server.optimizers import ServerSGD
@@ -180,8 +181,10 @@ class ExperimentConfig:
     Pre-train the CNN on MNIST 5k, federate on sklearn digits over 20 clients (Dirichlet
     α = 0.3, 10 per round) and compare arms scratch / pretrained-full / pretrained-head.
     ``fedbuff`` makes federated arms asynchronous (one round = one server version);
-    ``threat`` adds simulated malicious clients to every federated arm; ``personalization``
-    fine-tunes each client's model after the last round and reports personalised accuracy.
+    ``threat`` adds simulated malicious clients to every federated arm; ``participation``
+    makes clients of synchronous rounds drop out or straggle past a deadline;
+    ``personalization`` fine-tunes each client's model after the last round and reports
+    personalised accuracy.
     """
 
     name: str = "default"
@@ -209,6 +212,7 @@ class ExperimentConfig:
     fedbuff: FedBuff | None = None
     schedule: ScheduleSpec | None = None
     threat: Threat | None = None
+    participation: Participation | None = None
     personalization: Personalization | None = field(default_factory=Personalization)
     arms: tuple[ArmConfig, ...] = field(default_factory=_default_arms)
 

@@ -31,38 +31,12 @@ from fedtransfer.rounds.collect import answered, collect
 from fedtransfer.rounds.distribute import distribute
 from fedtransfer.rounds.finalize import RoundReport, aggregate, finalize
 from fedtransfer.rounds.messages import Send
+from fedtransfer.rounds.participation import ClientDelays
 from fedtransfer.rounds.schedule import Schedule, as_schedule
 from fedtransfer.rounds.simulate import InProcess
 from fedtransfer.runtime.serial import Runtime
 from fedtransfer.seeding import generator
 from fedtransfer.state import InFlight, Pending, ServerState
-
-
-@dataclass(frozen=True)
-class ClientDelays:
-    """Simulated training times: client ``c``'s job takes ``speed_c · Exp(mean)``, with a
-    per-client speed ``exp(spread · z_c)``, ``z_c ~ N(0, 1)`` drawn once per run (stragglers).
-
-    >>> d = ClientDelays(mean=2.0, spread=0.0)
-    >>> d.duration("c1", seed=0, job=3) == d.duration("c1", seed=0, job=3)
-    True
-    """
-
-    mean: float = 1.0
-    spread: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.mean < math.inf:
-            raise ConfigError(f"ClientDelays: mean must be finite and > 0, got {self.mean}")
-        if not 0 <= self.spread < math.inf:
-            raise ConfigError(f"ClientDelays: spread must be finite and >= 0, got {self.spread}")
-
-    def duration(self, client: str, *, seed: int, job: int) -> float:
-        speed = math.exp(
-            self.spread * float(torch.randn((), generator=generator(seed, "speed", client)))
-        )
-        u = float(torch.rand((), generator=generator(seed, "delay", client, job)))
-        return speed * self.mean * -math.log1p(-u)
 
 
 @dataclass(frozen=True)

@@ -70,8 +70,8 @@ def answered(clients: Sequence[str], replies: Mapping[str, Reply]) -> list[Reply
 
 def heard(replies: Sequence[Reply]) -> set[str]:
     """The clients heard from through ``replies`` (an error reply included: the client
-    answered)."""
-    return {c for rep in replies if rep.error != NO_REPLY for c in rep.senders}
+    answered; not one that begins with ``NO_REPLY``: it never got the request)."""
+    return {c for rep in replies if not rep.error.startswith(NO_REPLY) for c in rep.senders}
 
 
 def collect(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -65,32 +65,35 @@ def aggregate(
     A global model that would not be finite (finite updates can overflow: one client's
     ``3e38`` in a float32 mean) is never committed: the clients with the largest values in
     the keys that overflowed are rejected, naming why, and the rest aggregated again (none,
-    if that overflows too). Returns what was accepted in the end, and the step."""
+    if that overflows too). A round with fewer than ``recipe.limits.min_responses`` accepted
+    updates changes nothing either, and says so. Returns what was accepted in the end, and
+    the step."""
+    r = state.round + 1
+    need = recipe.limits.min_responses
+    if 0 < len(got.accepted) < need:
+        log.warning(
+            "round %d: %d accepted, fewer than min_responses = %d", r, len(got.accepted), need
+        )
+        few = f"only {len(got.accepted)} accepted updates, fewer than min_responses = {need}"
+        got = _without(got, _clients(got), lambda c: f"client {c}, round {r}: {few}", state)
+        step = _step(recipe, state, got, population_size, None)
+        step.metrics["server/too_few_responses"] = 1.0
+        return got, step
     step = _step(recipe, state, got, population_size, scales)
     bad = _non_finite(step.params)
     if not bad:
         return got, step
     drop = _offenders(got, bad)
-    log.warning(
-        "round %d: the aggregate of %s is not finite; rejecting %s",
-        state.round + 1,
-        bad[:3],
-        sorted(drop),
-    )
-    for attempt in (drop, {a.reply.client for a in got.accepted}):
+    log.warning("round %d: the aggregate of %s is not finite; rejecting %s", r, bad[:3], drop)
 
-        def why(client: str) -> str:
-            return (
-                f"client {client}, round {state.round + 1}: the global model would not be "
-                f"finite ({bad[:3]} overflow) with this update, among the largest in those keys"
-            )
-
-        kept = Collected(
-            got.replies,
-            tuple(a for a in got.accepted if a.reply.client not in attempt),
-            got.rejected + tuple((c, why(c)) for c in sorted(attempt) if c in _clients(got)),
-            state.server,  # a rolled-back round keeps no per-client step state
+    def why(client: str) -> str:
+        return (
+            f"client {client}, round {r}: the global model would not be finite ({bad[:3]} "
+            "overflow) with this update, among the largest in those keys"
         )
+
+    for attempt in (drop, _clients(got)):
+        kept = _without(got, attempt, why, state)
         kept_scales = None
         if scales is not None:
             kept_scales = [
@@ -139,6 +142,19 @@ def _non_finite(params: Params) -> list[str]:
         for k, v in params.items()
         if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())
     ]
+
+
+def _without(
+    got: Collected, clients: set[str], why: Callable[[str], str], state: ServerState
+) -> Collected:
+    """``got`` with ``clients``' accepted updates rejected for ``why(client)``; the per-client
+    steps' state goes back to the round's start (a rolled-back round keeps none)."""
+    return Collected(
+        got.replies,
+        tuple(a for a in got.accepted if a.reply.client not in clients),
+        got.rejected + tuple((c, why(c)) for c in sorted(clients) if c in _clients(got)),
+        state.server,
+    )
 
 
 def _clients(got: Collected) -> set[str]:

@@ -19,6 +19,7 @@ from fedtransfer.rounds.collect import answered, collect, heard
 from fedtransfer.rounds.distribute import distribute
 from fedtransfer.rounds.finalize import RoundReport, aggregate, finalize
 from fedtransfer.rounds.messages import Send
+from fedtransfer.rounds.participation import Participation
 from fedtransfer.rounds.schedule import Schedule, as_schedule, begin_round
 from fedtransfer.rounds.simulate import InProcess
 from fedtransfer.runtime.serial import Runtime
@@ -88,11 +89,13 @@ def run_round(
     *,
     model_fn: Callable[[], nn.Module],
     threat: Threat | None = None,
+    participation: Participation | None = None,
 ) -> tuple[ServerState, RoundReport]:
     """Run round ``state.round + 1`` in simulation and return the new state and its report:
     :func:`server_round` over the in-process clients on ``runtime``. ``threat`` simulates
     malicious clients (robustness evaluation) around them
-    (:meth:`~fedtransfer.robustness.threat.Threat.around`)."""
+    (:meth:`~fedtransfer.robustness.threat.Threat.around`); ``participation``, clients that
+    drop out or answer after the deadline (:mod:`fedtransfer.rounds.participation`)."""
     current, state, cohort = open_round(recipe, state, population.clients, model_fn=model_fn)
     prepared = as_schedule(recipe).prepared(model_fn)
     clients = InProcess(current, state, population.train.__getitem__, runtime, prepared)
@@ -100,6 +103,10 @@ def run_round(
     malicious = threat.malicious(population.clients, seed=state.seed) if threat else frozenset()
     if threat is not None:
         send = threat.around(clients, current, state, population=population, malicious=malicious)
+    absent: dict[str, str] = {}
+    if participation is not None:
+        absent = participation.absent(cohort, seed=state.seed, round=state.round + 1)
+        send = participation.around(send, seed=state.seed, round=state.round + 1)
     state, report = server_round(
         recipe,
         state,
@@ -109,5 +116,10 @@ def run_round(
         population_size=len(population.clients),
         example_counts=clients.example_count,
     )
-    n = float(sum(c in malicious for c in cohort))
-    return state, replace(report, metrics={**report.metrics, "attack/malicious": n})
+    metrics = {**report.metrics, "attack/malicious": float(sum(c in malicious for c in cohort))}
+    if participation is not None:
+        late = sum(why.startswith("late") for why in absent.values())
+        metrics.update(
+            {"participation/dropped": float(len(absent) - late), "participation/late": float(late)}
+        )
+    return state, replace(report, metrics=metrics)

@@ -26,16 +26,22 @@ class UpdateLimits:
     ``max_update_norm`` is rejected — not clipped: for clipping use ``ClipNorm`` — and a weight
     above the client's example count as the server knows it (from the simulated population,
     or what a deployed client reported when it connected), or, where it knows none, above
-    ``max_weight``, is rejected. ``None`` sets no bound.
+    ``max_weight``, is rejected. ``None`` sets no bound. A round with fewer than
+    ``min_responses`` accepted updates leaves the model unchanged and says so (its updates
+    are rejected, naming the count).
 
     >>> UpdateLimits(max_update_norm=10.0)
-    UpdateLimits(max_update_norm=10.0, max_weight=None)
+    UpdateLimits(max_update_norm=10.0, max_weight=None, min_responses=1)
     """
 
     max_update_norm: float | None = None
     max_weight: float | None = None
+    min_responses: int = 1
 
     def __post_init__(self) -> None:
+        n = self.min_responses
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"UpdateLimits: min_responses must be an integer >= 1, got {n!r}")
         for name in ("max_update_norm", "max_weight"):
             value = getattr(self, name)
             if value is not None and (_finite(value) is None or not value > 0):
