@@ -8,8 +8,8 @@ import errno
 import json
 import logging
 import os
+import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -160,10 +160,11 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--port", type=int, help="local port for its apps (default 9100 + I)")
     client.add_argument("--home", help="Flower state folder (default runs/deploy-client-I)")
     client.add_argument(
-        "--retries",
-        type=int,
-        default=20,
-        help="restart a node the server refuses at once (started too early; default 20)",
+        "--reconnect-for",
+        type=float,
+        default=600.0,
+        help="keep restarting a node that exits with an error (the server not up, restarted "
+        "or gone) for this many seconds in all, backing off to 30 s (default 600)",
     )
 
     show = sub.add_parser("config", help="print the resolved configuration as YAML")
@@ -353,7 +354,7 @@ def _cmd_deploy_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy_client(args: argparse.Namespace) -> int:
-    from fedtransfer.deploy.commands import client_process
+    from fedtransfer.deploy.commands import client_process, reconnecting
 
     cfg, creds = _deployment(args)
     if not 0 <= args.partition < cfg.data.num_clients:
@@ -361,10 +362,9 @@ def _cmd_deploy_client(args: argparse.Namespace) -> int:
             f"--partition {args.partition}: the configuration has {cfg.data.num_clients} "
             f"clients, so 0..{cfg.data.num_clients - 1}"
         )
-    code = 0
-    for attempt in range(args.retries + 1):
-        began = time.monotonic()
-        node = client_process(
+
+    def node() -> subprocess.Popen[bytes]:
+        return client_process(
             superlink=args.superlink,
             creds=creds,
             partition=args.partition,
@@ -372,13 +372,9 @@ def _cmd_deploy_client(args: argparse.Namespace) -> int:
             port=args.port or 9100 + args.partition,
             home=args.home or f"runs/deploy-client-{args.partition}",
         )
-        code = node.wait()
-        if code == 0 or time.monotonic() - began > 60 or attempt == args.retries:
-            break
-        # refused at once (the server not up yet, or its node keys not yet registered): retry
-        console.print(f"client {args.partition}: the SuperLink refused it (exit {code}); retrying")
-        time.sleep(3.0)
-    return code
+
+    say = lambda line: console.print(f"client {args.partition}: {line}")  # noqa: E731
+    return reconnecting(node, budget=args.reconnect_for, say=say)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

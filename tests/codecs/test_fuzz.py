@@ -64,5 +64,5 @@ def test_mutated_replies_through_collect_leave_the_global_model_untouched(
 
 def test_mutations_are_seeded() -> None:
     base = Float32().encode({"w": torch.ones(3)}).to_bytes()
-    assert mutations(base, 50, seed=3) == mutations(base, 50, seed=3)
-    assert mutations(base, 50, seed=3) != mutations(base, 50, seed=4)
+    assert list(mutations(base, 50, seed=3)) == list(mutations(base, 50, seed=3))
+    assert list(mutations(base, 50, seed=3)) != list(mutations(base, 50, seed=4))

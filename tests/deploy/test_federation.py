@@ -11,7 +11,7 @@ from fedtransfer import tree
 from fedtransfer.deploy.federation import Holdings, client_round, deployed_round
 from fedtransfer.errors import CompatibilityError, ConfigError
 from fedtransfer.experiment.run import build_population, load_config, run_experiment, start_state
-from fedtransfer.rounds.messages import Reply, Request
+from fedtransfer.rounds.messages import NEEDS_SETUP, Reply, Request
 from fedtransfer.state import load_state
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -128,8 +128,33 @@ def test_a_client_refuses_a_tampered_start_and_a_stage_mismatch(tmp_path: Path) 
     with pytest.raises(CompatibilityError, match="stage"):
         client_round(other, Holdings(), population.train[c], recipe, model_fn=cfg.model)
     no_setup = Request(**{**req.__dict__, "setup": None})
-    with pytest.raises(CompatibilityError, match="no starting weights"):
-        client_round(no_setup, Holdings(), population.train[c], recipe, model_fn=cfg.model)
+    reply, kept = client_round(
+        no_setup, Holdings(), population.train[c], recipe, model_fn=cfg.model
+    )
+    assert reply.error.startswith(NEEDS_SETUP) and not reply.uplink and kept == Holdings()
+
+
+def test_a_client_that_lost_its_starting_weights_is_set_up_again(tmp_path: Path) -> None:
+    """A deployed client restarted with the same key (the same node id) says it needs the
+    set-up: the server forgets it was set up and sends the set-up the next time."""
+    cfg = load_config(None, SMALL)
+    _, recipe, state = start_state(cfg, tmp_path, "scratch")
+    clients = [str(i) for i in range(cfg.data.num_clients)]
+    state = state.distributed(set_up=tuple(clients))
+    sent: list[list[Request]] = []
+
+    def send(requests: list[Request]) -> dict[str, Reply]:
+        sent.append(list(requests))
+        return {
+            q.client: Reply(q.client, b"", 0, error=NEEDS_SETUP + "restarted") for q in requests
+        }
+
+    state, report = deployed_round(recipe, state, clients, send, model_fn=cfg.model)
+    lost = set(report.cohort)
+    assert lost and not lost & set(state.distribution.set_up)
+    assert all(q.setup is None for q in sent[0])
+    deployed_round(recipe, state, clients, send, model_fn=cfg.model)
+    assert all(q.setup is not None for q in sent[1] if q.client in lost)
 
 
 def test_start_state_refuses_arms_that_do_not_deploy(tmp_path: Path) -> None:

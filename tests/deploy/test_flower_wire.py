@@ -115,3 +115,88 @@ def test_the_transport_files_each_reply_under_its_senders_client(
 
 def _request(client: str) -> Request:
     return Request(client=client, round=1, seed=0, stage=0, start_sha256="0" * 64, downlink=b"")
+
+
+# --- recovery: clients that come back, a client that keeps reconnecting ----------------------
+
+
+class _QueryGrid:
+    """Answers a query from each node with the client it holds and whether it holds the
+    starting weights."""
+
+    def __init__(self, ids: list[int], holds: dict[int, str], trained: set[int]) -> None:
+        self.ids, self.holds, self.trained = ids, holds, trained
+
+    def get_node_ids(self) -> list[int]:
+        return self.ids
+
+    def send_and_receive(self, msgs: Any, timeout: float) -> list[_Answer]:
+        return [
+            _Answer(
+                m,
+                {
+                    "client": self.holds[m],
+                    "partition": int(self.holds[m][1:]),
+                    "num_examples": 12,
+                    "holds_start": int(m in self.trained),
+                },
+            )
+            for m in msgs
+            if m in self.holds  # a dead node does not answer
+        ]
+
+
+def test_the_server_rediscovers_a_restarted_client_each_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        flower_server, "Message", lambda content, dst_node_id, message_type: dst_node_id
+    )
+    nodes = {"c0": (10, 0, 12), "c1": (11, 1, 12), "c2": (13, 2, 12)}
+    # c1's node 11 died and c1 came back as node 12; c2 restarted on its own node 13;
+    # node 14 is listed but dead
+    grid = _QueryGrid([10, 12, 13, 14], {10: "c0", 12: "c1", 13: "c2"}, trained={10})
+    live, reset = flower_server._rediscover(grid, nodes, 1.0)  # type: ignore[arg-type]
+    assert live == {10, 12, 13} and reset == {"c1", "c2"} and nodes["c1"] == (12, 1, 12)
+    grid.trained |= {12, 13}  # set up again and trained
+    live, reset = flower_server._rediscover(grid, nodes, 1.0)  # type: ignore[arg-type]
+    assert reset == set()
+
+
+class _Node:
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def wait(self) -> int:
+        return self.code
+
+
+def test_a_client_node_is_restarted_with_backoff_until_it_exits_cleanly() -> None:
+    from fedtransfer.deploy.commands import reconnecting
+
+    codes, slept, said = iter([1, 1, 1, 0]), [], []
+    code = reconnecting(
+        lambda: _Node(next(codes)),
+        budget=100.0,
+        say=said.append,
+        sleep=slept.append,
+        clock=lambda: 0.0,
+    )
+    assert code == 0 and slept == [1.0, 2.0, 4.0] and len(said) == 3
+    assert "reconnecting in 1 s" in said[0] and "attempt 3" in said[2]
+
+
+def test_a_client_node_gives_up_when_its_time_is_spent() -> None:
+    from fedtransfer.deploy.commands import reconnecting
+
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    said: list[str] = []
+    code = reconnecting(
+        lambda: _Node(3), budget=40.0, say=said.append, sleep=sleep, clock=lambda: now[0]
+    )
+    assert code == 3 and "giving up" in said[-1]
+    assert now[0] <= 40.0 and len(said) == 6  # 1 + 2 + 4 + 8 + 16 s of waits, then no more

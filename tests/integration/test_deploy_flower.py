@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,7 +64,7 @@ def test_flower_deployment_equals_the_simulator_and_refuses_strangers(tmp_path: 
     stranger = make_credentials(tmp_path / "stranger", nodes=1)
     refused: dict[str, int] = {}
 
-    def strangers(address: str, creds: Credentials) -> None:
+    def strangers(address: str, creds: Credentials, nodes: list[subprocess.Popen[bytes]]) -> None:
         common = {"superlink": address, "creds": creds, "num_partitions": 3, "max_retries": 2}
         unregistered = client_process(
             partition=0,
@@ -141,3 +143,63 @@ def _round_params(folder: Path, round: int) -> dict[str, torch.Tensor]:
 
 def _gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def test_a_client_killed_and_restarted_is_accepted_again(tmp_path: Path) -> None:
+    """Client 2's node is killed once round 1 is done and restarted with the same key once
+    round 2 is (restarted again while the SuperLink still refuses its key, as `fedtransfer
+    deploy client` does). The server waits for it no longer than a round's query, asks every
+    node each round which client it holds, sets client 2 up again, and accepts it again."""
+    rounds = 6
+    settings = [
+        f"rounds={rounds}",
+        "data.num_clients=3",
+        "sampler.clients_per_round=3",
+        "pretrain.training.epochs=1",
+        "personalization=null",
+    ]
+    cfg, _ = _simulated(tmp_path, settings)
+    metrics = tmp_path / "dep" / "metrics.jsonl"
+    limit = _deadline(300)
+
+    def rounds_done() -> int:
+        return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+    def wait_for(n: int) -> None:
+        began = time.monotonic()
+        while rounds_done() < n:
+            assert time.monotonic() - began < limit, f"round {n} did not finish in time"
+            time.sleep(0.2)
+
+    def kill_and_restart(address: str, creds: Credentials, nodes: list) -> None:  # type: ignore[type-arg]
+        wait_for(1)
+        nodes[2].kill()
+        nodes[2].wait(30)
+        wait_for(2)
+        began, attempt = time.monotonic(), 0
+        while rounds_done() < rounds and time.monotonic() - began < limit:
+            if attempt == 0 or nodes[2].poll() is not None:  # refused: the old node not expired
+                attempt += 1
+                nodes[2] = client_process(
+                    superlink=address,
+                    creds=creds,
+                    partition=2,
+                    num_partitions=3,
+                    port=free_port(),
+                    home=tmp_path / f"node2-restart{attempt}",
+                    log=tmp_path / f"node2-restart{attempt}.log",
+                )
+            time.sleep(1.0)
+
+    done = run_loopback(
+        cfg, arm=ARM, root=tmp_path, timeout=_deadline(45), while_up=kill_and_restart
+    )
+    assert done.status == "finished:completed"
+    records = [json.loads(line) for line in metrics.open()]
+    assert [r["round"] for r in records] == list(range(1, rounds + 1))
+    assert sorted(records[0]["accepted"]) == ["0", "1", "2"]
+    assert "2" not in records[1]["accepted"] and "2" in records[1]["rejected_reasons"]
+    back = [r["round"] for r in records[2:] if "2" in r["accepted"]]
+    assert back and back[-1] == rounds, [r["rejected_reasons"] for r in records]
+    first = back[0]
+    assert all("2" in r["accepted"] for r in records[first - 1 :])  # and stays

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _PREFIX = struct.Struct("<4sBI")
@@ -194,13 +194,14 @@ MUTATIONS: dict[str, Mutation] = {
 """Every mutation by name; :func:`mutations` draws from them in turn."""
 
 
-def mutations(data: bytes, count: int, *, seed: int) -> list[tuple[str, bytes]]:
-    """``count`` mutated copies of ``data``, cycling through :data:`MUTATIONS`, seeded."""
+def mutations(data: bytes, count: int, *, seed: int) -> Iterator[tuple[str, bytes]]:
+    """``count`` mutated copies of ``data``, cycling through :data:`MUTATIONS`, seeded; made
+    one at a time (10,000 copies of a real update would not fit in memory at once)."""
     rng = random.Random(seed)
     names = list(MUTATIONS)
-    return [
-        (names[i % len(names)], MUTATIONS[names[i % len(names)]](data, rng)) for i in range(count)
-    ]
+    for i in range(count):
+        name = names[i % len(names)]
+        yield name, MUTATIONS[name](data, rng)
 
 
 def fuzz(codec: Any, update: dict[str, Any], *, count: int, seed: int) -> dict[str, Any]:

@@ -170,6 +170,34 @@ def client_process(
             out.close()
 
 
+def reconnecting(
+    start: Callable[[], subprocess.Popen[bytes]],
+    *,
+    budget: float,
+    say: Callable[[str], object],
+    sleep: Callable[[float], object] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Run the node ``start()`` makes until it exits cleanly (the run is over), restarting it
+    whenever it exits with an error — the server not up yet, its SuperLink gone, a restart
+    it refuses for a while — after 1, 2, 4 … (at most 30) seconds, with a line per attempt,
+    for at most ``budget`` seconds in all. Returns the node's last exit status."""
+    began, delay, attempt = clock(), 1.0, 1
+    while True:
+        code = start().wait()
+        if code == 0:
+            return 0
+        spent = clock() - began
+        if spent + delay > budget:
+            say(f"the node exited with status {code}; giving up after {spent:.0f} s")
+            return code
+        say(
+            f"the node exited with status {code} (attempt {attempt}); reconnecting in {delay:.0f} s"
+        )
+        sleep(delay)
+        delay, attempt = min(2 * delay, 30.0), attempt + 1
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on now."""
     with socket.socket() as s:
@@ -184,12 +212,13 @@ def run_loopback(
     root: str | os.PathLike[str],
     secure: SecureAggregation | None = None,
     timeout: float = 300.0,
-    while_up: Callable[[str, Credentials], None] | None = None,
+    while_up: Callable[[str, Credentials, list[subprocess.Popen[bytes]]], None] | None = None,
 ) -> Deployment:
     """A whole deployment on this machine: test credentials, the server (a SuperLink) and
     one SuperNode per client, each its own process, TLS and node authentication on; all are
-    stopped at the end. ``while_up(address, credentials)`` runs once the clients are started
-    (e.g. to try a node the server must refuse). Results are under ``root / "dep"``."""
+    stopped at the end. ``while_up(address, credentials, nodes)`` runs once the clients are
+    started (e.g. to try a node the server must refuse, or to kill and restart a client: a
+    node it puts in ``nodes`` is stopped at the end too). Results are under ``root / "dep"``."""
     from fedtransfer.deploy.provision import make_credentials
 
     folder = Path(root)
@@ -235,7 +264,7 @@ def run_loopback(
                 for i in range(n)
             ]
             if while_up is not None:
-                while_up(address, creds)
+                while_up(address, creds, nodes)
         server.join(timeout + 120.0 * config.rounds)
     finally:
         for node in nodes:

@@ -31,7 +31,7 @@ from fedtransfer.data.federated import TensorData
 from fedtransfer.errors import CompatibilityError, FedTransferError
 from fedtransfer.recipe import Recipe
 from fedtransfer.rounds.finalize import RoundReport
-from fedtransfer.rounds.messages import Reply, Request, Send
+from fedtransfer.rounds.messages import NEEDS_SETUP, Reply, Request, Send
 from fedtransfer.rounds.schedule import Schedule, as_schedule
 from fedtransfer.rounds.spine import open_round, server_round
 from fedtransfer.state import ClientHoldings, ServerState
@@ -106,11 +106,9 @@ def client_round(
     start = holdings.start
     if request.setup is not None:
         start = verify_start(request.setup, request.start_sha256, client=request.client)
-    elif not start:
-        raise CompatibilityError(
-            f"client {request.client}, round {request.round}: no starting weights; the server "
-            "did not send the set-up to a client it has not set up (was the client restarted?)"
-        )
+    elif not start:  # restarted: ask the server to set this client up again
+        why = f"holds no starting weights (restarted?); round {request.round} is skipped"
+        return Reply(request.client, b"", 0, error=NEEDS_SETUP + why), holdings
     if request.handover is not None:
         start = {**start, **SETUP_CODEC.decode(Payload.from_bytes(request.handover))}
     _, plan = worker_model(current.policy, model_fn)

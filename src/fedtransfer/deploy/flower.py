@@ -89,6 +89,8 @@ def client_app(config_path: str | Path, *, secure: bool = False) -> ClientApp:
             "client": name,
             "partition": int(context.node_config["partition-id"]),
             "num_examples": len(population.train[name]),
+            # 0 on a node that has not trained yet in this run (a new or restarted node)
+            "holds_start": int(context.state.config_records.get(KEY) is not None),
         }
         return Message(content(fields), reply_to=msg)
 

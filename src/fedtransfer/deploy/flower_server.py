@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,11 @@ from fedtransfer.rounds.schedule import Schedule
 from fedtransfer.state import ServerState, load_state, save_state
 
 log = logging.getLogger(__name__)
+
+
+QUERY_SECONDS = 15.0
+"""How long a round waits for its nodes to say which client they hold (a node that does not
+answer sits the round out, and is asked again next round)."""
 
 
 def serve(
@@ -54,7 +60,19 @@ def serve(
     log.info("deploy: %d clients online: %s", len(clients), clients)
     secure = _secure(grid, context, cfg, schedule, state, nodes, run_config, timeout)
     while state.round < cfg.rounds:
-        transport = _Transport(grid, nodes, deadline)
+        live, moved = _rediscover(grid, nodes, min(timeout, QUERY_SECONDS))
+        moved &= set(state.distribution.set_up)
+        if moved:  # restarted clients hold nothing: set them up again
+            log.warning("deploy: clients %s rejoined holding nothing", sorted(moved))
+            dist = state.distribution
+            state = state.replace(
+                distribution=replace(
+                    dist,
+                    set_up=tuple(c for c in dist.set_up if c not in moved),
+                    synced={c: i for c, i in dist.synced.items() if c not in moved},
+                )
+            )
+        transport = _Transport(grid, {c: n for c, n in nodes.items() if n[0] in live}, deadline)
         send: Send = transport
         if secure is not None:
             uplink = schedule.recipe_at(state.round + 1).uplink
@@ -86,7 +104,8 @@ def serve(
             int(run_config.get("eval-every", 0))
             and (state.round % int(run_config["eval-every"]) == 0)
         ):
-            record.update(_evaluate(grid, schedule, state, nodes, timeout))
+            online = {c: n for c, n in nodes.items() if n[0] in live}
+            record.update(_evaluate(grid, schedule, state, online, timeout))
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         log.info("deploy: round %d done in %.1f s", state.round, rep.seconds)
@@ -142,6 +161,7 @@ class _Transport:
         self.up: list[int] = []
 
     def __call__(self, requests: Sequence[Request]) -> dict[str, Reply]:
+        requests = [r for r in requests if r.client in self.nodes]  # the others are offline
         msgs = [request_message(r, self.nodes[r.client][0]) for r in requests]
         self.down = [wire_nbytes(m) for m in msgs]
         asked = {self.nodes[r.client][0]: r.client for r in requests}
@@ -170,24 +190,60 @@ def _connect(grid: Grid, expected: int, timeout: float) -> dict[str, tuple[int, 
                 "hint: start one client per partition-id 0..N-1 (fedtransfer deploy client)"
             )
         time.sleep(1.0)
+    return _query(grid, ids, timeout)[0]
+
+
+def _rediscover(
+    grid: Grid, nodes: dict[str, tuple[int, int, int]], timeout: float
+) -> tuple[set[int], set[str]]:
+    """Before each round, ask every node online which client it holds and whether it holds
+    the starting weights. Returns the nodes that answered (only they are sent the round) and
+    the clients that hold nothing (new, or restarted: on a new node or the same one), whose
+    entries in ``nodes`` are updated and who are set up again. A node that does not answer
+    within ``timeout`` sits this round out, and is asked again next round."""
+    ids = sorted(grid.get_node_ids())
+    found, empty = _query(grid, ids, timeout, strict=False)
+    moved = {name for name, entry in found.items() if nodes.get(name, entry)[0] != entry[0]}
+    nodes.update(found)
+    return {entry[0] for entry in found.values()}, moved | empty
+
+
+def _query(
+    grid: Grid, ids: Sequence[int], timeout: float, *, strict: bool = True
+) -> tuple[dict[str, tuple[int, int, int]], set[str]]:
+    """Ask nodes ``ids`` which client they hold: name → (node id, partition, examples), and
+    the clients that hold no starting weights. ``strict``: a node that fails or answers
+    malformed fields is an error; otherwise it is skipped, with a warning."""
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in ids]
     nodes: dict[str, tuple[int, int, int]] = {}
+    empty: set[str] = set()
     for answer in grid.send_and_receive(msgs, timeout=timeout):
-        if answer.has_error():
-            raise FedTransferError(f"deploy: a client failed to start: {answer.error.reason}")
         node = answer.metadata.src_node_id
         try:
+            if answer.has_error():
+                raise FedTransferError(f"deploy: node {node} failed: {answer.error.reason}")
             f = fields_of(answer)
             name, partition, count = str(f["client"]), int(f["partition"]), int(f["num_examples"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (FedTransferError, KeyError, TypeError, ValueError) as exc:
+            if not strict:
+                log.warning("deploy: node %s did not answer the query usably: %s", node, exc)
+                continue
+            if isinstance(exc, FedTransferError):
+                raise
             raise FedTransferError(
                 f"deploy: node {node} answered the query with malformed fields ({exc!r}); "
                 "hint: run the same fedtransfer version and config on every client"
             ) from None
         if name in nodes:
-            raise FedTransferError(f"deploy: two nodes hold client {name} (same partition-id)")
+            why = f"deploy: nodes {nodes[name][0]} and {node} both hold client {name}"
+            if strict:
+                raise FedTransferError(f"{why} (same partition-id)")
+            log.warning("%s; keeping the first", why)
+            continue
         nodes[name] = (node, partition, count)
-    return nodes
+        if not f.get("holds_start", 1):
+            empty.add(name)
+    return nodes, empty
 
 
 def _evaluate(

@@ -13,7 +13,7 @@ from torch import Tensor
 from fedtransfer.codecs import Payload
 from fedtransfer.errors import FedTransferError, UpdateRejected
 from fedtransfer.recipe import Recipe
-from fedtransfer.rounds.messages import NO_REPLY, Reply
+from fedtransfer.rounds.messages import NEEDS_SETUP, NO_REPLY, Reply
 from fedtransfer.server.validate import validate_update
 from fedtransfer.state import ServerState
 from fedtransfer.transfer.plan import ParamPlan
@@ -72,6 +72,11 @@ def heard(replies: Sequence[Reply]) -> set[str]:
     """The clients heard from through ``replies`` (an error reply included: the client
     answered; not one that begins with ``NO_REPLY``: it never got the request)."""
     return {c for rep in replies if not rep.error.startswith(NO_REPLY) for c in rep.senders}
+
+
+def lost(replies: Sequence[Reply]) -> set[str]:
+    """The clients that say they hold no starting weights (``NEEDS_SETUP``)."""
+    return {rep.client for rep in replies if rep.error.startswith(NEEDS_SETUP)}
 
 
 def collect(

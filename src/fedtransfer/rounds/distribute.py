@@ -42,12 +42,15 @@ class Outbound:
         """The ledger's set-up bytes: the starting weights sent to new clients."""
         return sum(len(q.setup or b"") for q in self.requests)
 
-    def set_up(self, state: ServerState, answered: Collection[str]) -> tuple[str, ...]:
+    def set_up(
+        self, state: ServerState, answered: Collection[str], lost: Collection[str] = ()
+    ) -> tuple[str, ...]:
         """The clients set up after this round: those before it, and the new ones that
         answered (one that never answered may not hold the starting weights: it is sent them
-        again the next time it is picked)."""
+        again the next time it is picked), less those that say they lost them (``lost``: a
+        restarted deployed client)."""
         new = {c for c in self.new_clients if c in answered}
-        return tuple(sorted(set(state.distribution.set_up) | new))
+        return tuple(sorted((set(state.distribution.set_up) - set(lost)) | new))
 
 
 def distribute(

@@ -17,6 +17,10 @@ from fedtransfer.types import Metrics
 NO_REPLY = "no reply (the client failed or timed out)"
 """The rejection reason of a cohort client the :data:`Send` returned no reply for."""
 
+NEEDS_SETUP = "needs set-up: "
+"""How the ``error`` of a client that holds no starting weights begins (a deployed client
+restarted on a new machine, with the same key): the server sets it up again next time."""
+
 FAILED = "failed: "
 """How the ``error`` of a client whose round raised begins (its training, a bad batch …):
 that client's rejection, never the end of the round."""

@@ -15,7 +15,7 @@ from torch import nn
 from fedtransfer.data.federated import FederatedDataset
 from fedtransfer.recipe import Recipe
 from fedtransfer.robustness.threat import Threat
-from fedtransfer.rounds.collect import answered, collect, heard
+from fedtransfer.rounds.collect import answered, collect, heard, lost
 from fedtransfer.rounds.distribute import distribute
 from fedtransfer.rounds.finalize import RoundReport, aggregate, finalize
 from fedtransfer.rounds.messages import Send
@@ -60,7 +60,7 @@ def server_round(
         out,
         got,
         step,
-        set_up=out.set_up(state, answered=heard(got.replies)),
+        set_up=out.set_up(state, answered=heard(got.replies), lost=lost(got.replies)),
         synced=schedule.synced(state, out.clients),
         began=began,
     )
