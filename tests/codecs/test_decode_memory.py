@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent(
         return status("VmHWM") - base, refused
 
     expected = {"w": torch.zeros(1024, 1024)}  # 1 Mi elements, 4 MiB
-    n, ratio = 1 << 30, 0.002
+    n, ratio = 1 << 30, 0.001  # about 2^20 values and indices: the 8.2 MiB bomb
     k = TopK(ratio).num_kept(n)
     values, indices = torch.zeros(k), torch.arange(k, dtype=torch.int32)
     bombs = {

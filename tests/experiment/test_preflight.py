@@ -75,3 +75,35 @@ def test_a_bad_config_file_is_an_error_line(
     out = capsys.readouterr().out
     assert "error:" in out and names in out
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (OSError(28, "No space left on device"), "disk-full"),
+        (KeyboardInterrupt(), "interrupted"),
+        (ValueError("boom"), "failed"),
+    ],
+)
+def test_run_json_records_why_a_run_stopped(
+    exc: BaseException, status: str, tmp_path: Path
+) -> None:
+    from fedtransfer.experiment.run import _mark_stopped
+
+    _mark_stopped(tmp_path, {"status": "running", "name": "x"}, exc)
+    manifest = json.loads((tmp_path / "run.json").read_text())
+    assert manifest["status"] == status and manifest["name"] == "x"
+    assert type(exc).__name__ in manifest["error"]
+
+
+def test_an_os_error_is_an_error_line_naming_the_file(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def full(args: object) -> int:
+        raise OSError(28, "No space left on device", "runs/x/checkpoints/a/state.safetensors")
+
+    monkeypatch.setitem(cli.COMMANDS, "run", full)
+    assert cli.main(["run"]) == 2
+    out = capsys.readouterr().out
+    assert "error:" in out and "state.safetensors" in out and "free some space" in out
+    assert "fedtransfer resume" in out
