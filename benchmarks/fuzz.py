@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from machine import git_commit, machine_info
+from machine import git_commit, machine_info, machine_section
 
 from fedtransfer.codecs import BFloat16, Exact, Float16, Float32, Int8, TopK
 from fedtransfer.codecs.mutate import MUTATIONS, fuzz
@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
     lines = [
         "# Wire fuzzing: every malformed payload refused cleanly",
         "",
@@ -120,12 +119,7 @@ def _markdown(result: dict[str, Any]) -> str:
         "",
         f"Peak RSS of the whole run: {result['peak_rss_bytes'] / 2**20:.0f} MiB.",
         "",
-        "## Machine",
-        "",
-        f"- {m['platform']}",
-        f"- CPU: {m['cpu_model']}; {m['cpu_count']} cores ({m['cpus_usable']} usable)",
-        f"- Python {m['python']}, torch {m['torch']}, torch threads {m['torch_threads']}",
-        f"- fedtransfer {m['fedtransfer']} (git {result['git']})",
+        *machine_section(result),
         "",
     ]
     return "\n".join(lines)

@@ -16,17 +16,23 @@ __all__ = ["cpu_model", "git_commit", "load_average", "machine_info", "machine_s
 
 
 def machine_section(result: dict[str, Any]) -> list[str]:
-    """The "## Machine" lines of a pbench-workload benchmark's markdown: ``result`` holds
-    ``machine`` (:func:`machine_info`), ``anchors``, ``load_before`` and ``load_after``."""
+    """The "## Machine" lines of a benchmark's markdown: ``result`` holds ``machine``
+    (:func:`machine_info`) and, for a pbench-workload benchmark, ``anchors``, ``load_before``
+    and ``load_after``."""
     m = result["machine"]
-    return [
+    lines = [
         "## Machine",
         "",
         f"- platform: {m['platform']}",
         f"- CPU: {m['cpu_model']}; {m['cpu_count']} cores ({m['cpus_usable']} usable)",
         f"- Python {m['python']}, torch {m['torch']}, torch threads {m['torch_threads']}",
         f"- fedtransfer {m['fedtransfer']} (git {m['git']})",
-        f"- perf-anchors: `{result['anchors']}`",
-        f"- load average (1, 5, 15 min): before {result['load_before']}, "
-        f"after {result['load_after']}",
     ]
+    if "anchors" in result:
+        lines.append(f"- perf-anchors: `{result['anchors']}`")
+    if "load_before" in result:
+        lines.append(
+            f"- load average (1, 5, 15 min): before {result['load_before']}, "
+            f"after {result['load_after']}"
+        )
+    return lines

@@ -95,7 +95,8 @@ def collect(
     r = state.round + 1
     extras_ref = recipe.objective.extras_like(state.params, plan)
     pipeline = recipe.pipeline
-    server, summed = state.server, Metrics()
+    server = state.server
+    summed: Metrics = {}
     kept: list[Accepted] = []
     rejected: list[tuple[str, str]] = []
     for rep in replies:
