@@ -107,3 +107,13 @@ def test_an_os_error_is_an_error_line_naming_the_file(
     out = capsys.readouterr().out
     assert "error:" in out and "state.safetensors" in out and "free some space" in out
     assert "fedtransfer resume" in out
+
+
+def test_a_damaged_run_json_is_written_anew_and_the_run_goes_on(tmp_path: Path) -> None:
+    from fedtransfer.experiment.run import _Run, load_config
+
+    (tmp_path / "run.json").write_bytes(b"\xff{not json")
+    run = _Run(load_config(None, []), tmp_path, lambda *a: None, None)  # type: ignore[arg-type]
+    manifest = run._manifest()
+    assert manifest["status"] == "running" and manifest["format"] == "fedtransfer-run/1"
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "running"

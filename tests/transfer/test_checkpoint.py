@@ -166,3 +166,21 @@ def test_checkpoint_weights_start_a_run_whose_hash_matches(
     state = ServerState.initial(tiny_recipe, model, seed=0)
     assert state.distribution.start_sha256 == loaded.sha256
     assert torch.equal(state.params["head.weight"], loaded.weights["head.weight"])
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        (WEIGHTS, b"\x00\x01 not safetensors", r"model.safetensors does not load"),
+        (PROVENANCE, b"{oops", r"is not valid JSON"),
+        (PROVENANCE, b"[1, 2]", r"format None"),
+    ],
+    ids=["weights", "provenance-json", "provenance-not-an-object"],
+)
+def test_load_checkpoint_names_a_damaged_file(
+    checkpoint_dir: Path, name: str, content: bytes, match: str
+) -> None:
+    """A damaged file is a CompatibilityError naming it, not a raw parser error."""
+    (checkpoint_dir / name).write_bytes(content)
+    with pytest.raises(CompatibilityError, match=match):
+        load_checkpoint(checkpoint_dir)

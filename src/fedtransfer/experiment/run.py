@@ -255,9 +255,13 @@ class _Run:
 
     def _manifest(self) -> dict[str, Any]:
         path = self.root / MANIFEST
+        manifest: dict[str, Any] = {}
         if path.exists():
-            manifest: dict[str, Any] = json.loads(path.read_text())
-        else:
+            try:
+                manifest = json.loads(path.read_text())
+            except (UnicodeDecodeError, ValueError) as exc:  # only status: written anew
+                log.warning("%s is damaged (%s); writing it anew", path, exc)
+        if not isinstance(manifest, dict) or not manifest:
             manifest = {
                 "format": "fedtransfer-run/1",
                 "name": self.config.name,

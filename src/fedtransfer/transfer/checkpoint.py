@@ -73,12 +73,23 @@ def load_checkpoint(
                 f"checkpoint {root}: {f.name} is missing; a checkpoint folder holds {WEIGHTS} and "
                 f"{PROVENANCE} (hint: create one with `fedtransfer pretrain`)"
             )
-    provenance = json.loads(meta_file.read_text())
-    if provenance.get("format") != FORMAT:
+    try:
+        provenance = json.loads(meta_file.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
         raise CompatibilityError(
-            f"checkpoint {root}: format {provenance.get('format')!r}, expected {FORMAT!r}"
-        )
-    weights = load_file(str(weights_file))
+            f"checkpoint {root}: {PROVENANCE} is not valid JSON ({exc}); the file is damaged "
+            "(hint: pre-train again with `fedtransfer pretrain`, or restore the file)"
+        ) from None
+    fmt = provenance.get("format") if isinstance(provenance, dict) else None
+    if fmt != FORMAT:
+        raise CompatibilityError(f"checkpoint {root}: format {fmt!r}, expected {FORMAT!r}")
+    try:
+        weights = load_file(str(weights_file))
+    except Exception as exc:  # safetensors' own error type for a damaged file
+        raise CompatibilityError(
+            f"checkpoint {root}: {WEIGHTS} does not load ({exc}); the file is damaged "
+            "(hint: pre-train again with `fedtransfer pretrain`, or restore the file)"
+        ) from None
     digest = tree.sha256(weights)
     if digest != provenance.get("sha256"):
         raise CompatibilityError(
