@@ -152,7 +152,7 @@ def _without(
     return Collected(
         got.replies,
         tuple(a for a in got.accepted if a.reply.client not in clients),
-        got.rejected + tuple((c, why(c)) for c in sorted(clients) if c in _clients(got)),
+        got.rejected + tuple((c, why(c)) for c in sorted(clients & _clients(got))),
         state.server,
     )
 
